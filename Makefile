@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 DEMO_DIR ?= outputs/demo
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow test-minimum lint bench clean
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -24,6 +24,13 @@ test: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q -m slow
 
+## The oldest supported transformers (5.9.0), in its own environment.
+test-minimum:
+	python3 -m venv .venv-min
+	.venv-min/bin/python -m pip install -q --upgrade pip
+	.venv-min/bin/python -m pip install -q -e ".[test]" "transformers==5.9.0"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv-min/bin/python -m pytest -q
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
@@ -32,4 +39,4 @@ bench: $(VENV)/.installed
 	$(PYTHON) benchmarks/data_throughput.py
 
 clean:
-	rm -rf $(VENV) outputs build *.egg-info
+	rm -rf $(VENV) .venv-min outputs build *.egg-info
