@@ -209,12 +209,52 @@ def make_step(model, optimizer, pixel_values, mask, dtype: torch.dtype, device: 
     return step
 
 
-def count_flops(step) -> float:
+# Ops that only create views (no kernel, no memory traffic) are not counted as kernels.
+_VIEW_OPS = {
+    "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice",
+    "select", "as_strided", "detach", "alias", "split", "split_with_sizes", "unbind", "flatten", "unflatten",
+    "view_as", "expand_as", "_reshape_alias", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty",
+    "new_empty_strided", "_has_compatible_shallow_copy_type", "is_same_size", "sym_size", "sym_stride",
+}
+# Ops whose only job is to move or convert data (layout copies, dtype casts, gathers, padding, rolls).
+_COPY_OPS = {
+    "copy_", "clone", "_to_copy", "contiguous", "cat", "index_select", "roll", "constant_pad_nd", "stack",
+    "repeat", "repeat_interleave", "index", "gather", "pixel_shuffle", "pixel_unshuffle",
+}
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten kernels of a step (views excluded) and the bytes written by pure data-movement ops: a
+    machine-independent proxy for per-op overhead (kernel launches on GPUs) and copy traffic."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels = 0
+        self.copy_ops = 0
+        self.copy_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name not in _VIEW_OPS:
+            self.kernels += 1
+            if name in _COPY_OPS:
+                self.copy_ops += 1
+                for tensor in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(tensor, torch.Tensor):
+                        self.copy_bytes += tensor.numel() * tensor.element_size()
+        return out
+
+
+def count_flops(step) -> tuple[float, dict[str, int]]:
+    """FLOPs of one step (torch.utils.flop_counter) and its kernel / copy counts."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, _OpCounter() as ops:
         step()
-    return float(counter.get_total_flops())
+    return float(counter.get_total_flops()), {
+        "kernels": ops.kernels, "copy_ops": ops.copy_ops, "copy_mib": round(ops.copy_bytes / 2**20, 1)
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -249,10 +289,11 @@ def run(args: argparse.Namespace) -> dict:
                 runnable = torch.compile(model, fullgraph=impl.startswith("ours") and args.model.startswith("swin"))
             steps[impl] = make_step(runnable, optimizer, pixel_values, mask, dtype, device, impl)
         # FLOPs on the eager model (FlopCounterMode and compiled graphs do not mix); the counted step also warms up.
-        flops = {}
+        flops, op_counts = {}, {}
         for impl, model in models.items():
             optimizer = create_optimizer(model, learning_rate=1e-4, fused=None)
-            flops[impl] = count_flops(make_step(model, optimizer, pixel_values, mask, dtype, device, impl))
+            step = make_step(model, optimizer, pixel_values, mask, dtype, device, impl)
+            flops[impl], op_counts[impl] = count_flops(step)
         # First call of each step alone: compilation time when compiling.
         for impl, step in steps.items():
             _sync(device)
@@ -303,6 +344,7 @@ def run(args: argparse.Namespace) -> dict:
                 achieved_tflops=flops[impl] / median / 1e12,
                 peak_memory_mib=memory[impl],
                 compile_s=compile_s[impl] if args.torch_compile else None,
+                extra=op_counts[impl],
             )
             result.fraction_of_matmul_peak = result.achieved_tflops / peaks[dtype_name]
             if "hf_sdpa" in medians:
@@ -353,8 +395,8 @@ def format_table(report: dict) -> str:
         "matmul peak (TFLOP/s): " + ", ".join(f"{k} {v:.3f}" for k, v in meta["matmul_peak_tflops"].items()),
         "",
         "| impl | dtype | compiled | img/s | step ms | vs hf_sdpa | vs hf_eager | GFLOP/step | TFLOP/s | % matmul peak "
-        "| peak mem MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak mem MiB | kernels/step | copy ops (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def ratio(value):
@@ -365,7 +407,8 @@ def format_table(report: dict) -> str:
             f"| {r['impl']} | {r['dtype']} | {'yes' if r['compiled'] else 'no'} | {r['images_per_s']:.2f} | "
             f"{r['step_s'] * 1e3:.0f} | {ratio(r['ratio_vs_hf_sdpa'])} | {ratio(r['ratio_vs_hf_eager'])} | "
             f"{r['gflop_per_step']:.1f} | {r['achieved_tflops']:.3f} | {100 * r['fraction_of_matmul_peak']:.0f}% | "
-            f"{r['peak_memory_mib']:.0f} |"
+            f"{r['peak_memory_mib']:.0f} | {r['extra'].get('kernels', '-')} | "
+            f"{r['extra'].get('copy_ops', '-')} ({r['extra'].get('copy_mib', '-')}) |"
         )
     return "\n".join(lines)
 

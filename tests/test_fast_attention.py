@@ -320,3 +320,32 @@ def test_torch_compile_inductor_fullgraph_matches_eager():
     loss, grads = _loss_and_grads(compiled, lambda m: m(pixel_values, bool_masked_pos=mask).loss)
     torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=0)
     _assert_grads_close({k.removeprefix("_orig_mod."): v for k, v in grads.items()}, eager_grads, 1e-3, 1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The benchmark script (tiny smoke run)
+
+
+def test_pretrain_throughput_benchmark_runs_and_reports(tmp_path):
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pretrain_throughput.py"
+    spec = importlib.util.spec_from_file_location("pretrain_throughput", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = benchmark  # dataclasses look their module up there
+    spec.loader.exec_module(benchmark)
+    out = tmp_path / "report.json"
+    report = benchmark.main(["--model", "swin_test", "--batch_size", "2", "--steps", "2", "--warmup", "0",
+                             "--dtype", "fp32", "--impls", "ours,hf_eager", "--timer", "cpu", "--json", str(out)])
+    assert json.loads(out.read_text())["meta"]["model"] == "swin_test"
+    rows = {r["impl"]: r for r in report["results"]}
+    assert set(rows) == {"ours", "hf_eager"}
+    assert rows["hf_eager"]["ratio_vs_hf_eager"] == 1.0 and rows["ours"]["ratio_vs_hf_eager"] > 0
+    # Same model and weights: same FLOPs; the fused qkv does not change the count.
+    assert rows["ours"]["gflop_per_step"] == pytest.approx(rows["hf_eager"]["gflop_per_step"], rel=1e-6)
+    assert len(rows["ours"]["step_times_s"]) == 2 and rows["ours"]["extra"]["kernels"] > 0
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--steps", "0"])
