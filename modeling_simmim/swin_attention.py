@@ -199,9 +199,13 @@ def _window_attention(
     else:
         scores = torch.matmul(query, key.transpose(-1, -2))  # B*nW, heads, N, N (q already scaled)
         scores = scores.view(batch_size, -1, num_heads, window_area, window_area)
-        # In place: matmul's backward needs q and k only; the mask's dtype follows the scores under autocast.
-        scores = scores.add_(additive.to(scores.dtype))
-        probs = torch.softmax(scores, dim=-1)
+        if scores.dtype == additive.dtype:
+            # In place: matmul's backward needs q and k only.
+            probs = torch.softmax(scores.add_(additive), dim=-1)
+        else:
+            # Reduced precision (autocast): add the float32 bias and normalise in float32 like transformers' eager
+            # path, then return to the matmul dtype.
+            probs = torch.softmax(scores + additive, dim=-1, dtype=torch.float32).to(value.dtype)
         if dropout_p > 0.0:
             probs = F.dropout(probs, p=dropout_p, training=True)
         out = torch.matmul(probs.view(batch_size * num_windows, num_heads, window_area, window_area), value)
