@@ -535,7 +535,9 @@ def _build_demo_dataset(name: str, image_size: int, validation_fraction: float, 
         raise ValueError(f"Unknown demo dataset {name!r}; choose one of {DEMO_DATASETS}.")
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=class_names)})
     indices = np.arange(len(images))
-    train_idx, val_idx = train_test_split(indices, test_size=validation_fraction, stratify=labels, random_state=seed)
+    # At least one validation example per class (stratification needs it for tiny crop counts).
+    num_val = max(len(class_names), int(round(validation_fraction * len(images))))
+    train_idx, val_idx = train_test_split(indices, test_size=num_val, stratify=labels, random_state=seed)
     splits = {}
     for split, idx in (("train", np.sort(train_idx)), ("validation", np.sort(val_idx))):
         splits[split] = datasets.Dataset.from_dict(
