@@ -1,0 +1,191 @@
+"""One small adapter per backbone family: the only place that knows a family's parameter names and geometry.
+
+Each adapter builds transformers' own encoder (no re-implemented blocks), turns its output into the final feature map
+(B, C, H/s, W/s) that the SimMIM decoder reads, applies the official initialization where transformers' differs, and
+maps parameter names to the layer ids of the official layer-wise learning-rate decay rule.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+from transformers import BeitModel, PretrainedConfig, PreTrainedModel, SwinModel, Swinv2Model, ViTModel
+from transformers import initialization as init
+
+
+def _pair(value) -> tuple[int, int]:
+    if isinstance(value, (list, tuple)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+class BackboneAdapter:
+    """Base class; subclasses set `family`, `base_model_prefix` and `model_class`."""
+
+    family: str = ""
+    # Attribute name of the encoder inside our models. It equals transformers' own (`SwinForMaskedImageModeling.swin`,
+    # `BeitForImageClassification.beit`, ...), so our state dicts load into transformers' classes and back.
+    base_model_prefix: str = ""
+    model_class: type[PreTrainedModel]
+    # Substrings of parameter names that the official recipe excludes from weight decay (besides 1-D tensors and
+    # biases, which every family excludes).
+    no_weight_decay_keywords: tuple[str, ...] = ("mask_token", "cls_token", "position_embeddings",
+                                                 "relative_position_bias_table")
+
+    def build(self, backbone_config: PretrainedConfig, use_mask_token: bool, add_pooling_layer: bool) -> PreTrainedModel:
+        return self.model_class(backbone_config, add_pooling_layer=add_pooling_layer, use_mask_token=use_mask_token)
+
+    def feature_map(
+        self,
+        backbone: nn.Module,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Run the encoder; return the last feature map (B, C, H/s, W/s) and the hidden states if asked.
+        `bool_masked_pos` is (B, num_patches) on the model-patch grid."""
+        raise NotImplementedError  # every concrete adapter overrides it
+
+    def num_layers(self, backbone_config: PretrainedConfig) -> int:
+        """L of the official layer-decay rule: the number of transformer blocks."""
+        raise NotImplementedError  # every concrete adapter overrides it
+
+    def layer_id(self, name: str, backbone_config: PretrainedConfig) -> int:
+        """Official layer id (0 .. L+1) of a parameter, `name` relative to the encoder module."""
+        raise NotImplementedError  # every concrete adapter overrides it
+
+    def official_init(self, backbone: nn.Module) -> None:
+        """Re-initialize what transformers initializes differently from the official code. Uses
+        `transformers.initialization`, which leaves weights loaded from a checkpoint untouched."""
+
+    @staticmethod
+    def _tokens_to_map(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        batch_size, _, channels = tokens.shape
+        return tokens.transpose(1, 2).reshape(batch_size, channels, height, width)
+
+
+class SwinAdapter(BackboneAdapter):
+    family = "swin"
+    base_model_prefix = "swin"
+    model_class = SwinModel
+    _block = re.compile(r"^encoder\.layers\.(\d+)\.blocks\.(\d+)\.")
+    _downsample = re.compile(r"^encoder\.layers\.(\d+)\.downsample\.")
+
+    def feature_map(self, backbone, pixel_values, bool_masked_pos=None, output_hidden_states=False):
+        outputs = backbone(pixel_values, bool_masked_pos=bool_masked_pos, output_hidden_states=output_hidden_states)
+        stride = backbone.config.patch_size * 2 ** (len(backbone.config.depths) - 1)
+        height, width = pixel_values.shape[-2] // stride, pixel_values.shape[-1] // stride
+        hidden_states = outputs.hidden_states if output_hidden_states else None
+        return self._tokens_to_map(outputs.last_hidden_state, height, width), hidden_states
+
+    def num_layers(self, backbone_config):
+        return int(sum(backbone_config.depths))
+
+    def layer_id(self, name, backbone_config):
+        depths = list(backbone_config.depths)
+        if name.startswith("embeddings."):
+            return 0
+        if match := self._block.match(name):
+            stage, block = int(match.group(1)), int(match.group(2))
+            return sum(depths[:stage]) + block + 1
+        if match := self._downsample.match(name):
+            # The patch merging that ends stage i shares the id of that stage's last block.
+            return sum(depths[: int(match.group(1)) + 1])
+        return sum(depths) + 1
+
+    def official_init(self, backbone):
+        # Official Swin: trunc-normal(0.02) mask token and bias tables; transformers uses zeros.
+        if backbone.embeddings.mask_token is not None:
+            init.trunc_normal_(backbone.embeddings.mask_token, std=0.02)
+        for name, param in backbone.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                init.trunc_normal_(param, std=0.02)
+
+
+class Swinv2Adapter(SwinAdapter):
+    family = "swinv2"
+    base_model_prefix = "swinv2"
+    model_class = Swinv2Model
+    # SwinV2 replaces the bias table by a continuous position bias MLP and a learned logit scale (official: no wd).
+    no_weight_decay_keywords = ("mask_token", "position_embeddings", "relative_position_bias_table",
+                                "continuous_position_bias_mlp", "logit_scale")
+
+
+class ViTAdapter(BackboneAdapter):
+    family = "vit"
+    base_model_prefix = "vit"
+    model_class = ViTModel
+    # transformers 5.x names blocks `layers.i`; 4.x named them `encoder.layer.i`.
+    _block = re.compile(r"^(?:layers|encoder\.layer)\.(\d+)\.")
+
+    def _encode(self, backbone, pixel_values, bool_masked_pos, output_hidden_states):
+        config_size = _pair(backbone.config.image_size)
+        interpolate = tuple(pixel_values.shape[-2:]) != config_size
+        return backbone(pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate,
+                        output_hidden_states=output_hidden_states)
+
+    def feature_map(self, backbone, pixel_values, bool_masked_pos=None, output_hidden_states=False):
+        outputs = self._encode(backbone, pixel_values, bool_masked_pos, output_hidden_states)
+        patch = _pair(backbone.config.patch_size)[0]
+        height, width = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+        tokens = outputs.last_hidden_state[:, 1:]  # drop CLS
+        hidden_states = outputs.hidden_states if output_hidden_states else None
+        return self._tokens_to_map(tokens, height, width), hidden_states
+
+    def num_layers(self, backbone_config):
+        return int(backbone_config.num_hidden_layers)
+
+    def layer_id(self, name, backbone_config):
+        if name.startswith("embeddings."):
+            return 0
+        if match := self._block.match(name):
+            return int(match.group(1)) + 1
+        return self.num_layers(backbone_config) + 1
+
+    def official_init(self, backbone):
+        embeddings = backbone.embeddings
+        init.trunc_normal_(embeddings.cls_token, std=0.02)
+        if embeddings.mask_token is not None:
+            init.trunc_normal_(embeddings.mask_token, std=0.02)
+
+
+class BeitAdapter(ViTAdapter):
+    """The official SimMIM ViT: BEiT-style (layer scale, q/v bias, shared relative position bias)."""
+
+    family = "beit"
+    base_model_prefix = "beit"
+    model_class = BeitModel
+
+    def build(self, backbone_config, use_mask_token, add_pooling_layer):
+        # BeitModel reads the mask token switch from its config rather than from an argument.
+        backbone_config.use_mask_token = use_mask_token
+        return self.model_class(backbone_config, add_pooling_layer=add_pooling_layer)
+
+    def official_init(self, backbone):
+        super().official_init(backbone)
+        # BEiT / official SimMIM ViT `fix_init_weight`: scale each block's output projections by 1/sqrt(2 * depth).
+        for index, layer in enumerate(backbone.layers):
+            for linear in (layer.attention.o_proj, layer.mlp.fc2):
+                if not getattr(linear.weight, "_is_hf_initialized", False):
+                    with torch.no_grad():
+                        linear.weight.div_(math.sqrt(2.0 * (index + 1)))
+
+
+_ADAPTERS: dict[str, BackboneAdapter] = {
+    adapter.family: adapter for adapter in (SwinAdapter(), Swinv2Adapter(), ViTAdapter(), BeitAdapter())
+}
+
+
+def get_adapter(config: PretrainedConfig) -> BackboneAdapter:
+    """The adapter of a `SimMIMConfig` or of a backbone config (swin, swinv2, vit, beit)."""
+    backbone_config = getattr(config, "backbone_config", None) or config
+    family = backbone_config.model_type
+    if family not in _ADAPTERS:
+        raise ValueError(f"Unsupported backbone type {family!r}: SimMIM supports {sorted(_ADAPTERS)}.")
+    return _ADAPTERS[family]
+
+
+__all__ = ["BackboneAdapter", "get_adapter"]
