@@ -314,7 +314,9 @@ def adapt_state_dict(
 
     for key in list(weights):
         if key not in target:
-            report.unused[key] = "not in this model"
+            pooled_norm = backbone_prefix == "beit" and key.startswith("beit.layernorm.")
+            report.unused[key] = ("final norm: the classifier pools with mean + fc_norm instead (official)"
+                                  if pooled_norm else "not in this model")
             del weights[key]
     report.loaded = sorted(weights)
     report.newly_initialized = sorted(k for k in target if k not in weights)
@@ -370,3 +372,251 @@ def load_checkpoint_state_dict(folder: str) -> dict[str, torch.Tensor]:
             state.update(load_state_dict_file(os.path.join(folder, shard)))
         return state
     raise FileNotFoundError(f"no weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading a classifier from any supported checkpoint
+# --------------------------------------------------------------------------------------------------------------------
+# from_pretrained keyword arguments that concern the download or transformers' Auto machinery, not the model
+_HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "subfolder")
+_IGNORED_KWARGS = ("trust_remote_code", "code_revision", "use_safetensors", "low_cpu_mem_usage", "weights_only")
+# what the official finetuning changes in a BEiT-style encoder (configs/vit_base__800ep/simmim_finetune_*.yaml)
+BEIT_SIMMIM_FINETUNE = {
+    "use_relative_position_bias": True,
+    "use_shared_relative_position_bias": False,
+    "use_mean_pooling": True,
+    "use_mask_token": False,
+}
+_CLASSIFICATION_CONFIG_FIELDS = ("id2label", "label2id", "num_labels", "problem_type", "architectures")
+
+
+def check_weight_files(folder: str) -> list[str]:
+    """The weight files of a model folder, each opened once (safetensors: header and size) so that a corrupt or
+    truncated file fails here with a message naming it, not deep inside a loader."""
+    import json
+
+    for name in WEIGHT_FILES:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        if name.endswith(".index.json"):
+            try:
+                with open(path) as handle:
+                    files = [os.path.join(folder, f) for f in sorted(set(json.load(handle)["weight_map"].values()))]
+            except (OSError, ValueError, KeyError) as error:
+                raise OSError(f"cannot read the shard index {path}: {error}") from error
+        else:
+            files = [path]
+        for file in files:
+            if file.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                try:
+                    with safe_open(file, "pt") as handle:
+                        handle.keys()
+                except Exception as error:  # SafetensorError, OSError: both mean an unusable file
+                    raise OSError(
+                        f"cannot read the weights file {file} ({type(error).__name__}: {error}). The file is "
+                        "corrupt or truncated: download or save the checkpoint again."
+                    ) from error
+            else:
+                load_state_dict_file(file)
+        return files
+    raise FileNotFoundError(f"no weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def load_source_state_dict(folder: str, source_config, source_kind: str) -> dict[str, torch.Tensor]:
+    """State dict of a saved model under the current transformers parameter names.
+
+    transformers 5 saves Swin/ViT/BEiT weights under their legacy (4.x) names and translates them when its own
+    `from_pretrained` loads them; so the checkpoint is loaded by the class that saved it (ours or transformers'),
+    at its own geometry, and its state dict is read back. Keys carry the backbone prefix ("swin.", "beit.", ...).
+    """
+    import transformers
+    from transformers import PreTrainedModel
+
+    from .backbones import get_adapter
+
+    check_weight_files(folder)
+    architectures = list(getattr(source_config, "architectures", None) or [])
+    if source_kind == "simmim":
+        from .modeling_simmim import SimMIMForImageClassification, SimMIMForMaskedImageModeling
+
+        is_classifier = any("ImageClassification" in name for name in architectures)
+        source_class = SimMIMForImageClassification if is_classifier else SimMIMForMaskedImageModeling
+        load = PreTrainedModel.from_pretrained.__func__  # the plain loader, not our transfer override
+        model = load(source_class, folder, config=source_config)
+        prefix = ""
+    else:
+        name = next((a for a in architectures if isinstance(getattr(transformers, a, None), type)), None)
+        source_class = getattr(transformers, name) if name else get_adapter(source_config).model_class
+        model = source_class.from_pretrained(folder)
+        base = source_class.base_model_prefix
+        prefix = "" if hasattr(model, base) and isinstance(getattr(model, base), torch.nn.Module) else base + "."
+    return {prefix + key: value for key, value in model.state_dict().items()}
+
+
+def resolve_model_folder(name_or_path: str, **hub_kwargs) -> str:
+    """A local folder as is; a Hub id downloaded (config, weights, processor only) into the cache."""
+    subfolder = hub_kwargs.pop("subfolder", None) or ""
+    if os.path.isdir(name_or_path):
+        return os.path.join(name_or_path, subfolder)
+    if os.path.isfile(name_or_path):
+        raise ValueError(
+            f"{name_or_path} is a file; pass the folder that holds config.json and the weights (official .pth "
+            "checkpoints: convert them with `python -m modeling_simmim.convert_official` first)."
+        )
+    from huggingface_hub import snapshot_download
+
+    folder = snapshot_download(
+        name_or_path,
+        allow_patterns=["*.json", "*.safetensors", "*.bin"],
+        cache_dir=hub_kwargs.get("cache_dir"),
+        revision=hub_kwargs.get("revision"),
+        token=hub_kwargs.get("token"),
+        local_files_only=bool(hub_kwargs.get("local_files_only", False)),
+        force_download=bool(hub_kwargs.get("force_download", False)),
+    )
+    return os.path.join(folder, subfolder)
+
+
+def simmim_config_from_folder(folder: str):
+    """(SimMIMConfig, source description) for a SimMIM folder or a native transformers Swin/SwinV2/ViT/BEiT one."""
+    import copy
+    import json
+
+    from transformers import AutoConfig
+
+    from .configuration_simmim import SUPPORTED_BACKBONES, SimMIMConfig
+
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no config.json in {folder}: is it a saved model folder?")
+    try:
+        with open(config_path) as handle:
+            model_type = json.load(handle).get("model_type")
+    except ValueError as error:
+        raise OSError(f"{config_path} is not valid JSON ({error}): the checkpoint is corrupt") from error
+    if model_type == "simmim":
+        return SimMIMConfig.from_pretrained(folder), "simmim"
+    if model_type not in SUPPORTED_BACKBONES:
+        raise ValueError(
+            f"{folder} holds a {model_type!r} model; SimMIM finetuning loads simmim checkpoints or transformers "
+            f"{', '.join(sorted(SUPPORTED_BACKBONES))} checkpoints."
+        )
+    native = AutoConfig.from_pretrained(folder)
+    backbone_config = copy.deepcopy(native)
+    config = SimMIMConfig(backbone_config=backbone_config, id2label=dict(native.id2label))
+    config.architectures = native.architectures
+    return config, "transformers"
+
+
+def _stage_resolutions(backbone_config) -> list[int]:
+    size = backbone_config.image_size if isinstance(backbone_config.image_size, int) else min(backbone_config.image_size)
+    first = size // (backbone_config.patch_size if isinstance(backbone_config.patch_size, int)
+                     else backbone_config.patch_size[0])
+    return [first // 2**i for i in range(len(backbone_config.depths))]
+
+
+def load_pretrained_classifier(model_class, name_or_path: str, **kwargs):
+    """Implementation of `SimMIMForImageClassification.from_pretrained` (see its docstring)."""
+    import copy
+
+    from .backbones import get_adapter
+
+    config = kwargs.pop("config", None)
+    num_labels = kwargs.pop("num_labels", None)
+    id2label = kwargs.pop("id2label", None)
+    label2id = kwargs.pop("label2id", None)
+    overrides = dict(kwargs.pop("backbone_overrides", None) or {})
+    for name in ("image_size", "window_size", "drop_path_rate"):
+        if kwargs.get(name) is not None:
+            overrides[name] = kwargs.pop(name)
+        kwargs.pop(name, None)
+    output_loading_info = kwargs.pop("output_loading_info", False)
+    dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+    hub_kwargs = {name: kwargs.pop(name) for name in _HUB_KWARGS if name in kwargs}
+    for name in _IGNORED_KWARGS:
+        kwargs.pop(name, None)
+    for name in [key for key in kwargs if key.startswith("_")]:  # transformers' Auto/pipeline internals
+        kwargs.pop(name)
+    if kwargs.pop("device_map", None) is not None:
+        raise ValueError("device_map is not supported here: load on CPU, then call model.to(device)")
+
+    folder = resolve_model_folder(name_or_path, **hub_kwargs)
+    source_config, source_kind = simmim_config_from_folder(folder)
+    source_architectures = list(getattr(source_config, "architectures", None) or [])
+    from_mim = any("MaskedImageModeling" in name for name in source_architectures) or not any(
+        "ImageClassification" in name for name in source_architectures
+    )
+    if config is None:
+        config = copy.deepcopy(source_config)
+    else:
+        config = copy.deepcopy(config)
+        if config.backbone_type != source_config.backbone_type:
+            raise ValueError(
+                f"{name_or_path} holds a {source_config.backbone_type} backbone but the given config is "
+                f"{config.backbone_type}: use a {source_config.backbone_type} config (or drop `config`)."
+            )
+    backbone_config = config.backbone_config
+    family = config.backbone_type
+
+    if family == "beit" and from_mim:
+        for key, value in BEIT_SIMMIM_FINETUNE.items():
+            overrides.setdefault(key, value)
+    if "window_size" in overrides and family not in ("swin", "swinv2"):
+        raise ValueError(f"window_size applies to Swin/SwinV2 only; this checkpoint is {family}.")
+    if family == "swinv2" and overrides.get("window_size", backbone_config.window_size) != backbone_config.window_size:
+        # SwinV2's continuous position bias is rescaled by the pretraining window (official SwinV2 finetuning)
+        if not any(getattr(backbone_config, "pretrained_window_sizes", None) or [0]):
+            overrides.setdefault("pretrained_window_sizes", [
+                min(backbone_config.window_size, res) for res in _stage_resolutions(backbone_config)])
+    if family == "vit" and overrides.get("drop_path_rate"):
+        logger.warning("transformers' ViT has no stochastic depth: drop_path_rate=%s is ignored (BEiT-style ViT and "
+                       "Swin support it)", overrides["drop_path_rate"])
+    for key, value in overrides.items():
+        if not hasattr(backbone_config, key) and key != "drop_path_rate":
+            raise ValueError(f"{type(backbone_config).__name__} has no field {key!r} to override")
+        setattr(backbone_config, key, value)
+    if family in ("swin", "swinv2") and "image_size" in overrides:
+        # the derived sizes of a Swin config follow the image size
+        backbone_config.image_size = overrides["image_size"]
+
+    if id2label is not None:
+        config.id2label = {int(k): str(v) for k, v in dict(id2label).items()}
+        config.label2id = {v: k for k, v in config.id2label.items()}
+    elif num_labels is not None:
+        config.num_labels = int(num_labels)
+    if label2id is not None:
+        config.label2id = {str(k): int(v) for k, v in dict(label2id).items()}
+    if getattr(config, "problem_type", None) == "multi_label_classification":
+        config.problem_type = None  # soft targets are trained with cross-entropy, never BCE
+    for key, value in kwargs.items():
+        setattr(config, key, value)
+    config.architectures = [model_class.__name__]
+
+    model = model_class(config)
+    adapter = get_adapter(config)
+    state_dict = load_source_state_dict(folder, source_config, source_kind)
+    weights, report = adapt_state_dict(
+        state_dict,
+        model,
+        adapter.base_model_prefix,
+        source_backbone_config=source_config.backbone_config,
+        target_backbone_config=config.backbone_config,
+        source=str(name_or_path),
+    )
+    result = model.load_state_dict(weights, strict=False)
+    if result.unexpected_keys:  # adapt_state_dict only keeps keys of the model: this would be a bug
+        raise RuntimeError(f"unexpected keys after adaptation: {result.unexpected_keys}")
+    if from_mim and source_kind == "simmim":
+        report.source += " (SimMIM pretraining checkpoint)"
+    logger.info("%s", report)
+    model.loading_report = report
+    if dtype is not None:
+        model = model.to(dtype)
+    model.eval()
+    if output_loading_info:
+        return model, {"missing_keys": report.newly_initialized, "unexpected_keys": list(report.unused),
+                       "mismatched_keys": list(report.resized), "error_msgs": [], "report": report}
+    return model
