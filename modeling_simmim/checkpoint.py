@@ -620,3 +620,79 @@ def load_pretrained_classifier(model_class, name_or_path: str, **kwargs):
         return model, {"missing_keys": report.newly_initialized, "unexpected_keys": list(report.unused),
                        "mismatched_keys": list(report.resized), "error_msgs": [], "report": report}
     return model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Native export: a folder that plain transformers loads (pipeline("image-classification", model=folder))
+# --------------------------------------------------------------------------------------------------------------------
+NATIVE_CLASSIFIERS = {
+    "swin": "SwinForImageClassification",
+    "swinv2": "Swinv2ForImageClassification",
+    "beit": "BeitForImageClassification",
+    "vit": "ViTForImageClassification",
+}
+
+
+def build_image_processor(image_size: int, mean=None, std=None, interpolation: str = "bicubic"):
+    """The evaluation preprocessing as a transformers image processor: shorter side resized to
+    int(image_size * 256 / 224) (bicubic), centre crop to image_size, ImageNet mean/std (`BitImageProcessor`, which
+    plain transformers loads by name)."""
+    from transformers import BitImageProcessor
+    from transformers.image_utils import PILImageResampling
+
+    from .augmentation import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, eval_resize_size
+
+    resample = {"bicubic": PILImageResampling.BICUBIC, "bilinear": PILImageResampling.BILINEAR}[interpolation]
+    return BitImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": eval_resize_size(image_size)},
+        resample=resample,
+        do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size},
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(mean or IMAGENET_DEFAULT_MEAN),
+        image_std=list(std or IMAGENET_DEFAULT_STD),
+        do_convert_rgb=True,
+    )
+
+
+def to_native_model(model):
+    """The transformers `XForImageClassification` equivalent of a `SimMIMForImageClassification` (same weights)."""
+    import copy
+
+    import transformers
+
+    config = model.config
+    family = config.backbone_type
+    if family == "vit" and getattr(config, "classifier_pooling", "cls") != "cls":
+        raise ValueError(
+            "transformers' ViTForImageClassification pools the CLS token; a mean-pooled ViT has no native class. "
+            "Train with classifier_pooling='cls', or use the BEiT-style ViT (beit family) for mean pooling."
+        )
+    native_config = copy.deepcopy(config.backbone_config)
+    native_config.id2label = dict(config.id2label)
+    native_config.label2id = dict(config.label2id)
+    native_config.problem_type = None  # single-label: pipeline applies softmax
+    native_class = getattr(transformers, NATIVE_CLASSIFIERS[family])
+    native_config.architectures = [native_class.__name__]
+    if family == "beit":
+        native_config.use_mask_token = False
+    native = native_class(native_config)
+    missing, unexpected = native.load_state_dict(model.state_dict(), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not map onto {native_class.__name__}: missing {missing}, unexpected {unexpected}")
+    return native.eval()
+
+
+def export_to_transformers(model, output_dir: str, image_processor=None) -> str:
+    """Save `model` (a `SimMIMForImageClassification`) as a native transformers classifier plus its image
+    processor, so that `pipeline("image-classification", model=output_dir)` works without this package.
+    `image_processor` defaults to the evaluation preprocessing at the model's image size."""
+    native = to_native_model(model)
+    os.makedirs(output_dir, exist_ok=True)
+    native.save_pretrained(output_dir)
+    if image_processor is None:
+        image_processor = build_image_processor(model.config.image_size[0])
+    image_processor.save_pretrained(output_dir)
+    return output_dir
