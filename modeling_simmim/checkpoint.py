@@ -506,7 +506,14 @@ def simmim_config_from_folder(folder: str):
         )
     native = AutoConfig.from_pretrained(folder)
     backbone_config = copy.deepcopy(native)
-    config = SimMIMConfig(backbone_config=backbone_config, id2label=dict(native.id2label))
+    # SimMIMConfig validates the masking geometry; a classifier never masks, so pick a mask patch that fits
+    # (the paper's 32 px when the image allows it)
+    patch = backbone_config.patch_size if isinstance(backbone_config.patch_size, int) else backbone_config.patch_size[0]
+    size = backbone_config.image_size if isinstance(backbone_config.image_size, int) else backbone_config.image_size[0]
+    stride = patch * 2 ** (len(backbone_config.depths) - 1) if hasattr(backbone_config, "depths") else patch
+    mask_patch_size = next((m for m in (32, stride, patch) if m % patch == 0 and size % m == 0), 32)
+    config = SimMIMConfig(backbone_config=backbone_config, mask_patch_size=mask_patch_size,
+                          id2label=dict(native.id2label))
     config.architectures = native.architectures
     return config, "transformers"
 
