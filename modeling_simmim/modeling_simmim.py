@@ -277,6 +277,14 @@ class SimMIMForImageClassification(SimMIMPreTrainedModel):
             return ((loss,) + output) if loss is not None else output
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions)
 
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        """`PreTrainedModel.save_pretrained`, but under the current parameter names by default.
+
+        transformers 5 otherwise renames Swin/ViT/BEiT weights back to their 4.x names on save, and the Trainer's
+        `load_best_model_at_end` and `resume_from_checkpoint` read checkpoints with a plain `load_state_dict`, which
+        then matches nothing and silently keeps the current weights. (Native exports keep transformers' format.)"""
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Load a SimMIM pretraining checkpoint, one of our classification checkpoints, or a native transformers
