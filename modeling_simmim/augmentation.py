@@ -36,6 +36,27 @@ def _rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def _posterize(image: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
+    """timm's posterize with the Pillow semantics the official runs had: keeping 0 bits gives a black image.
+
+    RandAugment `rand-m9-mstd0.5` draws magnitudes up to 10, where timm asks for 0 bits; Pillow >= 12 rejects that
+    with `ValueError` (older Pillow returned black), which would make the dataset skip the image as unreadable."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def _patch_posterize(transform) -> None:
+    for step in getattr(transform, "transforms", []):
+        for op in getattr(step, "ops", []):  # timm RandAugment / AutoAugment ops
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = _posterize
+
+
 def build_classification_transform(
     image_size: int,
     train: bool = True,
@@ -64,6 +85,7 @@ def build_classification_transform(
             mean=tuple(mean),
             std=tuple(std),
         )
+        _patch_posterize(transform)
     else:
         resample = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[interpolation]
         transform = T.Compose(
