@@ -515,6 +515,7 @@ def simmim_config_from_folder(folder: str):
     config = SimMIMConfig(backbone_config=backbone_config, mask_patch_size=mask_patch_size,
                           id2label=dict(native.id2label))
     config.architectures = native.architectures
+    config.label2id = dict(native.label2id) if native.label2id else {v: k for k, v in config.id2label.items()}
     return config, "transformers"
 
 
@@ -596,6 +597,8 @@ def load_pretrained_classifier(model_class, name_or_path: str, **kwargs):
         config.num_labels = int(num_labels)
     if label2id is not None:
         config.label2id = {str(k): int(v) for k, v in dict(label2id).items()}
+    if not getattr(config, "label2id", None):
+        config.label2id = {name: index for index, name in config.id2label.items()}
     if getattr(config, "problem_type", None) == "multi_label_classification":
         config.problem_type = None  # soft targets are trained with cross-entropy, never BCE
     for key, value in kwargs.items():
