@@ -582,13 +582,14 @@ def load_pretrained_classifier(model_class, name_or_path: str, **kwargs):
     if family == "vit" and overrides.get("drop_path_rate"):
         logger.warning("transformers' ViT has no stochastic depth: drop_path_rate=%s is ignored (BEiT-style ViT and "
                        "Swin support it)", overrides["drop_path_rate"])
-    for key, value in overrides.items():
-        if not hasattr(backbone_config, key) and key != "drop_path_rate":
-            raise ValueError(f"{type(backbone_config).__name__} has no field {key!r} to override")
-        setattr(backbone_config, key, value)
-    if family in ("swin", "swinv2") and "image_size" in overrides:
-        # the derived sizes of a Swin config follow the image size
-        backbone_config.image_size = overrides["image_size"]
+    unknown = sorted(key for key in overrides if not hasattr(backbone_config, key) and key != "drop_path_rate")
+    if unknown:
+        raise ValueError(f"{type(backbone_config).__name__} has no fields {unknown} to override")
+    if overrides:
+        # rebuild rather than setattr: configs derive fields (Swin hidden_size, stage names) from others
+        values = {**backbone_config.to_dict(), **overrides}
+        values.pop("model_type", None)
+        config.backbone_config = backbone_config = type(backbone_config)(**values)
 
     if id2label is not None:
         config.id2label = {int(k): str(v) for k, v in dict(id2label).items()}
