@@ -123,3 +123,42 @@ def test_mean_pooled_vit_has_no_native_class():
     model = SimMIMForImageClassification(config)
     with pytest.raises(ValueError, match="no native class"):
         to_native_model(model)
+
+
+REMOTE = textwrap.dedent(
+    """
+    import sys
+    import numpy as np, torch
+    try:
+        import modeling_simmim  # noqa: F401
+        sys.exit("modeling_simmim must not be importable here")
+    except ImportError:
+        pass
+    from transformers import AutoModelForImageClassification
+    model = AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(np.load(sys.argv[2]))).logits
+    np.save(sys.argv[3], logits.numpy())
+    print(type(model).__name__)
+    """
+)
+
+
+def test_our_checkpoint_loads_with_remote_code(tmp_path):
+    """A SimMIMForImageClassification folder carries its code (auto_map): the Hub loads it without this package."""
+    model = _classifier("swin")
+    model.save_pretrained(tmp_path / "ours")
+    pixel_values = torch.randn(2, 3, 64, 64)
+    np.save(tmp_path / "pixels.npy", pixel_values.numpy())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    completed = subprocess.run(
+        [sys.executable, "-I", "-c", REMOTE, str(tmp_path / "ours"), str(tmp_path / "pixels.npy"),
+         str(tmp_path / "remote_logits.npy")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip().splitlines()[-1] == "SimMIMForImageClassification"
+    with torch.no_grad():
+        expected = model(pixel_values).logits.numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "remote_logits.npy"), expected, atol=1e-5, rtol=0)
