@@ -681,6 +681,14 @@ def to_native_model(model):
             "transformers' ViTForImageClassification pools the CLS token; a mean-pooled ViT has no native class. "
             "Train with classifier_pooling='cls', or use the BEiT-style ViT (beit family) for mean pooling."
         )
+    if family == "swin":
+        small = [res for res in _stage_resolutions(config.backbone_config) if res < config.backbone_config.window_size]
+        if small:
+            raise ValueError(
+                f"transformers' Swin cannot run window {config.backbone_config.window_size} on a {small[0]}x{small[0]} "
+                "stage (its bias table keeps the full window while the attention shrinks to the stage): this model "
+                "has no native export. Use a window that fits every stage (e.g. 7 at 224 px)."
+            )
     native_config = copy.deepcopy(config.backbone_config)
     native_config.id2label = dict(config.id2label)
     native_config.label2id = dict(config.label2id)

@@ -162,3 +162,10 @@ def test_our_checkpoint_loads_with_remote_code(tmp_path):
     with torch.no_grad():
         expected = model(pixel_values).logits.numpy()
     np.testing.assert_allclose(np.load(tmp_path / "remote_logits.npy"), expected, atol=1e-5, rtol=0)
+
+
+def test_swin_window_larger_than_a_stage_has_no_native_export():
+    config = SimMIMConfig.from_preset("swin_test", window_size=16)  # 64 px: stages 16 and 8
+    config.num_labels = 2
+    with pytest.raises(ValueError, match="no native export"):
+        to_native_model(SimMIMForImageClassification(config))
