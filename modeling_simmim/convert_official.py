@@ -601,6 +601,7 @@ def build_converted_model(
     # The backbone's attribute name ("swin", "beit") is the same in our models and in transformers' own classes.
     prefix = get_adapter(model.config).base_model_prefix
     converted = {f"{prefix}.{k}": v for k, v in backbone_tensors.items()} | extra
+    _check_swin_window_clamping(arch, converted, model)
     _check_against_model(converted, model, arch.source)
     model.load_state_dict(converted, strict=True)
     model.eval()
@@ -632,16 +633,51 @@ def _imagenet_labels(num_classes: int) -> dict[int, str] | None:
     return {i: info.index_to_description(i) for i in range(num_classes)}
 
 
+def _simmim_classifier_class():
+    """The finetuning issue's ``SimMIMForImageClassification`` when this installation has it, else None."""
+    from . import modeling_simmim
+
+    return getattr(modeling_simmim, "SimMIMForImageClassification", None)
+
+
 def _build_classification_model(arch: OfficialArchitecture) -> torch.nn.Module:
+    """``SimMIMForImageClassification`` (or, without it, transformers' Swin/BEiT classifier: same state dict)."""
     from transformers import BeitForImageClassification, SwinForImageClassification
 
+    from .configuration_simmim import SimMIMConfig
+
+    labels = {"num_labels": arch.num_classes}
+    if names := _imagenet_labels(arch.num_classes):
+        labels.update(id2label=names, label2id={name: i for i, name in names.items()})
     backbone_config = backbone_config_from_architecture(arch)
-    backbone_config.num_labels = arch.num_classes
-    if labels := _imagenet_labels(arch.num_classes):
-        backbone_config.id2label = labels
-        backbone_config.label2id = {name: i for i, name in labels.items()}
-    model_class = SwinForImageClassification if arch.family == "swin" else BeitForImageClassification
-    return model_class(backbone_config)
+    classifier_class = _simmim_classifier_class()
+    if classifier_class is not None:
+        config = SimMIMConfig(backbone_config=backbone_config, mask_patch_size=arch.mask_patch_size,
+                              mask_ratio=arch.mask_ratio, **labels)
+        return classifier_class(config)
+    for key, value in labels.items():
+        setattr(backbone_config, key, value)
+    return (SwinForImageClassification if arch.family == "swin" else BeitForImageClassification)(backbone_config)
+
+
+def _check_swin_window_clamping(arch: OfficialArchitecture, converted: Mapping[str, torch.Tensor], model) -> None:
+    """Official Swin shrinks the window of a stage smaller than it (and its bias table: Swin-L 192/w12 and
+    224/w14 in the last stage); transformers 5.x keeps the configured window there and fails in forward."""
+    if arch.family != "swin":
+        return
+    expected = model.state_dict()
+    resolution = arch.image_size // arch.patch_size
+    for stage in range(len(arch.depths)):
+        key = f"swin.encoder.layers.{stage}.blocks.0.attention.relative_position_bias.relative_position_bias_table"
+        stage_resolution = resolution // 2**stage
+        if stage_resolution < arch.window_size and key in expected and converted[key].shape != expected[key].shape:
+            raise ValueError(
+                f"Stage {stage} of this Swin runs at {stage_resolution}x{stage_resolution} tokens, smaller than its "
+                f"window {arch.window_size}: the official model shrinks the window there to {stage_resolution} "
+                f"(bias table {tuple(converted[key].shape)}), but the installed transformers Swin keeps the full "
+                f"window (table {tuple(expected[key].shape)}) and cannot run such a stage. The swin backbone adapter "
+                f"must clamp these windows at build time (see docs/convert.md, 'Swin-L')."
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -700,6 +736,12 @@ def convert_official_checkpoint(
         model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
         log(f"Saved to {os.fspath(output_dir)}")
+        if task == CLASSIFICATION and type(model).__name__ == "SimMIMForImageClassification":
+            from .checkpoint import export_to_transformers
+
+            native_dir = os.path.join(output_dir, "native")
+            export_to_transformers(model, native_dir, image_processor=processor)
+            log(f"Native transformers export (pipeline('image-classification', model=...)): {native_dir}")
     if push_to_hub:
         model.push_to_hub(push_to_hub)
         processor.push_to_hub(push_to_hub)
