@@ -9,6 +9,7 @@ models save, ...). The numerical cross-check against the official code itself is
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import subprocess
@@ -18,14 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForImageClassification,
-    BeitConfig,
-    BeitForImageClassification,
-    SwinConfig,
-    SwinForImageClassification,
-)
+import transformers
+from transformers import BeitConfig, BeitForImageClassification, SwinConfig, SwinForImageClassification
 
+import modeling_simmim.modeling_simmim as modeling_simmim
 from modeling_simmim import SimMIMConfig, SimMIMForMaskedImageModeling
 from modeling_simmim.convert_official import (
     OFFICIAL_DEFAULTS,
@@ -535,23 +532,26 @@ def test_push_to_hub_uploads_model_and_processor(tmp_path, monkeypatch):
 
 
 def test_cli_help_and_conversion_in_a_subprocess(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    command = [sys.executable, "-m", "modeling_simmim.convert_official"]
-    help_run = subprocess.run(command + ["--help"], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert help_run.returncode == 0
-    for flag in ("--checkpoint", "--output_dir", "--config", "--push_to_hub"):
-        assert flag in help_run.stdout
-
     model = tiny_vit_classifier()
     path = save_official(tmp_path / "ft.pth", official_finetuned_state_dict(model), {
         **VIT_OFFICIAL, "MODEL": {**VIT_OFFICIAL["MODEL"], "NUM_CLASSES": 5, "VIT": {
             **VIT_OFFICIAL["MODEL"]["VIT"], "USE_RPB": True, "USE_SHARED_RPB": False, "USE_MEAN_POOLING": True}}})
-    run = subprocess.run(command + ["--checkpoint", str(path), "--output_dir", str(tmp_path / "out")],
-                         capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
-    assert "Architecture: the config stored in the checkpoint" in run.stdout
-    assert "finetuned classifier, 5 classes" in run.stdout
-    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "out").eval()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-m", "modeling_simmim.convert_official"]
+    # Both runs at once: each spends most of its time importing torch and transformers.
+    runs = [subprocess.Popen(command + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             cwd=tmp_path)
+            for args in (["--help"], ["--checkpoint", str(path), "--output_dir", str(tmp_path / "out")])]
+    (help_out, _), (out, err) = (run.communicate(timeout=300) for run in runs)
+    assert runs[0].returncode == 0
+    for flag in ("--checkpoint", "--output_dir", "--config", "--push_to_hub"):
+        assert flag in help_out
+    assert runs[1].returncode == 0, err
+    assert "Architecture: the config stored in the checkpoint" in out
+    assert "finetuned classifier, 5 classes" in out
+    saved_class = json.loads((tmp_path / "out" / "config.json").read_text())["architectures"][0]
+    reloaded = (getattr(modeling_simmim, saved_class, None) or getattr(transformers, saved_class))
+    reloaded = reloaded.from_pretrained(tmp_path / "out").eval()
     pixels = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixels).logits, model(pixels).logits, rtol=0, atol=1e-6)
