@@ -144,3 +144,21 @@ def test_return_tuple():
     model = _model("vit_test").eval()
     loss, reconstruction = model(torch.randn(1, 3, 64, 64), bool_masked_pos=_mask(model, 1), return_dict=False)
     assert loss.ndim == 0 and reconstruction.shape == (1, 3, 64, 64)
+
+
+def test_swin_stage_smaller_than_window_uses_the_official_smaller_table():
+    # Like Swin-L 192/w12 (last stage 6x6): here stage 2 is 8x8 with window 16 -> window 8, table 15x15, no shift.
+    config = SimMIMConfig.from_preset("swin_test", mask_patch_size=16, window_size=16)
+    model = SimMIMForMaskedImageModeling(config).eval()
+    tables = {n: tuple(p.shape) for n, p in model.named_parameters() if n.endswith("relative_position_bias_table")}
+    assert tables == {
+        "swin.encoder.layers.0.blocks.0.attention.relative_position_bias.relative_position_bias_table": (31 * 31, 1),
+        "swin.encoder.layers.1.blocks.0.attention.relative_position_bias.relative_position_bias_table": (15 * 15, 2),
+    }
+    pixel_values, mask = torch.randn(2, 3, 64, 64), _mask(model, 2)
+    fast = model(pixel_values, bool_masked_pos=mask)
+    config.fast_window_attention = False
+    plain = SimMIMForMaskedImageModeling(config).eval()
+    plain.load_state_dict(model.state_dict())
+    reference = plain(pixel_values, bool_masked_pos=mask)
+    assert torch.allclose(fast.reconstruction, reference.reconstruction, atol=1e-5)
