@@ -19,7 +19,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",
-        "transformers>=5.0,<6",
+        "transformers>=5.9,<6",  # 5.9 introduced the parameter names the adapters use,
         "datasets>=3.0",
         "accelerate>=1.0",
         "evaluate>=0.4",

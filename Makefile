@@ -1,0 +1,42 @@
+# Each target sets up its own virtual environment (.venv) on first use.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+DEMO_DIR ?= outputs/demo
+
+.PHONY: setup demo test test-slow test-minimum lint bench clean
+
+$(VENV)/.installed: setup.py
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+## Quick start 1: pretrain a tiny SimMIM model on the bundled demo images, finetune it, print top-1.
+demo: $(VENV)/.installed
+	$(PYTHON) run_mim.py configs/pretrain/demo_swin_tiny_cpu.yaml --output_dir $(DEMO_DIR)/pretrain
+
+## Quick start 2: the test suite (fast; `make test-slow` adds the long end-to-end runs).
+test: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q --durations=15
+
+test-slow: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q -m slow
+
+## The oldest supported transformers (5.9.0), in its own environment.
+test-minimum:
+	python3 -m venv .venv-min
+	.venv-min/bin/python -m pip install -q --upgrade pip
+	.venv-min/bin/python -m pip install -q -e ".[test]" "transformers==5.9.0"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv-min/bin/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+bench: $(VENV)/.installed
+	$(PYTHON) benchmarks/pretrain_throughput.py
+	$(PYTHON) benchmarks/data_throughput.py
+
+clean:
+	rm -rf $(VENV) .venv-min outputs build *.egg-info
