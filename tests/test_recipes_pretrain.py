@@ -43,6 +43,7 @@ OFFICIAL = {
         family="swinv2", image=192, preset="swinv2_base",
         model=dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=12, drop_path_rate=0.1,
                    pretrained_window_sizes=[0, 0, 0, 0], **SWIN_COMMON),
+        norm_target_window=47,  # MODEL.SIMMIM.NORM_TARGET
         train=dict(epochs=800, warmup_epochs=10, base_lr=1e-4, warmup_lr=5e-7, min_lr=5e-6, schedule="multistep",
                    milestones=[700], gamma=0.1)),
     # No official SwinV2-H file: SwinV2 paper dims, the official SwinV2 SimMIM 800-epoch optimization.
@@ -50,6 +51,7 @@ OFFICIAL = {
         family="swinv2", image=192, preset="swinv2_huge",
         model=dict(embed_dim=352, depths=[2, 2, 18, 2], num_heads=[11, 22, 44, 88], window_size=12, drop_path_rate=0.1,
                    **SWIN_COMMON),
+        norm_target_window=47,
         train=dict(epochs=800, warmup_epochs=10, base_lr=1e-4, warmup_lr=5e-7, min_lr=5e-6, schedule="multistep",
                    milestones=[700], gamma=0.1)),
     "vit_base_224_800ep": dict(
@@ -95,6 +97,7 @@ def test_recipe_builds_the_official_model(name):
     assert config.backbone_type == official["family"]
     assert config.image_size == (official["image"], official["image"])
     assert (config.mask_patch_size, config.mask_ratio) == (32, 0.6)
+    assert config.norm_target_window == official.get("norm_target_window")
     backbone = config.backbone_config.to_dict()
     for key, value in official["model"].items():
         assert backbone[key] == pytest.approx(value), key
