@@ -3,11 +3,12 @@
 Importing the package registers `simmim` with transformers' Auto classes.
 """
 
-from transformers import AutoConfig, AutoModelForMaskedImageModeling
+from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForMaskedImageModeling
 
 from .configuration_simmim import PRESETS, SimMIMConfig
 from .masking import SimMIMDataCollator, SimMIMMaskGenerator
 from .modeling_simmim import (
+    SimMIMForImageClassification,
     SimMIMForMaskedImageModeling,
     SimMIMMaskedImageModelingOutput,
     SimMIMPreTrainedModel,
@@ -29,11 +30,14 @@ AutoModelForMaskedImageModeling.register(SimMIMConfig, SimMIMForMaskedImageModel
 # `trust_remote_code=True` where this package is not installed.
 SimMIMConfig.register_for_auto_class()
 SimMIMForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageModeling")
+AutoModelForImageClassification.register(SimMIMConfig, SimMIMForImageClassification, exist_ok=True)
+SimMIMForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
     "PRESETS",
     "SimMIMConfig",
     "SimMIMDataCollator",
+    "SimMIMForImageClassification",
     "SimMIMForMaskedImageModeling",
     "SimMIMMaskGenerator",
     "SimMIMMaskedImageModelingOutput",

@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 
 from .backbones import get_adapter
@@ -33,6 +35,19 @@ def simmim_loss(
     mask = mask.to(torch.float32)
     error = (pixel_values.float() - reconstruction.float()).abs()
     return (error * mask).sum() / (mask.sum() + 1e-5) / pixel_values.shape[1]
+
+
+def normalize_targets(pixel_values: torch.Tensor, window: int) -> torch.Tensor:
+    """The official `NORM_TARGET` regression target (SwinV2 recipe): every pixel minus the mean of its `window`-square
+    neighbourhood, divided by the neighbourhood's unbiased standard deviation (+1e-6 inside the root). Neighbourhoods
+    are cut at the image border: statistics use only the pixels inside the image."""
+    pixels = pixel_values.float()
+    pool = dict(kernel_size=window, stride=1, padding=window // 2)
+    local_mean = F.avg_pool2d(pixels, count_include_pad=False, **pool)
+    local_mean_of_squares = F.avg_pool2d(pixels * pixels, count_include_pad=False, **pool)
+    count = F.avg_pool2d(torch.ones_like(pixels[:, :1]), count_include_pad=True, **pool) * window * window
+    variance = ((local_mean_of_squares - local_mean**2) * count / (count - 1)).clamp_min(0.0)
+    return (pixels - local_mean) / (variance + 1e-6).sqrt()
 
 
 def _mask_grid(bool_masked_pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -163,7 +178,11 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
 
         loss = None
         if mask is not None:
-            loss = simmim_loss(pixel_values, reconstruction, mask, self.config.model_patch_size)
+            target = pixel_values
+            if getattr(self.config, "norm_target_window", None):
+                with torch.no_grad():
+                    target = normalize_targets(pixel_values, self.config.norm_target_window)
+            loss = simmim_loss(target, reconstruction, mask, self.config.model_patch_size)
 
         if not return_dict:
             output = (reconstruction,) + ((hidden_states,) if output_hidden_states else ())
@@ -175,5 +194,141 @@ __all__ = [
     "SimMIMPreTrainedModel",
     "SimMIMForMaskedImageModeling",
     "SimMIMMaskedImageModelingOutput",
+    "normalize_targets",
     "simmim_loss",
 ]
+
+
+# ====================================================================================================================
+# Image classification (finetuning)
+# ====================================================================================================================
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy for class ids (B,), with optional label smoothing; soft-target cross-entropy for float targets
+    (B, num_labels) such as Mixup/CutMix outputs (their smoothing is already folded in). Never BCE."""
+    logits = logits.float()
+    if labels.is_floating_point():
+        if labels.shape != logits.shape:
+            raise ValueError(
+                f"float labels must be soft targets of shape {tuple(logits.shape)} (batch, num_labels), "
+                f"got {tuple(labels.shape)}; pass class ids as an integer tensor."
+            )
+        return torch.sum(-labels * torch.log_softmax(logits, dim=-1), dim=-1).mean()
+    return nn.functional.cross_entropy(logits, labels.view(-1).long(), label_smoothing=label_smoothing)
+
+
+class SimMIMForImageClassification(SimMIMPreTrainedModel):
+    """A SimMIM encoder with a linear head `classifier`, laid out like transformers' `XForImageClassification`
+    (`self.swin` / `self.swinv2` / `self.beit` / `self.vit` + `self.classifier`), so its weights are
+    transformers-native and export to `SwinForImageClassification` & co. (see `checkpoint.export_to_transformers`).
+
+    Pooling: Swin/SwinV2 average the final normed tokens (the backbone's pooler); BEiT-style ViT with
+    `use_mean_pooling=True` averages the patch tokens and applies a LayerNorm (`fc_norm`, the official finetune head),
+    otherwise it takes the CLS token; plain ViT takes the CLS token, or the mean of the patch tokens when
+    `config.classifier_pooling == "mean"`. Stochastic depth comes from the backbone's `drop_path_rate`.
+    Loss: cross-entropy for class ids (with `config.label_smoothing`, default 0), soft-target cross-entropy for float
+    targets (B, num_labels).
+
+    `from_pretrained` also takes a SimMIM pretraining checkpoint or a native transformers checkpoint and moves it to
+    new geometry (image size, window size) with the official resizing rules; see its docstring.
+    """
+
+    def __init__(self, config: SimMIMConfig) -> None:
+        super().__init__(config)
+        adapter = get_adapter(config)
+        family = adapter.family
+        pooling = getattr(config, "classifier_pooling", "cls")
+        if family == "vit" and pooling not in ("cls", "mean"):
+            raise ValueError(f"classifier_pooling must be 'cls' or 'mean', got {pooling!r}.")
+        # transformers' ViT pooler is a dense+tanh layer that ViTForImageClassification does not use: leave it out.
+        add_pooling_layer = family != "vit"
+        setattr(self, adapter.base_model_prefix,
+                adapter.build(config.backbone_config, use_mask_token=False, add_pooling_layer=add_pooling_layer))
+        self.num_labels = config.num_labels
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def pooled_features(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+    ):
+        """Run the encoder and pool: returns (features (B, C), encoder outputs)."""
+        family = self.backbone_adapter.family
+        kwargs = {}
+        if family in ("vit", "beit"):
+            config_size = self.config.image_size
+            kwargs["interpolate_pos_encoding"] = tuple(pixel_values.shape[-2:]) != tuple(config_size)
+        if output_hidden_states:
+            kwargs["output_hidden_states"] = True
+        if output_attentions:
+            kwargs["output_attentions"] = True
+        outputs = self.backbone(pixel_values, **kwargs)
+        if family == "vit":
+            tokens = outputs.last_hidden_state
+            if getattr(self.config, "classifier_pooling", "cls") == "mean":
+                return tokens[:, 1:].mean(dim=1), outputs
+            return tokens[:, 0], outputs
+        return outputs.pooler_output, outputs
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): normalized images.
+        labels (`torch.LongTensor` of shape `(batch_size,)` or `torch.FloatTensor` of shape
+            `(batch_size, num_labels)`, *optional*): class ids, or soft targets (Mixup/CutMix).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        features, outputs = self.pooled_features(
+            pixel_values, output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions)
+        )
+        logits = self.classifier(features)
+        loss = None
+        if labels is not None:
+            loss = classification_loss(logits, labels, float(getattr(self.config, "label_smoothing", 0.0) or 0.0))
+        hidden_states = outputs.hidden_states if output_hidden_states else None
+        attentions = outputs.attentions if output_attentions else None
+        if not return_dict:
+            output = (logits,) + tuple(x for x in (hidden_states, attentions) if x is not None)
+            return ((loss,) + output) if loss is not None else output
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions)
+
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        """`PreTrainedModel.save_pretrained`, but under the current parameter names by default.
+
+        transformers 5 otherwise renames Swin/ViT/BEiT weights back to their 4.x names on save, and the Trainer's
+        `load_best_model_at_end` and `resume_from_checkpoint` read checkpoints with a plain `load_state_dict`, which
+        then matches nothing and silently keeps the current weights. (Native exports keep transformers' format.)"""
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load a SimMIM pretraining checkpoint, one of our classification checkpoints, or a native transformers
+        Swin/SwinV2/BEiT/ViT (classification or MIM) folder or Hub id, into a classifier of the asked geometry:
+
+            SimMIMForImageClassification.from_pretrained(
+                "outputs/simmim_swin_base", num_labels=1000, id2label=..., image_size=224, window_size=7,
+                drop_path_rate=0.1)
+
+        Backbone overrides (`image_size`, `window_size` (Swin/SwinV2), `drop_path_rate`, and any backbone config
+        field in `backbone_overrides={...}`) are applied before loading. A MIM checkpoint loses its decoder and mask
+        token; a BEiT-style encoder gets one relative position bias table per block (copied from the shared one)
+        and mean pooling + LayerNorm, as in the official finetuning; Swin tables are resized with the official
+        geometric bicubic method, ViT absolute position embeddings bicubically; SwinV2 needs no resize (continuous
+        position bias; `pretrained_window_sizes` is set to the pretraining windows). The head is new when the number
+        of labels changes. `model.loading_report` (also logged) lists loaded / resized / newly initialized / unused
+        weights; `output_loading_info=True` returns it too. A checkpoint of another backbone family than `config`
+        raises `ValueError`. Other keyword arguments set config fields (e.g. `label_smoothing=0.1`).
+        """
+        from .checkpoint import load_pretrained_classifier
+
+        if model_args:
+            raise TypeError("SimMIMForImageClassification.from_pretrained takes no extra positional arguments")
+        return load_pretrained_classifier(cls, pretrained_model_name_or_path, **kwargs)
+
+
+__all__ += ["SimMIMForImageClassification", "classification_loss"]

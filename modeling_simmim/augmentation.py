@@ -1,0 +1,167 @@
+"""Finetuning augmentation: the official SimMIM/Swin recipe, built from timm.
+
+- `build_classification_transform(image_size, train=True, ...)`: timm's `create_transform` for training
+  (bicubic RandomResizedCrop, flip, RandAugment `rand-m9-mstd0.5-inc1`, random erasing 0.25 in pixel mode; timm
+  ignores colour jitter when an auto-augment policy is set, as in the official runs); for evaluation a resize of
+  the shorter side to `image_size * 256 / 224` (bicubic) and a centre crop, as the official code does.
+- `MixupCollator`: timm's `Mixup` (mixup 0.8, cutmix 1.0, switch prob 0.5, per batch, label smoothing folded into
+  the soft targets) applied to collated batches, producing float targets (B, num_labels) for soft-target
+  cross-entropy. Batches must have an even size (timm flips the batch to pair examples).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+# Ratio of the resize before the centre crop at evaluation (the classic 256 -> 224 ImageNet protocol).
+EVAL_CROP_RATIO = 224 / 256
+
+
+def eval_resize_size(image_size: int) -> int:
+    """Shorter side before the centre crop at evaluation: int(image_size * 256 / 224), as the official code."""
+    return int((256 / 224) * image_size)
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _posterize(image: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
+    """timm's posterize with the Pillow semantics the official runs had: keeping 0 bits gives a black image.
+
+    RandAugment `rand-m9-mstd0.5` draws magnitudes up to 10, where timm asks for 0 bits; Pillow >= 12 rejects that
+    with `ValueError` (older Pillow returned black), which would make the dataset skip the image as unreadable."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def _patch_posterize(transform) -> None:
+    for step in getattr(transform, "transforms", []):
+        for op in getattr(step, "ops", []):  # timm RandAugment / AutoAugment ops
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = _posterize
+
+
+def build_classification_transform(
+    image_size: int,
+    train: bool = True,
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+    interpolation: str = "bicubic",
+    random_erasing: float = 0.25,
+    random_erasing_mode: str = "pixel",
+    random_erasing_count: int = 1,
+    color_jitter: float | None = 0.4,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> normalized (3, image_size, image_size) tensor, training (timm) or evaluation (resize + crop)."""
+    if train:
+        from timm.data import create_transform
+
+        transform = create_transform(
+            input_size=image_size,
+            is_training=True,
+            color_jitter=color_jitter if color_jitter else None,
+            auto_augment=auto_augment if auto_augment and auto_augment != "none" else None,
+            interpolation=interpolation,
+            re_prob=random_erasing,
+            re_mode=random_erasing_mode,
+            re_count=random_erasing_count,
+            mean=tuple(mean),
+            std=tuple(std),
+        )
+        _patch_posterize(transform)
+    else:
+        resample = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[interpolation]
+        transform = T.Compose(
+            [
+                T.Resize(eval_resize_size(image_size), interpolation=resample),
+                T.CenterCrop(image_size),
+                T.ToTensor(),
+                T.Normalize(mean, std),
+            ]
+        )
+    # the official pipeline converts every image to RGB first (grayscale / RGBA / palette files exist in ImageNet)
+    return T.Compose([T.Lambda(_rgb), transform])
+
+
+def collate_classification(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack {"pixel_values": CHW, "labels": int} examples into a batch (no mixing; evaluation)."""
+    batch = {"pixel_values": torch.stack([example["pixel_values"] for example in examples])}
+    if "labels" in examples[0]:
+        batch["labels"] = torch.as_tensor([example["labels"] for example in examples], dtype=torch.long)
+    return batch
+
+
+class MixupCollator:
+    """Collate, then mix the batch with timm's `Mixup`: labels become soft targets (B, num_labels) (float).
+
+    timm pairs each example with its mirror in the flipped batch, so a batch must be even: train with
+    `dataloader_drop_last=True` and an even per-device batch size. A batch that turns odd because an unreadable
+    image was skipped loses its last example (logged) instead of crashing the run.
+    """
+
+    def __init__(
+        self,
+        num_labels: int,
+        mixup_alpha: float = 0.8,
+        cutmix_alpha: float = 1.0,
+        cutmix_minmax: Sequence[float] | None = None,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        mode: str = "batch",
+        label_smoothing: float = 0.1,
+    ) -> None:
+        from timm.data import Mixup
+
+        self.num_labels = num_labels
+        self.mixup = Mixup(
+            mixup_alpha=mixup_alpha,
+            cutmix_alpha=cutmix_alpha,
+            cutmix_minmax=list(cutmix_minmax) if cutmix_minmax else None,
+            prob=prob,
+            switch_prob=switch_prob,
+            mode=mode,
+            label_smoothing=label_smoothing,
+            num_classes=num_labels,
+        )
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if len(examples) % 2:
+            if len(examples) == 1:
+                raise ValueError("Mixup/CutMix needs at least 2 images per batch: raise --per_device_train_batch_size.")
+            logger.warning("Mixup needs an even batch: dropping 1 of %d examples", len(examples))
+            examples = examples[:-1]
+        batch = collate_classification(examples)
+        batch["pixel_values"], batch["labels"] = self.mixup(batch["pixel_values"], batch["labels"])
+        return batch
+
+
+def mixup_active(mixup: float, cutmix: float, cutmix_minmax: Sequence[float] | None = None) -> bool:
+    """Whether the recipe mixes images at all (official rule)."""
+    return mixup > 0 or cutmix > 0 or cutmix_minmax is not None
+
+
+__all__ = [
+    "EVAL_CROP_RATIO",
+    "build_classification_transform",
+    "collate_classification",
+    "eval_resize_size",
+    "MixupCollator",
+    "mixup_active",
+]

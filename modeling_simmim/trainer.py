@@ -1,0 +1,553 @@
+"""SimMIM on the transformers `Trainer`: the official optimization recipe, and callbacks for reconstructions and
+throughput.
+
+Why a subclass: the stock `Trainer` (transformers 5.x) cannot express the official recipe. Its schedules warm up from
+0 (not from `warmup_lr`), have no multistep decay, give a min-lr floor relative to each group's lr; its optimizer
+groups know nothing of layer-wise decay or the SimMIM no-decay rules; `max_grad_norm` defaults to 1.0 (official
+5.0); it logs the lr of param group 0 (the most decayed group under layer decay) and no throughput. Everything
+else (loop, checkpointing, resuming, accelerate/DeepSpeed/FSDP, reporters) is the Trainer's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.utils import ExplicitEnum
+
+from .data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, SKIPPED_KEY
+from .optimization import create_optimizer, get_simmim_scheduler, scale_learning_rate
+from .visualization import make_reconstruction_grid, reconstruct
+
+logger = logging.getLogger(__name__)
+
+RECONSTRUCTIONS_DIR = "reconstructions"
+
+
+class SimMIMSchedulerType(ExplicitEnum):
+    """Schedules of the official code (timm 0.4.12 semantics, stepped per iteration)."""
+
+    COSINE = "cosine"  # linear warmup from warmup_lr, then cosine (over the whole run) to min_lr
+    MULTISTEP = "multistep"  # linear warmup from warmup_lr, then lr * gamma ** (number of milestones passed)
+
+
+@dataclass
+class SimMIMTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the official SimMIM optimization recipe.
+
+    Learning rates are given **per 512 images** and linearly scaled by the total batch size (per-device batch x
+    processes x gradient accumulation), as the official code does, unless `--scale_learning_rate false`.
+    `--learning_rate` is not used: the peak lr is `base_learning_rate * total_batch / 512` (written back into
+    `learning_rate` when training starts, so that saved arguments show the lr actually used).
+    """
+
+    base_learning_rate: float = field(
+        default=2e-4, metadata={"help": "Peak learning rate per 512 images (official Swin-B 100 ep: 2e-4)."}
+    )
+    warmup_learning_rate: float = field(
+        default=1e-6, metadata={"help": "Learning rate the warmup starts from, per 512 images."}
+    )
+    min_learning_rate: float = field(
+        default=1e-5, metadata={"help": "Final learning rate of the cosine schedule, per 512 images."}
+    )
+    scale_learning_rate: bool = field(
+        default=True,
+        metadata={"help": "Scale base/warmup/min lr by total_batch_size / 512 (official). False: use them as given."},
+    )
+    warmup_epochs: float = field(
+        default=10.0,
+        metadata={"help": "Warmup length in epochs (official: 10). A positive --warmup_steps overrides it."},
+    )
+    lr_scheduler_type: SimMIMSchedulerType | str = field(
+        default="cosine",
+        metadata={"help": "cosine: warmup then cosine to min lr; multistep: warmup then x lr_gamma at each milestone."},
+    )
+    lr_milestones: list[float] = field(
+        default_factory=list, metadata={"help": "Epochs at which multistep multiplies the lr by lr_gamma (e.g. 700)."}
+    )
+    lr_gamma: float = field(default=0.1, metadata={"help": "Multistep decay factor."})
+    layer_decay: float = field(
+        default=1.0, metadata={"help": "Layer-wise lr decay (1.0 = off; official finetuning uses 0.65-0.9)."}
+    )
+    visualize_steps: int = field(
+        default=0,
+        metadata={"help": "Save reconstructions/step_XXXXX.png every N optimizer steps (and at the last step); 0 = "
+                  "only at the last step."},
+    )
+    num_visualize_images: int = field(default=8, metadata={"help": "Images (rows) in each reconstruction grid."})
+    torch_num_threads: int | None = field(
+        default=None,
+        metadata={"help": "CPU threads of torch in this process (default: torch's choice). 1 is fastest for tiny "
+                  "models on a busy or small CPU."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into a non-empty --output_dir that has no checkpoint."}
+    )
+    # Defaults that differ from TrainingArguments': a pretraining script trains (and evaluates when there is an
+    # evaluation split) unless told otherwise; the rest are the official values.
+    do_train: bool = field(default=True, metadata={"help": "Train (default). --no_do_train to only evaluate."})
+    do_eval: bool = field(default=True, metadata={"help": "Evaluate at the end when there is an evaluation split."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (official 0.05)."})
+    max_grad_norm: float = field(
+        default=5.0, metadata={"help": "Clip the global gradient L2 norm at this value (official 5.0); 0 = no clip."}
+    )
+    dataloader_drop_last: bool = field(
+        default=True, metadata={"help": "Drop the last incomplete batch of an epoch (official)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep False: the image column is decoded by our dataset wrapper."}
+    )
+
+    def __post_init__(self) -> None:
+        schedule = self.lr_scheduler_type
+        schedule = schedule.value if isinstance(schedule, ExplicitEnum) else str(schedule)
+        if schedule not in {s.value for s in SimMIMSchedulerType}:
+            raise ValueError(
+                f"--lr_scheduler_type {schedule!r} is not a SimMIM schedule; choose 'cosine' or 'multistep'."
+            )
+        # The parent converts lr_scheduler_type to its own enum, which has no "multistep": give it a valid
+        # placeholder, then put ours back.
+        self.lr_scheduler_type = "cosine"
+        super().__post_init__()
+        self.lr_scheduler_type = SimMIMSchedulerType(schedule)
+        if self.lr_scheduler_type == SimMIMSchedulerType.MULTISTEP and not self.lr_milestones:
+            raise ValueError("--lr_scheduler_type multistep needs --lr_milestones (epochs, e.g. 700).")
+        if self.lr_milestones and any(m <= 0 for m in self.lr_milestones):
+            raise ValueError(f"--lr_milestones must be positive epochs, got {self.lr_milestones}.")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"--max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm}.")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"--layer_decay must lie in (0, 1], got {self.layer_decay}.")
+        if self.torch_num_threads is not None and self.torch_num_threads < 1:
+            raise ValueError(f"--torch_num_threads must be >= 1, got {self.torch_num_threads}.")
+        if self.visualize_steps < 0:
+            raise ValueError(f"--visualize_steps must be >= 0, got {self.visualize_steps}.")
+
+    def resolve_schedule(
+        self, total_batch_size: int, num_update_steps_per_epoch: int, num_training_steps: int | None = None
+    ) -> SimMIMSchedule:
+        """The absolute lrs and step counts of this recipe for a run with `total_batch_size` images per optimizer
+        step and `num_update_steps_per_epoch` optimizer steps per epoch. `num_training_steps` defaults to
+        `num_train_epochs` epochs (a positive `max_steps` wins, as in the Trainer)."""
+        if num_training_steps is None:
+            if self.max_steps > 0:
+                num_training_steps = self.max_steps
+            else:
+                num_training_steps = math.ceil(self.num_train_epochs * num_update_steps_per_epoch)
+
+        def scaled(lr: float) -> float:
+            return scale_learning_rate(lr, total_batch_size) if self.scale_learning_rate else float(lr)
+
+        if self.warmup_steps > 0:  # TrainingArguments semantics: an int, or a ratio of the run when < 1
+            num_warmup_steps = self.get_warmup_steps(num_training_steps)
+        else:
+            # Official: int(WARMUP_EPOCHS * iterations per epoch).
+            num_warmup_steps = int(self.warmup_epochs * num_update_steps_per_epoch)
+        milestones: tuple[int, ...] = ()
+        if self.lr_scheduler_type == SimMIMSchedulerType.MULTISTEP:
+            milestones = tuple(int(m * num_update_steps_per_epoch) for m in self.lr_milestones)
+            if num_warmup_steps > min(milestones):
+                raise ValueError(
+                    f"Warmup ({num_warmup_steps} steps) ends after the first lr milestone ({min(milestones)} steps): "
+                    "lower --warmup_epochs or raise --lr_milestones."
+                )
+        return SimMIMSchedule(
+            scheduler_type=self.lr_scheduler_type.value,
+            total_batch_size=int(total_batch_size),
+            num_update_steps_per_epoch=int(num_update_steps_per_epoch),
+            num_training_steps=int(num_training_steps),
+            num_warmup_steps=int(num_warmup_steps),
+            learning_rate=scaled(self.base_learning_rate),
+            warmup_learning_rate=scaled(self.warmup_learning_rate),
+            min_learning_rate=scaled(self.min_learning_rate),
+            milestones=milestones,
+            gamma=float(self.lr_gamma),
+        )
+
+
+@dataclass(frozen=True)
+class SimMIMSchedule:
+    """A resolved learning-rate schedule: absolute lrs (already scaled) and optimizer-step counts."""
+
+    scheduler_type: str
+    total_batch_size: int
+    num_update_steps_per_epoch: int
+    num_training_steps: int
+    num_warmup_steps: int
+    learning_rate: float
+    warmup_learning_rate: float
+    min_learning_rate: float
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Callbacks
+class ThroughputCallback(TrainerCallback):
+    """Measures training images/s between two logs, excluding the time spent in evaluation and checkpoint saving.
+
+    The trainer feeds it the number of images of each micro-batch (`add_images`) and asks it for the rate when it
+    logs (`images_per_second`); the count is multiplied by the number of processes (global throughput).
+    """
+
+    def __init__(self, num_processes: int = 1) -> None:
+        self.num_processes = num_processes
+        self._reset(time.perf_counter())
+        self._last_step_end: float | None = None
+
+    def _reset(self, now: float) -> None:
+        self._start = now
+        self._images = 0
+        self._paused = 0.0
+
+    def add_images(self, count: int) -> None:
+        self._images += int(count)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._reset(time.perf_counter())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._last_step_end = time.perf_counter()
+
+    def _pause_since_step_end(self) -> None:
+        if self._last_step_end is not None:
+            now = time.perf_counter()
+            self._paused += now - self._last_step_end
+            self._last_step_end = now
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._pause_since_step_end()
+
+    def on_save(self, args, state, control, **kwargs):
+        self._pause_since_step_end()
+
+    def images_per_second(self) -> float | None:
+        """Global images/s since the previous call (None before any image); restarts the measurement."""
+        now = time.perf_counter()
+        elapsed = now - self._start - self._paused
+        images = self._images * self.num_processes
+        self._reset(now)
+        if images == 0 or elapsed <= 0:
+            return None
+        return images / elapsed
+
+
+class ReconstructionCallback(TrainerCallback):
+    """Saves `reconstructions/step_XXXXX.png` (see `visualization.make_reconstruction_grid`) for a fixed batch with
+    fixed masks every `visualize_steps` optimizer steps and at the last step, and sends it to TensorBoard when
+    TensorBoard is a reporter. The forward runs on every process (sharded models need all ranks); only the main
+    process writes."""
+
+    def __init__(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor,
+        output_dir: str,
+        visualize_steps: int = 0,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    ) -> None:
+        self.pixel_values = pixel_values
+        self.bool_masked_pos = bool_masked_pos
+        self.output_dir = os.path.join(output_dir, RECONSTRUCTIONS_DIR)
+        self.visualize_steps = visualize_steps
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.tensorboard = None  # set by SimMIMTrainer when a TensorBoardCallback is present
+        self.saved: list[str] = []
+        self._last_rendered_step = -1
+
+    def render(self, model: torch.nn.Module, args: TrainingArguments):
+        """The grid for the current weights (PIL image)."""
+        parameter = next(model.parameters())
+        pixel_values = self.pixel_values.to(parameter.device)
+        mask = self.bool_masked_pos.to(parameter.device)
+        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        with torch.autocast(device_type=parameter.device.type, dtype=dtype, enabled=dtype is not None):
+            reconstruction = reconstruct(model, pixel_values, mask)
+        return make_reconstruction_grid(self.pixel_values, self.bool_masked_pos, reconstruction.float().cpu(),
+                                        self.mean, self.std, max_images=len(self.pixel_values))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        due = (self.visualize_steps > 0 and step % self.visualize_steps == 0) or step == state.max_steps
+        if not due or model is None or step == self._last_rendered_step:
+            return
+        self._last_rendered_step = step
+        grid = self.render(model, args)
+        if not state.is_world_process_zero:
+            return
+        os.makedirs(self.output_dir, exist_ok=True)
+        path = os.path.join(self.output_dir, f"step_{step:05d}.png")
+        grid.save(path)
+        self.saved.append(path)
+        logger.info("Saved reconstructions to %s", path)
+        writer = getattr(self.tensorboard, "tb_writer", None)
+        if writer is not None:
+            import numpy as np
+
+            writer.add_image("reconstructions", np.asarray(grid), step, dataformats="HWC")
+            writer.flush()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+class SimMIMTrainer(Trainer):
+    """`Trainer` with the official SimMIM optimization: AdamW on `param_groups_layer_decay` groups (no decay for
+    1-D params, biases, mask token, position embeddings, cls token, relative position bias tables), per-iteration
+    warmup + cosine/multistep schedule with linearly scaled lrs, clipping at `max_grad_norm` (pre-clip norm logged).
+
+    Logs, every logging step: `loss`, `grad_norm` (pre-clip), `learning_rate` (the highest group lr, i.e. the head's;
+    `learning_rate_min` too under layer decay), `images_per_second`; `num_skipped_images` once images were skipped.
+    """
+
+    args: SimMIMTrainingArguments
+
+    def __init__(self, *args: Any, model_card_info: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, SimMIMTrainingArguments):
+            raise TypeError("SimMIMTrainer needs SimMIMTrainingArguments (the official recipe fields).")
+        if self.args.torch_num_threads is not None:
+            torch.set_num_threads(self.args.torch_num_threads)
+        self.throughput = ThroughputCallback(num_processes=self.accelerator.num_processes)
+        self.add_callback(self.throughput)
+        tensorboard = next((cb for cb in self.callback_handler.callbacks if type(cb).__name__ == "TensorBoardCallback"),
+                           None)
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ReconstructionCallback):
+                callback.tensorboard = tensorboard
+        self.model_card_info = dict(model_card_info or {})
+        self.num_skipped_images = 0
+        self.schedule: SimMIMSchedule | None = None
+        self._num_update_steps_per_epoch: int | None = None
+        self._last_lr_min: float | None = None
+
+    # ---- schedule & optimizer -------------------------------------------------------------------------------------
+    def set_initial_training_values(self, args, dataloader):
+        values = super().set_initial_training_values(args, dataloader)
+        # (num_train_epochs, num_update_steps_per_epoch, ...): epochs of the recipe are counted in these steps.
+        self._num_update_steps_per_epoch = values[1]
+        if not hasattr(dataloader, "__len__"):
+            logger.warning("The training data has no length: an 'epoch' of the lr schedule means the whole run.")
+        return values
+
+    def resolve_schedule(self, num_training_steps: int | None = None) -> SimMIMSchedule:
+        steps_per_epoch = self._num_update_steps_per_epoch
+        if steps_per_epoch is None:  # called outside train(): derive it the way the Trainer does
+            dataloader = self.get_train_dataloader()
+            steps_per_epoch = max(math.ceil(len(dataloader) / self.args.gradient_accumulation_steps), 1)
+        return self.args.resolve_schedule(self.get_total_train_batch_size(self.args), steps_per_epoch,
+                                          num_training_steps)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            self.schedule = self.resolve_schedule()
+            # Saved arguments should show the lr really used, not TrainingArguments' default.
+            self.args.learning_rate = self.schedule.learning_rate
+            self.optimizer = create_optimizer(
+                opt_model,
+                learning_rate=self.schedule.learning_rate,
+                weight_decay=self.args.weight_decay,
+                layer_decay=self.args.layer_decay,
+                betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon,
+            )
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            self.schedule = self.resolve_schedule(num_training_steps)
+            schedule = self.schedule
+            self.lr_scheduler = get_simmim_scheduler(
+                self.optimizer if optimizer is None else optimizer,
+                base_lr=schedule.learning_rate,
+                num_training_steps=schedule.num_training_steps,
+                num_warmup_steps=schedule.num_warmup_steps,
+                warmup_lr=schedule.warmup_learning_rate,
+                min_lr=schedule.min_learning_rate,
+                scheduler_type=schedule.scheduler_type,
+                milestones=schedule.milestones,
+                gamma=schedule.gamma,
+            )
+            self._created_lr_scheduler = True
+            logger.info("SimMIM lr schedule: %s", json.dumps(schedule.to_dict()))
+        return self.lr_scheduler
+
+    def _get_learning_rate(self) -> float:
+        # The Trainer reports group 0; under layer decay that is the most decayed group. Report the highest lr
+        # (the head's, scale 1) and remember the lowest.
+        lrs = [float(lr) for lr in self.lr_scheduler.get_last_lr()]
+        self._last_lr_min = min(lrs)
+        return max(lrs)
+
+    # ---- inputs & logging -----------------------------------------------------------------------------------------
+    def _prepare_inputs(self, inputs):
+        skipped = inputs.pop(SKIPPED_KEY, None)
+        if skipped is not None:
+            self.num_skipped_images += int(skipped)
+        return super()._prepare_inputs(inputs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is not None:
+            self.throughput.add_images(pixel_values.shape[0])
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        # dataloader_drop_last (official for training) also applies to evaluation in the Trainer: it would silently
+        # leave out the last images (all of them when there are fewer than a batch). Evaluate on every image.
+        drop_last = self.args.dataloader_drop_last
+        self.args.dataloader_drop_last = False
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.args.dataloader_drop_last = drop_last
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Evaluation of masked image modeling is its loss. The stock step computes a loss only when the batch holds
+        # the model's "label" arguments, and a SimMIM model has none (the mask plays that role): no eval_loss.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log (not eval, not the end-of-training summary)
+            rate = self.throughput.images_per_second()
+            if rate is not None:
+                logs["images_per_second"] = round(rate, 3)
+            if self.args.layer_decay != 1.0 and self._last_lr_min is not None:
+                logs["learning_rate_min"] = self._last_lr_min
+            if self.num_skipped_images:
+                logs["num_skipped_images"] = self.num_skipped_images
+        super().log(logs, start_time)
+
+    def total_skipped_images(self) -> int:
+        """Images skipped at run time, summed over processes."""
+        count = torch.tensor(self.num_skipped_images, device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            count = self.accelerator.reduce(count, reduction="sum")
+        return int(count.item())
+
+    # ---- model card -----------------------------------------------------------------------------------------------
+    def latest_reconstruction(self) -> str | None:
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ReconstructionCallback) and callback.saved:
+                return callback.saved[-1]
+        return None
+
+    def create_model_card(self, model_name: str | None = None, **kwargs: Any) -> None:
+        """Write README.md (recipe, data, steps, final loss, a reconstruction image) into `output_dir`; called by
+        `push_to_hub`. Our card replaces transformers' generic one."""
+        if not self.is_world_process_zero():
+            return
+        history = [entry for entry in self.state.log_history if "loss" in entry]
+        evals = [entry for entry in self.state.log_history if "eval_loss" in entry]
+        reconstruction = self.latest_reconstruction()
+        card = render_model_card(
+            model_name=model_name or os.path.basename(os.path.abspath(self.args.output_dir)),
+            config=getattr(self.model, "config", None),
+            recipe=self.model_card_info.get("recipe", {}),
+            data=self.model_card_info.get("data", ""),
+            global_step=self.state.global_step,
+            epoch=self.state.epoch,
+            final_loss=history[-1]["loss"] if history else None,
+            eval_loss=evals[-1]["eval_loss"] if evals else None,
+            schedule=self.schedule,
+            reconstruction=os.path.relpath(reconstruction, self.args.output_dir) if reconstruction else None,
+            base_model=self.model_card_info.get("base_model"),
+            dataset_id=self.model_card_info.get("dataset_id"),
+        )
+        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(card)
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return json.dumps(value) if isinstance(value, (list, dict, tuple)) else str(value)
+
+
+def render_model_card(
+    model_name: str,
+    config: Any = None,
+    recipe: dict[str, Any] | None = None,
+    data: str = "",
+    global_step: int = 0,
+    epoch: float | None = None,
+    final_loss: float | None = None,
+    eval_loss: float | None = None,
+    schedule: SimMIMSchedule | None = None,
+    reconstruction: str | None = None,
+    base_model: str | None = None,
+    dataset_id: str | None = None,
+) -> str:
+    """The Hub model card (Markdown with YAML metadata) of a SimMIM pretraining run. Pure function: testable
+    without network. `reconstruction` is the grid's path relative to the repository root."""
+    recipe = dict(recipe or {})
+    lines = ["---", "library_name: transformers", "tags:", "- simmim", "- masked-image-modeling", "- vision"]
+    if dataset_id:
+        lines += ["datasets:", f"- {dataset_id}"]
+    if base_model:
+        lines += [f"base_model: {base_model}"]
+    lines += ["---", "", f"# {model_name}", ""]
+    backbone = getattr(config, "backbone_config", None)
+    description = "A SimMIM encoder (masked image modeling, Xie et al., CVPR 2022)"
+    if backbone is not None:
+        height, width = config.image_size
+        description += (f" with a {backbone.model_type} backbone at {height}x{width} px, "
+                        f"mask patch {config.mask_patch_size}, mask ratio {config.mask_ratio}")
+    lines += [description + ", pretrained with simmim-hf's `run_mim.py`.", ""]
+    lines += ["## Use", "", "```python", "from transformers import AutoImageProcessor, AutoModelForMaskedImageModeling", "",
+              "# The repository carries the model code (auto_map); with simmim-hf installed, `import modeling_simmim`",
+              "# registers the classes and trust_remote_code is not needed.",
+              f'model = AutoModelForMaskedImageModeling.from_pretrained("{model_name}", trust_remote_code=True)',
+              f'processor = AutoImageProcessor.from_pretrained("{model_name}")', "```", ""]
+    lines += ["## Training", "", "| | |", "|---|---|", f"| data | {data or 'unknown'} |",
+              f"| optimizer steps | {global_step} |"]
+    if epoch is not None:
+        lines.append(f"| epochs | {epoch:.2f} |")
+    if final_loss is not None:
+        lines.append(f"| final training loss | {final_loss:.4f} |")
+    if eval_loss is not None:
+        lines.append(f"| final evaluation loss | {eval_loss:.4f} |")
+    if schedule is not None:
+        lines += [f"| total batch size | {schedule.total_batch_size} |",
+                  f"| peak / warmup / min lr | {schedule.learning_rate:.4g} / {schedule.warmup_learning_rate:.4g} / "
+                  f"{schedule.min_learning_rate:.4g} |",
+                  f"| schedule | {schedule.scheduler_type}, warmup {schedule.num_warmup_steps} of "
+                  f"{schedule.num_training_steps} steps"
+                  + (f", milestones {list(schedule.milestones)} x{schedule.gamma}" if schedule.milestones else "")
+                  + " |"]
+    lines.append("")
+    if recipe:
+        lines += ["### Recipe (arguments that differ from the defaults)", "", "```yaml"]
+        lines += [f"{key}: {_format_value(value)}" for key, value in sorted(recipe.items())]
+        lines += ["```", ""]
+    if reconstruction:
+        lines += ["## Reconstructions", "",
+                  "Columns: input | masked input | reconstruction | reconstruction pasted into the visible pixels.", "",
+                  f"![reconstructions]({reconstruction})", ""]
+    return "\n".join(lines)
+
+
+__all__ = [
+    "SimMIMSchedulerType",
+    "SimMIMTrainingArguments",
+    "SimMIMSchedule",
+    "ThroughputCallback",
+    "ReconstructionCallback",
+    "SimMIMTrainer",
+    "render_model_card",
+    "RECONSTRUCTIONS_DIR",
+]

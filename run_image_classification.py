@@ -1,0 +1,593 @@
+#!/usr/bin/env python
+"""Finetune a SimMIM encoder for image classification with the official recipe on the Hugging Face stack.
+
+    python run_image_classification.py [RECIPE.yaml|RECIPE.json] [--flag value ...]
+    accelerate launch --config_file configs/accelerate/ddp.yaml run_image_classification.py \
+        configs/finetune/swin_base_224_w7_100ep.yaml --model_name_or_path outputs/swin_base_pretrain \
+        --train_dir /data/imagenet/train --validation_dir /data/imagenet/val --output_dir outputs/swin_base_ft
+
+Same conventions as run_mim.py: the optional first argument is a recipe (flag names -> values), flags override it.
+`--model_name_or_path` takes a SimMIM pretraining checkpoint, one of our classification checkpoints or a native
+transformers Swin/SwinV2/BEiT/ViT folder (e.g. converted official weights), moved to `--image_size`/`--window_size`
+with the official resizing; or `--model_type`/`--model_preset` + `--backbone_config_overrides` train from scratch.
+With no data argument, the bundled labeled demo data is used. The output folder is a native transformers classifier
+(`pipeline("image-classification", model=output_dir)` runs it without this package); `all_results.json` holds
+`eval_accuracy` (top-1) and `eval_top5_accuracy`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from transformers import HfArgumentParser, Trainer
+
+from modeling_simmim import SimMIMConfig
+from modeling_simmim.augmentation import (
+    MixupCollator,
+    build_classification_transform,
+    collate_classification,
+    mixup_active,
+)
+from modeling_simmim.checkpoint import (
+    BEIT_SIMMIM_FINETUNE,
+    build_image_processor,
+    export_to_transformers,
+    resolve_model_folder,
+    simmim_config_from_folder,
+)
+from modeling_simmim.configuration_simmim import PRESETS, SUPPORTED_BACKBONES, build_backbone_config
+from modeling_simmim.data import (
+    DEMO_DATASETS,
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    RobustImageDataset,
+    SkipNoneCollator,
+    load_image_datasets,
+)
+from modeling_simmim.modeling_simmim import SimMIMForImageClassification
+from modeling_simmim.trainer import SimMIMTrainer, SimMIMTrainingArguments
+from run_mim import (
+    FAMILY_DEFAULTS,
+    RECIPE_SUFFIXES,
+    _check_override_keys,
+    _explicit_flags,
+    _recipe_value,
+    check_output_dir,
+    load_recipe,
+)
+
+logger = logging.getLogger("run_image_classification")
+
+METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__import__("modeling_simmim").__file__)), "metrics",
+                           "top_k_accuracy")
+TOP_K = 5
+
+
+@dataclass
+class ModelArguments:
+    """The encoder to finetune (a checkpoint moved to the finetuning geometry), or a new one (from-scratch baseline)."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "SimMIM pretraining checkpoint, SimMIM classification checkpoint, or native transformers "
+                  "Swin/SwinV2/BEiT/ViT folder or Hub id (e.g. converted official weights)."},
+    )
+    model_type: str | None = field(
+        default=None,
+        metadata={"help": "Backbone family of a new model (or a check on the checkpoint's).",
+                  "choices": sorted(SUPPORTED_BACKBONES)},
+    )
+    model_preset: str | None = field(
+        default=None, metadata={"help": "Start a new model from a named preset.", "choices": sorted(PRESETS)}
+    )
+    backbone_config_overrides: str | None = field(
+        default=None, metadata={"help": "JSON object of backbone config values applied before loading."}
+    )
+    image_size: int | None = field(default=None, metadata={"help": "Finetuning resolution (e.g. 224)."})
+    window_size: int | None = field(default=None, metadata={"help": "Swin/SwinV2 window at that resolution (7)."})
+    drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth (official 0.1 / 0.2)."})
+    classifier_pooling: str | None = field(
+        default=None, metadata={"help": "Plain ViT only: 'cls' (default, exportable) or 'mean'.",
+                                "choices": ["cls", "mean"]},
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for Hub models and datasets."})
+    model_revision: str = field(default="main", metadata={"help": "Hub revision of --model_name_or_path."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+
+    def overrides(self) -> dict[str, Any]:
+        raw = self.backbone_config_overrides
+        if raw is None or raw == "":
+            values: dict[str, Any] = {}
+        elif isinstance(raw, dict):
+            values = dict(raw)
+        else:
+            try:
+                values = json.loads(raw)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--backbone_config_overrides is not valid JSON ({error}): {raw!r}") from None
+            if not isinstance(values, dict):
+                raise ValueError(f"--backbone_config_overrides must be a JSON object, got {raw!r}.")
+        for name in ("image_size", "window_size", "drop_path_rate"):
+            if getattr(self, name) is not None:
+                values[name] = getattr(self, name)
+        return values
+
+
+@dataclass
+class DataArguments:
+    """Labeled images: a datasets id, image folders (one sub-folder per class), or (default) the bundled demo data."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "datasets id or packaged builder."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Config name of --dataset_name."})
+    train_dir: str | None = field(default=None, metadata={"help": "Training images, one sub-folder per class."})
+    validation_dir: str | None = field(default=None, metadata={"help": "Evaluation images, same class folders."})
+    image_column_name: str | None = field(default=None, metadata={"help": "Image column (default: detected)."})
+    label_column_name: str | None = field(default=None, metadata={"help": "Label column (default: detected)."})
+    train_val_split: float | None = field(
+        default=0.1, metadata={"help": "Fraction of train split off for evaluation when there is no validation split."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep a random subset of this size."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep a random subset of this size."})
+    demo_dataset: str = field(
+        default="digits", metadata={"help": "Bundled data used when no data argument is given.", "choices": DEMO_DATASETS}
+    )
+    verify_images: bool = field(default=True, metadata={"help": "Check every file of the image folders at start."})
+
+
+@dataclass
+class AugmentationArguments:
+    """The official finetuning augmentation (timm); defaults are the official values."""
+
+    rand_augment: str = field(
+        default="rand-m9-mstd0.5-inc1", metadata={"help": "timm auto-augment policy ('none' to disable)."}
+    )
+    color_jitter: float = field(
+        default=0.4, metadata={"help": "Colour jitter (timm ignores it when an auto-augment policy is set)."}
+    )
+    interpolation: str = field(default="bicubic", metadata={"help": "Resize interpolation.",
+                                                            "choices": ["bicubic", "bilinear"]})
+    random_erasing: float = field(default=0.25, metadata={"help": "Random erasing probability."})
+    random_erasing_mode: str = field(default="pixel", metadata={"help": "Random erasing fill mode."})
+    random_erasing_count: int = field(default=1, metadata={"help": "Random erasing count."})
+    mixup: float = field(default=0.8, metadata={"help": "Mixup alpha (0 = off)."})
+    cutmix: float = field(default=1.0, metadata={"help": "CutMix alpha (0 = off)."})
+    cutmix_minmax: list[float] | None = field(default=None, metadata={"help": "CutMix min/max box ratio."})
+    mixup_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch."})
+    mixup_switch_prob: float = field(default=0.5, metadata={"help": "Probability of CutMix instead of Mixup."})
+    mixup_mode: str = field(default="batch", metadata={"help": "Mix per batch, pair or elem.",
+                                                       "choices": ["batch", "pair", "elem"]})
+    label_smoothing: float = field(
+        default=0.1, metadata={"help": "Label smoothing (folded into the Mixup targets when mixing)."}
+    )
+
+
+@dataclass
+class FinetuneTrainingArguments(SimMIMTrainingArguments):
+    """SimMIM training arguments with the official finetuning defaults (lrs per 512 images, linearly scaled)."""
+
+    base_learning_rate: float = field(default=1.25e-3, metadata={"help": "Peak lr per 512 images (official 1.25e-3)."})
+    warmup_learning_rate: float = field(default=2.5e-7, metadata={"help": "Warmup start lr per 512 images."})
+    min_learning_rate: float = field(default=2.5e-7, metadata={"help": "Final cosine lr per 512 images."})
+    warmup_epochs: float = field(default=20.0, metadata={"help": "Warmup epochs (official 20)."})
+    eval_strategy: str = field(default="epoch", metadata={"help": "Evaluate every epoch (official)."})
+    save_strategy: str = field(default="epoch", metadata={"help": "Save a checkpoint every epoch."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep the best and the last checkpoint."})
+    load_best_model_at_end: bool = field(
+        default=True, metadata={"help": "Export the checkpoint with the best top-1 accuracy, not the last one."}
+    )
+    metric_for_best_model: str | None = field(default="accuracy", metadata={"help": "Best checkpoint by top-1."})
+    greater_is_better: bool | None = field(default=True, metadata={"help": "Higher accuracy is better."})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def build_parser() -> HfArgumentParser:
+    return HfArgumentParser((ModelArguments, DataArguments, AugmentationArguments, FinetuneTrainingArguments))
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    """`[RECIPE] [--flags]` as in run_mim.py. Returns (model, data, augmentation, training args, explicit values)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe: dict[str, Any] = {}
+    if argv and not argv[0].startswith("-") and argv[0].lower().endswith(RECIPE_SUFFIXES):
+        recipe = load_recipe(argv.pop(0))
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        raise ValueError(f"Unknown recipe keys {unknown}: recipe keys are flag names without '--' (see --help).")
+    parser.set_defaults(**{key: _recipe_value(value) for key, value in recipe.items()})
+    model_args, data_args, aug_args, training_args = parser.parse_args_into_dataclasses(
+        args=argv, look_for_args_file=False)
+    given = set(recipe) | _explicit_flags(parser, argv)
+    if "learning_rate" in given:
+        raise ValueError(
+            "--learning_rate is not used: give --base_learning_rate (per 512 images, linearly scaled by the total "
+            "batch size, as the official recipe), or add --scale_learning_rate false to use it as is."
+        )
+    if "do_eval" in given and "do_train" not in given:
+        training_args.do_train = False  # `--do_eval` alone evaluates the given model (transformers' convention)
+    values = {**vars(model_args), **vars(data_args), **vars(aug_args), **training_args.to_dict()}
+    private = {"output_dir", "logging_dir", "hub_token", "token", "resume_from_checkpoint", "cache_dir"}
+    explicit = {key: values.get(key) for key in sorted(given) if key in values and key not in private}
+    return model_args, data_args, aug_args, training_args, explicit
+
+
+def check_arguments(model_args, aug_args, training_args) -> None:
+    """Everything that can fail before data or weights are loaded."""
+    if model_args.model_name_or_path is None and model_args.model_type is None and model_args.model_preset is None:
+        raise ValueError("Give --model_name_or_path (a pretrained checkpoint), or --model_type/--model_preset for a "
+                         "from-scratch baseline (or a recipe from configs/finetune/ that sets one).")
+    if training_args.do_train and mixup_active(aug_args.mixup, aug_args.cutmix, aug_args.cutmix_minmax):
+        if training_args.per_device_train_batch_size % 2:
+            raise ValueError(f"Mixup/CutMix pairs each image with another one of its batch: "
+                             f"--per_device_train_batch_size must be even, got "
+                             f"{training_args.per_device_train_batch_size}.")
+        if not training_args.dataloader_drop_last:
+            raise ValueError("Mixup/CutMix needs full (even) batches: keep --dataloader_drop_last true.")
+
+
+def label_names(loaded) -> list[str]:
+    """Class names of the training split (ClassLabel names, or the sorted distinct label values)."""
+    import datasets
+
+    split = loaded.datasets["train"] if "train" in loaded.datasets else loaded.datasets["validation"]
+    feature = split.features[loaded.label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    return [str(value) for value in sorted(set(split[loaded.label_column]))]
+
+
+class LabelIds:
+    """`extra_fn` of `RobustImageDataset`: maps raw label values (ClassLabel ids, strings) to the model's class ids."""
+
+    def __init__(self, value_to_id: dict[str, int]) -> None:
+        self.value_to_id = value_to_id
+
+    def __call__(self, index: int, example: dict[str, Any]) -> dict[str, Any]:
+        value = str(example["labels"])
+        if value not in self.value_to_id:
+            raise ValueError(f"Label {value!r} of example {index} is not a class of the model.")
+        return {"labels": self.value_to_id[value]}
+
+
+def label_mapping(loaded, names: list[str], model_label2id: dict[str, int]) -> LabelIds | None:
+    """How dataset labels become model class ids (None when they already are: ClassLabel ids in the same order)."""
+    import datasets
+
+    split = loaded.datasets["train"] if "train" in loaded.datasets else loaded.datasets["validation"]
+    is_class_label = isinstance(split.features[loaded.label_column], datasets.ClassLabel)
+    missing = sorted(set(names) - set(model_label2id))
+    if missing:
+        raise ValueError(f"Dataset classes {missing[:10]} are not classes of the model "
+                         f"(model classes: {sorted(model_label2id)[:10]}...).")
+    if is_class_label:
+        if all(model_label2id[name] == index for index, name in enumerate(names)):
+            return None
+        return LabelIds({str(index): model_label2id[name] for index, name in enumerate(names)})
+    return LabelIds({name: model_label2id[name] for name in names})
+
+
+def resolve_image_size(model_args) -> int:
+    """The finetuning resolution, known before loading anything heavy (sizes the bundled demo images)."""
+    if model_args.image_size is not None:
+        return model_args.image_size
+    overrides = model_args.overrides()
+    if "image_size" in overrides:
+        return int(overrides["image_size"])
+    if model_args.model_name_or_path is not None:
+        folder = resolve_model_folder(model_args.model_name_or_path, cache_dir=model_args.cache_dir,
+                                      revision=model_args.model_revision, token=model_args.token)
+        return simmim_config_from_folder(folder)[0].image_size[0]
+    if model_args.model_preset is not None:
+        return int(PRESETS[model_args.model_preset][1]["image_size"])
+    return 224
+
+
+def build_model(model_args, aug_args, id2label: dict[int, str] | None) -> SimMIMForImageClassification:
+    """The classifier of the run: a checkpoint moved to the asked geometry, or a new model."""
+    label_smoothing = 0.0 if mixup_active(aug_args.mixup, aug_args.cutmix, aug_args.cutmix_minmax) \
+        else aug_args.label_smoothing  # with Mixup, smoothing lives in the soft targets (official)
+    extra = {"label_smoothing": label_smoothing}
+    if model_args.classifier_pooling is not None:
+        extra["classifier_pooling"] = model_args.classifier_pooling
+    overrides = model_args.overrides()
+    if model_args.model_name_or_path is not None:
+        hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
+        folder = resolve_model_folder(model_args.model_name_or_path, **hub)
+        source_config, _ = simmim_config_from_folder(folder)
+        if model_args.model_type is not None and model_args.model_type != source_config.backbone_type:
+            raise ValueError(
+                f"--model_name_or_path {model_args.model_name_or_path} holds a {source_config.backbone_type} "
+                f"backbone, not --model_type {model_args.model_type}: drop --model_type or pick a matching checkpoint."
+            )
+        drop_path_rate = overrides.pop("drop_path_rate", None)
+        return SimMIMForImageClassification.from_pretrained(
+            folder, id2label=id2label, image_size=overrides.pop("image_size", None),
+            window_size=overrides.pop("window_size", None), drop_path_rate=drop_path_rate,
+            backbone_overrides=overrides, **extra,
+        )
+    if model_args.model_preset is not None:
+        family = PRESETS[model_args.model_preset][0]
+        _check_override_keys(family, overrides)
+        if family == "beit":
+            overrides = {**BEIT_SIMMIM_FINETUNE, **overrides}
+        config = SimMIMConfig.from_preset(model_args.model_preset, **overrides)
+    else:
+        family = model_args.model_type
+        _check_override_keys(family, overrides)
+        defaults = {**FAMILY_DEFAULTS[family], **(BEIT_SIMMIM_FINETUNE if family == "beit" else {})}
+        config = SimMIMConfig(backbone_config=build_backbone_config(family, **{**defaults, **overrides}))
+    config.id2label = dict(id2label)
+    config.label2id = {name: index for index, name in id2label.items()}
+    for key, value in extra.items():
+        setattr(config, key, value)
+    return SimMIMForImageClassification(config)
+
+
+def top_k_indices(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`preprocess_logits_for_metrics`: keep the ranked top-k class ids, not (N, num_labels) logits."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.topk(min(TOP_K, logits.shape[-1]), dim=-1).indices
+
+
+def build_compute_metrics():
+    """top-1 and top-5 accuracy through `evaluate`, with the metric module shipped in this package (offline)."""
+    import evaluate
+
+    metric = evaluate.load(METRIC_PATH)
+
+    def compute_metrics(eval_prediction) -> dict[str, float]:
+        ranked = np.asarray(eval_prediction.predictions)
+        references = np.asarray(eval_prediction.label_ids)
+        results = metric.compute(predictions=ranked.tolist(), references=references.tolist(), top_k=[TOP_K])
+        return {"accuracy": results["accuracy"], "top5_accuracy": results[f"top{TOP_K}_accuracy"]}
+
+    return compute_metrics
+
+
+class ImageClassificationTrainer(SimMIMTrainer):
+    """`SimMIMTrainer` (official optimizer groups with layer decay, schedule, clipping, logging) for classification:
+    evaluation batches are never mixed (their own collator), and evaluation returns logits for the metrics."""
+
+    def __init__(self, *args: Any, eval_data_collator=None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator
+
+    def _with_eval_collator(self, build, *args, **kwargs):
+        if self.eval_data_collator is None:
+            return build(*args, **kwargs)
+        train_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            return build(*args, **kwargs)
+        finally:
+            self.data_collator = train_collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return self._with_eval_collator(super().get_eval_dataloader, eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        return self._with_eval_collator(super().get_test_dataloader, test_dataset)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # SimMIMTrainer's step returns the reconstruction loss only; classification needs the logits.
+        return Trainer.prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def create_model_card(self, model_name: str | None = None, **kwargs: Any) -> None:
+        if not self.is_world_process_zero():
+            return
+        card = render_model_card(
+            model_name=model_name or os.path.basename(os.path.abspath(self.args.output_dir)),
+            model=self.model, log_history=self.state.log_history, info=self.model_card_info,
+            schedule=self.schedule.to_dict() if self.schedule is not None else None,
+        )
+        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(card)
+
+
+def render_model_card(model_name: str, model, log_history: list[dict[str, Any]], info: dict[str, Any],
+                      schedule: dict[str, Any] | None = None) -> str:
+    """README.md of an exported classifier: what it is, how to run it, how it was trained, its accuracy."""
+    config = model.config
+    evals = [entry for entry in log_history if "eval_accuracy" in entry]
+    best = max(evals, key=lambda entry: entry["eval_accuracy"]) if evals else None
+    backbone = config.backbone_config
+    base_model = info.get("base_model")
+    lines = ["---", "library_name: transformers", "pipeline_tag: image-classification",
+             "tags:", "- simmim", "- image-classification", f"- {config.backbone_type}"]
+    if base_model and not os.path.isdir(str(base_model)):
+        lines.append(f"base_model: {base_model}")
+    if info.get("dataset_id"):
+        lines += ["datasets:", f"- {info['dataset_id']}"]
+    lines += ["---", "", f"# {model_name}", "",
+              f"A {config.backbone_type} image classifier ({len(config.id2label)} classes, "
+              f"{config.image_size[0]} px) finetuned with the official SimMIM recipe "
+              "(layer-wise lr decay, RandAugment, Mixup/CutMix, label smoothing) using "
+              "[simmim-hf](https://github.com/) `run_image_classification.py`.",
+              "", "This folder is a native transformers model: no extra package is needed.", "",
+              "```python", "from transformers import pipeline", "",
+              f'classifier = pipeline("image-classification", model="{model_name}")',
+              'print(classifier("image.jpg"))', "```", "", "## Results", ""]
+    if best is not None:
+        lines += ["| metric | value |", "|---|---|",
+                  f"| top-1 accuracy | {100 * best['eval_accuracy']:.2f}% |"]
+        if "eval_top5_accuracy" in best:
+            lines.append(f"| top-5 accuracy | {100 * best['eval_top5_accuracy']:.2f}% |")
+        lines.append(f"| epoch of the best checkpoint | {best.get('epoch', 'n/a')} |")
+    else:
+        lines.append("Not evaluated.")
+    lines += ["", "## Training", "",
+              f"- initialized from: {base_model or 'scratch (no pretraining)'}",
+              f"- data: {info.get('data', 'n/a')}",
+              f"- backbone: `{json.dumps({k: getattr(backbone, k) for k in ('image_size', 'patch_size', 'window_size', 'embed_dim', 'depths', 'num_heads', 'hidden_size', 'num_hidden_layers', 'drop_path_rate') if hasattr(backbone, k)})}`"]
+    recipe = info.get("recipe") or {}
+    if recipe:
+        lines += ["", "| recipe value | |", "|---|---|"]
+        lines += [f"| {key} | {json.dumps(value) if not isinstance(value, str) else value} |"
+                  for key, value in sorted(recipe.items())]
+    if schedule:
+        lines += ["", f"Resolved lr schedule: `{json.dumps(schedule)}`"]
+    if info.get("loading_report"):
+        lines += ["", "Weights transfer:", "", "```", info["loading_report"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def push_to_hub(output_dir: str, repo_id: str, token: str | None = None, private: bool | None = None,
+                commit_message: str = "SimMIM finetuned classifier", api=None) -> str:
+    """Upload the exported folder (native model, processor, README.md model card, results) to the Hub.
+    `api` defaults to `huggingface_hub.HfApi()` (tests pass a fake one)."""
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    if not os.path.isfile(os.path.join(output_dir, "README.md")):
+        raise FileNotFoundError(f"no model card in {output_dir}: export the model before pushing")
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    ignore = ["checkpoint-*", "checkpoint-*/**", "runs/**", "*.pth"]
+    api.upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message=commit_message,
+                      ignore_patterns=ignore, repo_type="model")
+    return repo_id
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    model_args, data_args, aug_args, training_args, explicit = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    log_level = training_args.get_process_log_level()
+    if training_args.should_log:
+        log_level = min(log_level, logging.INFO)
+    for name in ("run_image_classification", "modeling_simmim"):
+        logging.getLogger(name).setLevel(log_level)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+
+    # Fail early: arguments, output folder, data columns and labels, then the weights.
+    check_arguments(model_args, aug_args, training_args)
+    checkpoint = check_output_dir(training_args) if training_args.do_train else None
+    if not training_args.do_train and model_args.model_name_or_path is None:
+        raise ValueError("Evaluation only (--do_eval without --do_train) needs --model_name_or_path.")
+    image_size_hint = resolve_image_size(model_args)
+    loaded = load_image_datasets(
+        dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
+        train_dir=data_args.train_dir, validation_dir=data_args.validation_dir,
+        image_column_name=data_args.image_column_name, label_column_name=data_args.label_column_name,
+        train_val_split=data_args.train_val_split, max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples, demo_dataset=data_args.demo_dataset,
+        demo_image_size=image_size_hint, verify_images=data_args.verify_images, seed=training_args.seed,
+        cache_dir=model_args.cache_dir, require_labels=True,
+    )
+    if training_args.do_train and "train" not in loaded.datasets:
+        raise ValueError(f"No training split in {loaded.source}; splits: {list(loaded.datasets)}.")
+    if training_args.do_eval and "validation" not in loaded.datasets:
+        raise ValueError(f"No evaluation split in {loaded.source}: give --validation_dir or --train_val_split.")
+    names = label_names(loaded)
+    id2label = dict(enumerate(names))
+    logger.info("Data: %s; columns image=%r label=%r; %d classes; %s", loaded.source, loaded.image_column,
+                loaded.label_column, len(names), {split: len(ds) for split, ds in loaded.datasets.items()})
+
+    # training: the data's classes (a new head unless the checkpoint has the same ones); evaluation only: the
+    # model's head, dataset labels matched to it by name
+    model = build_model(model_args, aug_args, id2label if training_args.do_train else None)
+    label_map = label_mapping(loaded, names, {str(k): int(v) for k, v in model.config.label2id.items()})
+    config = model.config
+    image_size = config.image_size[0]
+    report = getattr(model, "loading_report", None)
+    logger.info("Model: %s, %d px, %.2fM parameters, %d classes", config.backbone_type, image_size,
+                sum(p.numel() for p in model.parameters()) / 1e6, config.num_labels)
+
+    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    train_transform = build_classification_transform(
+        image_size, train=True, auto_augment=aug_args.rand_augment, interpolation=aug_args.interpolation,
+        random_erasing=aug_args.random_erasing, random_erasing_mode=aug_args.random_erasing_mode,
+        random_erasing_count=aug_args.random_erasing_count, color_jitter=aug_args.color_jitter, mean=mean, std=std)
+    eval_transform = build_classification_transform(image_size, train=False, interpolation=aug_args.interpolation,
+                                                    mean=mean, std=std)
+    train_dataset = eval_dataset = None
+    if training_args.do_train:
+        train_dataset = RobustImageDataset(loaded.datasets["train"], loaded.image_column, train_transform,
+                                           label_column=loaded.label_column, extra_fn=label_map)
+    if training_args.do_eval:
+        eval_dataset = RobustImageDataset(loaded.datasets["validation"], loaded.image_column, eval_transform,
+                                          label_column=loaded.label_column, extra_fn=label_map)
+    if eval_dataset is None and training_args.eval_strategy != "no":
+        # nothing to evaluate during training: no best-checkpoint selection either
+        training_args.eval_strategy = transformers.IntervalStrategy.NO
+        training_args.load_best_model_at_end = False
+
+    eval_collator = SkipNoneCollator(collate_classification)
+    if mixup_active(aug_args.mixup, aug_args.cutmix, aug_args.cutmix_minmax):
+        train_collator = SkipNoneCollator(MixupCollator(
+            num_labels=config.num_labels, mixup_alpha=aug_args.mixup, cutmix_alpha=aug_args.cutmix,
+            cutmix_minmax=aug_args.cutmix_minmax, prob=aug_args.mixup_prob, switch_prob=aug_args.mixup_switch_prob,
+            mode=aug_args.mixup_mode, label_smoothing=aug_args.label_smoothing))
+    else:
+        train_collator = eval_collator
+    image_processor = build_image_processor(image_size, mean, std, interpolation=aug_args.interpolation)
+    trainer = ImageClassificationTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=train_collator,
+        eval_data_collator=eval_collator,
+        compute_metrics=build_compute_metrics(),
+        preprocess_logits_for_metrics=top_k_indices,
+        model_card_info={
+            "recipe": explicit,
+            "data": f"{loaded.source}, {len(train_dataset) if train_dataset is not None else 0} training images",
+            "base_model": model_args.model_name_or_path,
+            "dataset_id": data_args.dataset_name,
+            "loading_report": str(report) if report is not None else None,
+        },
+    )
+
+    results: dict[str, Any] = {}
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        metrics = dict(train_result.metrics)
+        metrics["train_samples"] = len(train_dataset)
+        metrics["num_skipped_images"] = loaded.num_skipped + trainer.total_skipped_images()
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        results.update(metrics)
+    if eval_dataset is not None:
+        metrics = trainer.evaluate()
+        metrics["eval_samples"] = len(eval_dataset)
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results.update(metrics)
+
+    if trainer.is_world_process_zero():
+        # The output folder is a native transformers classifier (the best checkpoint when evaluated during training)
+        if training_args.do_train:
+            export_to_transformers(trainer.model, training_args.output_dir, image_processor)
+            if trainer.state.best_model_checkpoint:
+                logger.info("Exported the best checkpoint (%s, top-1 %.4f)", trainer.state.best_model_checkpoint,
+                            trainer.state.best_metric)
+            trainer.create_model_card()
+        if training_args.push_to_hub:
+            repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+            push_to_hub(training_args.output_dir, repo_id, token=training_args.hub_token,
+                        private=training_args.hub_private_repo)
+        if "eval_accuracy" in results:
+            print(f"\ntop-1 accuracy: {100 * results['eval_accuracy']:.2f}%  "
+                  f"top-5 accuracy: {100 * results['eval_top5_accuracy']:.2f}%  "
+                  f"({results['eval_samples']} images)")
+        if training_args.do_train:
+            print(f"Classifier saved to {os.path.abspath(training_args.output_dir)} "
+                  f"(transformers.pipeline('image-classification', model=...))")
+    return results
+
+
+if __name__ == "__main__":
+    main()

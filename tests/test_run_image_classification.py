@@ -1,0 +1,109 @@
+"""run_image_classification.py end to end on tiny models and the bundled digits (CPU, seconds)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import run_image_classification as ric
+from modeling_simmim import SimMIMConfig, SimMIMForMaskedImageModeling
+from modeling_simmim.modeling_simmim import SimMIMForImageClassification
+
+TINY = [
+    "--image_size", "32", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
+    "--max_train_samples", "64", "--max_eval_samples", "48", "--num_train_epochs", "2",
+    "--base_learning_rate", "1e-3", "--scale_learning_rate", "false", "--warmup_epochs", "1",
+    "--report_to", "none", "--logging_steps", "1", "--dataloader_num_workers", "0", "--seed", "0",
+]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny SimMIM pretraining checkpoint (Swin, 32 px, window 4; stages 8 and 4)."""
+    folder = tmp_path_factory.mktemp("mim")
+    config = SimMIMConfig.from_preset("swin_test", image_size=32, mask_patch_size=16)
+    SimMIMForMaskedImageModeling(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def finetuned(pretrained, tmp_path_factory):
+    output = str(tmp_path_factory.mktemp("ft"))
+    results = ric.main([
+        "configs/finetune/demo_swin_test_cpu.yaml", "--model_name_or_path", pretrained, *TINY,
+        "--output_dir", output, "--overwrite_output_dir", "true", "--layer_decay", "0.75",
+    ])
+    return output, results
+
+
+def test_finetune_end_to_end(finetuned):
+    output, results = finetuned
+    all_results = json.loads(open(os.path.join(output, "all_results.json")).read())
+    for key in ("eval_accuracy", "eval_top5_accuracy", "train_loss"):
+        assert key in all_results
+    assert 0.0 <= all_results["eval_accuracy"] <= all_results["eval_top5_accuracy"] <= 1.0
+    config = json.loads(open(os.path.join(output, "config.json")).read())
+    assert config["model_type"] == "swin" and config["architectures"] == ["SwinForImageClassification"]
+    assert config["id2label"]["3"] == "3" and config.get("problem_type") is None  # Mixup never switched to BCE
+    assert os.path.isfile(os.path.join(output, "preprocessor_config.json"))
+    card = open(os.path.join(output, "README.md")).read()
+    assert "top-1 accuracy" in card and "pipeline(\"image-classification\"" in card and "layer_decay" in card
+    state = json.loads(open(os.path.join(output, "trainer_state.json")).read())
+    # best checkpoint by top-1: the exported weights are those of the best evaluated checkpoint
+    evals = [entry for entry in state["log_history"] if "eval_accuracy" in entry and "epoch" in entry]
+    assert state["best_metric"] == max(entry["eval_accuracy"] for entry in evals)
+    best = SimMIMForImageClassification.from_pretrained(state["best_model_checkpoint"])
+    exported = SimMIMForImageClassification.from_pretrained(output)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(exported(x).logits, best(x).logits, atol=1e-5, rtol=0)
+    # the logged lr is the head's (the highest group lr), the most decayed group's is logged too
+    logs = [entry for entry in state["log_history"] if "learning_rate" in entry and "loss" in entry]
+    assert logs and all(entry["learning_rate_min"] < entry["learning_rate"] for entry in logs if entry["learning_rate"])
+    ratio = logs[-1]["learning_rate_min"] / logs[-1]["learning_rate"]
+    assert ratio == pytest.approx(0.75 ** 3, rel=1e-4)  # swin_test: L = 2 blocks, ids 0..3
+
+
+def test_eval_only_evaluates_the_given_model(finetuned, tmp_path):
+    output, results = finetuned
+    metrics = ric.main([
+        "--model_name_or_path", output, "--do_eval", "--image_size", "32", "--max_eval_samples", "48",
+        "--per_device_eval_batch_size", "32", "--report_to", "none", "--seed", "0", "--output_dir", str(tmp_path),
+    ])
+    assert "train_loss" not in metrics
+    assert metrics["eval_accuracy"] == pytest.approx(results["eval_accuracy"], abs=1e-6)
+    assert json.loads((tmp_path / "all_results.json").read_text())["eval_top5_accuracy"] == pytest.approx(
+        results["eval_top5_accuracy"], abs=1e-6)
+
+
+def test_push_to_hub_uploads_the_export_with_its_card(finetuned):
+    output, _ = finetuned
+
+    class FakeApi:
+        def __init__(self):
+            self.calls = []
+
+        def create_repo(self, repo_id, **kwargs):
+            self.calls.append(("create_repo", repo_id, kwargs))
+
+        def upload_folder(self, **kwargs):
+            self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+            self.files = sorted(os.listdir(kwargs["folder_path"]))
+
+    api = FakeApi()
+    assert ric.push_to_hub(output, "me/simmim-digits", api=api) == "me/simmim-digits"
+    assert [call[0] for call in api.calls] == ["create_repo", "upload_folder"]
+    assert {"README.md", "config.json", "model.safetensors", "preprocessor_config.json"} <= set(api.files)
+    assert "checkpoint-*" in api.calls[1][2]["ignore_patterns"]
+
+
+def test_bad_arguments_fail_early(pretrained, tmp_path):
+    with pytest.raises(ValueError, match="must be even"):
+        ric.main([*TINY, "--model_name_or_path", pretrained, "--per_device_train_batch_size", "15",
+                  "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="holds a swin backbone, not --model_type vit"):
+        ric.main([*TINY, "--model_name_or_path", pretrained, "--model_type", "vit", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="--learning_rate is not used"):
+        ric.main([*TINY, "--model_name_or_path", pretrained, "--learning_rate", "1e-3", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="Give --model_name_or_path"):
+        ric.main([*TINY, "--output_dir", str(tmp_path)])
