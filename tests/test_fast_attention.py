@@ -358,3 +358,16 @@ def test_pretrain_throughput_benchmark_runs_and_reports(tmp_path):
     assert len(rows["ours"]["step_times_s"]) == 2 and rows["ours"]["extra"]["kernels"] > 0
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--steps", "0"])
+
+
+def test_image_classification_uses_the_fast_path_with_the_same_logits():
+    from modeling_simmim.modeling_simmim import SimMIMForImageClassification
+
+    config = SimMIMConfig.from_preset("swin_test", depths=[2, 2], num_heads=[2, 4])
+    config.num_labels = 5
+    fast = _randomize(SimMIMForImageClassification(config)).eval()
+    assert fast_window_attention_enabled(fast)
+    slow = disable_fast_window_attention(copy.deepcopy(fast))
+    pixel_values = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(pixel_values).logits, slow(pixel_values).logits, rtol=1e-4, atol=1e-5)
