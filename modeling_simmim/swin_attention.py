@@ -148,6 +148,18 @@ def _permute_tokens(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) 
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _attentions_requested() -> bool:
+    """True inside a transformers forward called with `output_attentions=True` (its output recorder is active)."""
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # older/newer transformers without this recorder: attention weights are never requested
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and "attentions" in collected
+
+
 def _use_sdpa(device: torch.device) -> bool:
     if _ATTENTION_BACKEND == "auto":
         return device.type != "cpu"
@@ -244,6 +256,11 @@ class FastSwinLayer(SwinLayer):
         always_partition: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        if _attentions_requested():
+            # Only transformers' path materialises the attention weights: use it for this call (configured window and
+            # shift first, since transformers mutates them from the input size).
+            self.window_size, self.shift_size = self._fast_window, self._fast_shift
+            return SwinLayer.forward(self, hidden_states, input_dimensions, always_partition, **kwargs)
         height, width = input_dimensions
         batch_size, _, channels = hidden_states.shape
         window, shift = self._window_and_shift(height, width, always_partition)
@@ -279,7 +296,7 @@ class FastSwinLayer(SwinLayer):
         residual = hidden_states
         hidden_states = self.mlp(self.layernorm_after(hidden_states))
         hidden_states = self.dropout(hidden_states) + residual
-        # transformers returns the attention weights here; SDPA never materialises them, neither do we.
+        # Attention weights are only materialised when asked for (see the top of this method).
         return hidden_states, None
 
 

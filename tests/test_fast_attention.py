@@ -371,3 +371,17 @@ def test_image_classification_uses_the_fast_path_with_the_same_logits():
     pixel_values = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         torch.testing.assert_close(fast(pixel_values).logits, slow(pixel_values).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_output_attentions_falls_back_to_transformers_weights():
+    reference = _randomize(SwinModel(_swin_config())).eval()
+    fast = enable_fast_window_attention(copy.deepcopy(reference))
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference(pixel_values, output_attentions=True).attentions
+        got = fast(pixel_values, output_attentions=True)
+        assert len(got.attentions) == len(expected) == 2
+        for a, b in zip(got.attentions, expected):
+            torch.testing.assert_close(a, b)
+        # Without the flag the fast path is used again (and no weights are returned).
+        assert not fast(pixel_values).attentions
