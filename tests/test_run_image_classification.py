@@ -31,7 +31,7 @@ def pretrained(tmp_path_factory):
 def finetuned(pretrained, tmp_path_factory):
     output = str(tmp_path_factory.mktemp("ft"))
     results = ric.main([
-        "configs/finetune/demo_swin_test_cpu.yaml", "--model_name_or_path", pretrained, *TINY,
+        "--model_name_or_path", pretrained, *TINY, "--drop_path_rate", "0.1",
         "--output_dir", output, "--overwrite_output_dir", "true", "--layer_decay", "0.75",
     ])
     return output, results
