@@ -64,7 +64,7 @@ def geometric_source_coordinates(source_length: int, target_length: int) -> np.n
     """
     n, m = source_length // 2, target_length // 2
     q = geometric_ratio(n, m)
-    if n > 1 and (q > 1.5 - 1e-5 or q < 1.01 + 1e-5):
+    if n > 1 and q > 1.5 - 1e-5:
         # the official bracket [1.01, 1.5] covers growths like 6 -> 7 and 12 -> 14; beyond it the source grid cannot
         # reach the target offsets and the outer rows are extrapolated (the official code does the same, silently)
         logger.warning("relative position bias resize %d -> %d offsets is outside the official geometric range "
