@@ -98,7 +98,7 @@ def test_official_recipe_builds_the_official_architecture(name):
 def test_demo_recipe_is_tiny_and_official_in_shape():
     model_args, data_args, aug, args, _ = _parse("demo_swin_tiny_cpu.yaml")
     assert data_args.demo_dataset == "digits" and args.report_to in ([], ["none"], "none")
-    assert model_args.image_size == 64 and model_args.window_size == 8
+    assert model_args.image_size == 64 and model_args.window_size == 4
     assert args.layer_decay < 1 and aug.mixup == 0.8 and aug.cutmix == 1.0 and aug.label_smoothing == 0.1
     assert aug.rand_augment == "rand-m9-mstd0.5-inc1" and args.per_device_train_batch_size % 2 == 0
     assert args.num_train_epochs <= 10
