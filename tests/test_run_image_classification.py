@@ -107,3 +107,25 @@ def test_bad_arguments_fail_early(pretrained, tmp_path):
         ric.main([*TINY, "--model_name_or_path", pretrained, "--learning_rate", "1e-3", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="Give --model_name_or_path"):
         ric.main([*TINY, "--output_dir", str(tmp_path)])
+
+
+def test_labels_are_matched_to_the_model_by_name():
+    import datasets
+
+    from modeling_simmim.data import LoadedImageData
+
+    strings = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": ["a", "b", "c"],
+                                                                         "label": ["dog", "cat", "dog"]})})
+    loaded = LoadedImageData(strings, "image", "label", "test")
+    names = ric.label_names(loaded)
+    assert names == ["cat", "dog"]
+    mapping = ric.label_mapping(loaded, names, {"cat": 0, "dog": 1})
+    assert mapping(0, {"labels": "dog"}) == {"labels": 1}
+    features = datasets.Features({"image": datasets.Value("string"), "label": datasets.ClassLabel(names=["x", "y"])})
+    ids = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": ["a"], "label": [1]}, features=features)})
+    loaded = LoadedImageData(ids, "image", "label", "test")
+    assert ric.label_mapping(loaded, ["x", "y"], {"x": 0, "y": 1}) is None  # already the model's ids
+    swapped = ric.label_mapping(loaded, ["x", "y"], {"y": 0, "x": 1})  # evaluation of a model with another order
+    assert swapped(0, {"labels": 1}) == {"labels": 0}
+    with pytest.raises(ValueError, match="not classes of the model"):
+        ric.label_mapping(loaded, ["x", "y"], {"x": 0})
