@@ -11,6 +11,7 @@ override the recipe. With no data argument, a bundled demo dataset (no network) 
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -236,14 +237,15 @@ def build_config(model_args: ModelArguments) -> SimMIMConfig:
 
 def _check_override_keys(family: str, overrides: dict[str, Any]) -> None:
     # transformers configs accept unknown keys silently: a typo would be ignored for a whole run.
+    if family in ("vit", "beit") and "window_size" in overrides:
+        raise ValueError("--window_size applies to swin/swinv2 only.")
     config_class = SUPPORTED_BACKBONES[family]
     valid = set(config_class().to_dict())
     unknown = sorted(set(overrides) - valid)
     if unknown:
-        raise ValueError(f"Unknown {config_class.__name__} keys {unknown} in the backbone overrides "
-                         f"(valid keys include: {sorted(valid)}).")
-    if family in ("vit", "beit") and "window_size" in overrides:
-        raise ValueError("--window_size applies to swin/swinv2 only.")
+        hints = {key: difflib.get_close_matches(key, valid, n=2) for key in unknown}
+        hints_text = "; ".join(f"{key}: did you mean {close}?" for key, close in hints.items() if close)
+        raise ValueError(f"Unknown {config_class.__name__} keys {unknown} in the backbone overrides. {hints_text}")
 
 
 def build_image_processor(config: SimMIMConfig, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
@@ -317,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         train_dir=data_args.train_dir, validation_dir=data_args.validation_dir,
         image_column_name=data_args.image_column_name, train_val_split=data_args.train_val_split,
         max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples,
-        demo_dataset=data_args.demo_dataset, demo_image_size=max(image_size), verify_images=data_args.verify_images,
+        demo_dataset=data_args.demo_dataset, verify_images=data_args.verify_images,
         seed=training_args.seed, cache_dir=model_args.cache_dir,
     )
     if training_args.do_train and "train" not in loaded.datasets:

@@ -15,6 +15,8 @@ from torch import nn
 from transformers import BeitModel, PretrainedConfig, PreTrainedModel, SwinModel, Swinv2Model, ViTModel
 from transformers import initialization as init
 
+from .swin_attention import enable_fast_window_attention
+
 
 def _pair(value) -> tuple[int, int]:
     if isinstance(value, (list, tuple)):
@@ -35,7 +37,14 @@ class BackboneAdapter:
     no_weight_decay_keywords: tuple[str, ...] = ("mask_token", "cls_token", "position_embeddings",
                                                  "relative_position_bias_table")
 
-    def build(self, backbone_config: PretrainedConfig, use_mask_token: bool, add_pooling_layer: bool) -> PreTrainedModel:
+    def build(
+        self,
+        backbone_config: PretrainedConfig,
+        use_mask_token: bool,
+        add_pooling_layer: bool,
+        fast_window_attention: bool = False,
+    ) -> PreTrainedModel:
+        """The transformers encoder. `fast_window_attention` only matters for Swin (see `SwinAdapter.build`)."""
         return self.model_class(backbone_config, add_pooling_layer=add_pooling_layer, use_mask_token=use_mask_token)
 
     def feature_map(
@@ -73,6 +82,13 @@ class SwinAdapter(BackboneAdapter):
     model_class = SwinModel
     _block = re.compile(r"^encoder\.layers\.(\d+)\.blocks\.(\d+)\.")
     _downsample = re.compile(r"^encoder\.layers\.(\d+)\.downsample\.")
+
+    def build(self, backbone_config, use_mask_token, add_pooling_layer, fast_window_attention=False):
+        backbone = super().build(backbone_config, use_mask_token, add_pooling_layer)
+        if fast_window_attention:
+            # Swaps the forward of transformers' SwinLayer modules in place; parameters and names are unchanged.
+            enable_fast_window_attention(backbone)
+        return backbone
 
     def feature_map(self, backbone, pixel_values, bool_masked_pos=None, output_hidden_states=False):
         outputs = backbone(pixel_values, bool_masked_pos=bool_masked_pos, output_hidden_states=output_hidden_states)
@@ -112,6 +128,11 @@ class Swinv2Adapter(SwinAdapter):
     # SwinV2 replaces the bias table by a continuous position bias MLP and a learned logit scale (official: no wd).
     no_weight_decay_keywords = ("mask_token", "position_embeddings", "relative_position_bias_table",
                                 "continuous_position_bias_mlp", "logit_scale")
+
+    def build(self, backbone_config, use_mask_token, add_pooling_layer, fast_window_attention=False):
+        # The fast window attention covers transformers' Swin only; SwinV2 (cosine attention, continuous position
+        # bias) keeps transformers' own forward.
+        return BackboneAdapter.build(self, backbone_config, use_mask_token, add_pooling_layer)
 
 
 class ViTAdapter(BackboneAdapter):
@@ -159,7 +180,7 @@ class BeitAdapter(ViTAdapter):
     base_model_prefix = "beit"
     model_class = BeitModel
 
-    def build(self, backbone_config, use_mask_token, add_pooling_layer):
+    def build(self, backbone_config, use_mask_token, add_pooling_layer, fast_window_attention=False):
         # BeitModel reads the mask token switch from its config rather than from an argument.
         backbone_config.use_mask_token = use_mask_token
         return self.model_class(backbone_config, add_pooling_layer=add_pooling_layer)

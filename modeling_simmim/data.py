@@ -376,7 +376,7 @@ def load_image_datasets(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     demo_dataset: str = "digits",
-    demo_image_size: int = 64,
+    demo_image_size: int | None = None,
     verify_images: bool = True,
     seed: int = 42,
     cache_dir: str | None = None,
@@ -497,20 +497,26 @@ def _photo_crops(image_size: int, crops_per_photo: int, seed: int) -> tuple[list
     return images, labels, names
 
 
+DEMO_IMAGE_SIZES = {"digits": 32, "photos": 96}
+
+
 def load_demo_dataset(
     name: str = "digits",
-    image_size: int = 64,
+    image_size: int | None = None,
     validation_fraction: float = 0.2,
     seed: int = 0,
     crops_per_photo: int = 64,
 ) -> Any:
     """A small labeled image dataset built from real images that installed packages ship (no network):
 
-    - "digits": scikit-learn's 1,797 handwritten digits (8x8 scans), upsampled (bicubic) to `image_size`, RGB;
-      10 classes "0".."9". Learnable in a minute on a CPU: good for a quick finetuning demo.
+    - "digits": scikit-learn's 1,797 handwritten digits (8x8 scans), upsampled (bicubic) to `image_size` (default
+      32), RGB; 10 classes "0".."9". Learnable in a minute on a CPU: good for a quick finetuning demo.
     - "photos": `crops_per_photo` random square crops (25-60% of the shorter side) of each colour photo of
-      scikit-image and scikit-learn (astronaut, coffee, cat, rocket, ...), resized to `image_size`; the label is the
-      photo it came from. Natural textures, for reconstruction demos.
+      scikit-image and scikit-learn (astronaut, coffee, cat, rocket, ...), resized to `image_size` (default 96); the
+      label is the photo it came from. Natural textures, for reconstruction demos.
+
+    Training transforms resize to the model's size anyway (RandomResizedCrop), so the stored size only needs to be
+    near it; small stored images keep building the set fast (about a second).
 
     Returns a `datasets.DatasetDict` with "train" and "validation" splits (stratified, seeded), columns "image"
     (PIL, `datasets.Image`) and "label" (`datasets.ClassLabel`).
@@ -518,7 +524,10 @@ def load_demo_dataset(
     import datasets
 
     # A fresh DatasetDict around the cached splits: callers may replace splits, the splits themselves are immutable.
-    return datasets.DatasetDict(dict(_build_demo_dataset(name, image_size, validation_fraction, seed, crops_per_photo)))
+    if name not in DEMO_DATASETS:
+        raise ValueError(f"Unknown demo dataset {name!r}; choose one of {DEMO_DATASETS}.")
+    size = int(image_size) if image_size is not None else DEMO_IMAGE_SIZES[name]
+    return datasets.DatasetDict(dict(_build_demo_dataset(name, size, validation_fraction, seed, crops_per_photo)))
 
 
 @functools.lru_cache(maxsize=8)  # building takes seconds (decode, resize, PNG-encode); reuse it within a process
@@ -535,13 +544,23 @@ def _build_demo_dataset(name: str, image_size: int, validation_fraction: float, 
         raise ValueError(f"Unknown demo dataset {name!r}; choose one of {DEMO_DATASETS}.")
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=class_names)})
     indices = np.arange(len(images))
-    train_idx, val_idx = train_test_split(indices, test_size=validation_fraction, stratify=labels, random_state=seed)
+    # At least one validation example per class (stratification needs it for tiny crop counts).
+    num_val = max(len(class_names), int(round(validation_fraction * len(images))))
+    train_idx, val_idx = train_test_split(indices, test_size=num_val, stratify=labels, random_state=seed)
+    encoded = [{"bytes": _fast_png(image), "path": None} for image in images]
     splits = {}
     for split, idx in (("train", np.sort(train_idx)), ("validation", np.sort(val_idx))):
         splits[split] = datasets.Dataset.from_dict(
-            {"image": [images[i] for i in idx], "label": [labels[i] for i in idx]}, features=features
+            {"image": [encoded[i] for i in idx], "label": [labels[i] for i in idx]}, features=features
         )
     return datasets.DatasetDict(splits)
+
+
+def _fast_png(image: Image.Image) -> bytes:
+    # datasets would PNG-encode at the default level; level 1 is lossless too and about twice as fast.
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
 
 
 def num_batches(num_examples: int, batch_size: int, drop_last: bool) -> int:

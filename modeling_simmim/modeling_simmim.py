@@ -122,7 +122,8 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         super().__init__(config)
         adapter = get_adapter(config)
         setattr(self, adapter.base_model_prefix,
-                adapter.build(config.backbone_config, use_mask_token=True, add_pooling_layer=False))
+                adapter.build(config.backbone_config, use_mask_token=True, add_pooling_layer=False,
+                              fast_window_attention=config.fast_window_attention))
         stride = config.encoder_stride
         self.decoder = nn.Sequential(
             nn.Conv2d(config.hidden_size, stride**2 * config.num_channels, kernel_size=1),

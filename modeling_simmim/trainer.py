@@ -394,6 +394,16 @@ class SimMIMTrainer(Trainer):
             self.throughput.add_images(pixel_values.shape[0])
         return super().training_step(model, inputs, num_items_in_batch)
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        # dataloader_drop_last (official for training) also applies to evaluation in the Trainer: it would silently
+        # leave out the last images (all of them when there are fewer than a batch). Evaluate on every image.
+        drop_last = self.args.dataloader_drop_last
+        self.args.dataloader_drop_last = False
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.args.dataloader_drop_last = drop_last
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Evaluation of masked image modeling is its loss. The stock step computes a loss only when the batch holds
         # the model's "label" arguments, and a SimMIM model has none (the mask plays that role): no eval_loss.
