@@ -223,7 +223,8 @@ class SimMIMForImageClassification(SimMIMPreTrainedModel):
         # transformers' ViT pooler is a dense+tanh layer that ViTForImageClassification does not use: leave it out.
         add_pooling_layer = family != "vit"
         setattr(self, adapter.base_model_prefix,
-                adapter.build(config.backbone_config, use_mask_token=False, add_pooling_layer=add_pooling_layer))
+                adapter.build(config.backbone_config, use_mask_token=False, add_pooling_layer=add_pooling_layer,
+                              fast_window_attention=getattr(config, "fast_window_attention", False)))
         self.num_labels = config.num_labels
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
