@@ -364,13 +364,15 @@ class ImageClassificationTrainer(SimMIMTrainer):
         self.eval_data_collator = eval_data_collator
 
     def _with_eval_collator(self, build, *args, **kwargs):
-        if self.eval_data_collator is None:
-            return build(*args, **kwargs)
-        train_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        # evaluation: plain (unmixed) batches, and every image (no drop_last, which the Trainer applies to all loaders)
+        train_collator, drop_last = self.data_collator, self.args.dataloader_drop_last
+        if self.eval_data_collator is not None:
+            self.data_collator = self.eval_data_collator
+        self.args.dataloader_drop_last = False
         try:
             return build(*args, **kwargs)
         finally:
-            self.data_collator = train_collator
+            self.data_collator, self.args.dataloader_drop_last = train_collator, drop_last
 
     def get_eval_dataloader(self, eval_dataset=None):
         return self._with_eval_collator(super().get_eval_dataloader, eval_dataset)

@@ -43,6 +43,10 @@ def test_finetune_end_to_end(finetuned):
     for key in ("eval_accuracy", "eval_top5_accuracy", "train_loss"):
         assert key in all_results
     assert 0.0 <= all_results["eval_accuracy"] <= all_results["eval_top5_accuracy"] <= 1.0
+    # every evaluation image counts (48 images, batches of 32: drop_last must not apply to evaluation)
+    assert all_results["eval_samples"] == 48
+    for key in ("eval_accuracy", "eval_top5_accuracy"):
+        assert abs(all_results[key] * 48 - round(all_results[key] * 48)) < 1e-6
     config = json.loads(open(os.path.join(output, "config.json")).read())
     assert config["model_type"] == "swin" and config["architectures"] == ["SwinForImageClassification"]
     assert config["id2label"]["3"] == "3" and config.get("problem_type") is None  # Mixup never switched to BCE
