@@ -133,3 +133,18 @@ def test_labels_are_matched_to_the_model_by_name():
     assert swapped(0, {"labels": 1}) == {"labels": 0}
     with pytest.raises(ValueError, match="not classes of the model"):
         ric.label_mapping(loaded, ["x", "y"], {"x": 0})
+
+
+def test_evaluation_sees_every_image_and_no_mixup(tmp_path):
+    config = SimMIMConfig.from_preset("swin_test", image_size=32)
+    config.num_labels = 3
+    examples = [{"pixel_values": torch.randn(3, 32, 32), "labels": i % 3} for i in range(5)]
+    args = ric.FinetuneTrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to="none",
+                                         dataloader_drop_last=True, eval_strategy="no", load_best_model_at_end=False)
+    trainer = ric.ImageClassificationTrainer(
+        model=SimMIMForImageClassification(config), args=args, eval_dataset=examples,
+        data_collator=ric.MixupCollator(num_labels=3), eval_data_collator=ric.collate_classification)
+    batches = list(trainer.get_eval_dataloader())
+    assert sum(len(batch["labels"]) for batch in batches) == 5  # the last, incomplete batch is kept
+    assert all(batch["labels"].dtype == torch.long for batch in batches)  # class ids: evaluation is never mixed
+    assert trainer.args.dataloader_drop_last  # training keeps the official drop_last
