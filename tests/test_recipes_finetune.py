@@ -65,7 +65,7 @@ def test_official_recipe_values(name):
     assert (aug.random_erasing, aug.random_erasing_mode, aug.random_erasing_count) == (0.25, "pixel", 1)
     assert (aug.mixup, aug.cutmix, aug.mixup_prob, aug.mixup_switch_prob, aug.mixup_mode) == (0.8, 1.0, 1.0, 0.5,
                                                                                               "batch")
-    assert aug.label_smoothing == 0.1
+    assert aug.label_smoothing == 0.1 and aug.crop_scale == [0.08, 1.0]
     # best checkpoint by top-1
     assert args.metric_for_best_model == "accuracy" and args.load_best_model_at_end
     # the paper's setting: 16 GPUs x 128 images -> lr 5e-3, warmup 20 epochs of 625 steps (1,281,167 images)
