@@ -74,6 +74,11 @@ class ModelArguments:
     window_size: int | None = field(default=None, metadata={"help": "Swin/SwinV2 attention window."})
     mask_patch_size: int | None = field(default=None, metadata={"help": "Side of a masked block in pixels (32)."})
     mask_ratio: float | None = field(default=None, metadata={"help": "Fraction of blocks masked (0.6)."})
+    norm_target_window: int | None = field(
+        default=None,
+        metadata={"help": "Regress pixels normalized by their local mean/std over this odd window (official SwinV2 "
+                          "recipe: 47). Default: raw normalized pixels, as in the paper."},
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for Hub models and datasets."})
     model_revision: str = field(default="main", metadata={"help": "Hub revision of --model_name_or_path."})
     token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
@@ -204,7 +209,8 @@ def _recipe_value(value: Any) -> Any:
 def build_config(model_args: ModelArguments) -> SimMIMConfig:
     """The SimMIMConfig of the run; raises ValueError with the offending numbers/keys on bad input."""
     overrides = model_args.overrides()
-    masking = {k: v for k, v in (("mask_patch_size", model_args.mask_patch_size), ("mask_ratio", model_args.mask_ratio))
+    masking = {k: v for k, v in (("mask_patch_size", model_args.mask_patch_size), ("mask_ratio", model_args.mask_ratio),
+                                 ("norm_target_window", model_args.norm_target_window))
                if v is not None}
     if model_args.model_name_or_path is not None:
         if overrides:

@@ -85,10 +85,27 @@ class SwinAdapter(BackboneAdapter):
 
     def build(self, backbone_config, use_mask_token, add_pooling_layer, fast_window_attention=False):
         backbone = super().build(backbone_config, use_mask_token, add_pooling_layer)
+        self.fit_windows_to_stages(backbone)
         if fast_window_attention:
             # Swaps the forward of transformers' SwinLayer modules in place; parameters and names are unchanged.
             enable_fast_window_attention(backbone)
         return backbone
+
+    @staticmethod
+    def fit_windows_to_stages(backbone: nn.Module) -> None:
+        """Official Swin rule: a block whose feature map (at `config.image_size`) is smaller than the window uses a
+        window of the map's size, no shift, and a bias table built for that window (e.g. Swin-L 192/w12: the last stage
+        is 6x6, table 11x11, as in the official checkpoints). transformers builds every table at the configured window
+        and then fails in forward on such stages."""
+        from transformers.models.swin.modeling_swin import SwinRelativePositionBias
+
+        for stage in backbone.encoder.layers:
+            for block in stage.blocks:
+                resolution = min(block.input_resolution)
+                if resolution < block.window_size:
+                    heads = block.attention.relative_position_bias.relative_position_bias_table.shape[1]
+                    block.attention.relative_position_bias = SwinRelativePositionBias(heads, (resolution, resolution))
+                    block.window_size, block.shift_size = resolution, 0
 
     def feature_map(self, backbone, pixel_values, bool_masked_pos=None, output_hidden_states=False):
         outputs = backbone(pixel_values, bool_masked_pos=bool_masked_pos, output_hidden_states=output_hidden_states)

@@ -36,9 +36,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "swin_large": ("swin", dict(image_size=192, embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48],
                                 window_size=12, drop_path_rate=0.0)),
     "swinv2_base": ("swinv2", dict(image_size=192, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32],
-                                   window_size=12, drop_path_rate=0.0)),
+                                   window_size=12, drop_path_rate=0.1)),  # official SwinV2 SimMIM: 0.1
     "swinv2_huge": ("swinv2", dict(image_size=192, embed_dim=352, depths=[2, 2, 18, 2], num_heads=[11, 22, 44, 88],
-                                   window_size=12, drop_path_rate=0.0)),
+                                   window_size=12, drop_path_rate=0.1)),  # official SwinV2 SimMIM: 0.1
     "vit_base": ("beit", dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12,
                               num_attention_heads=12, intermediate_size=3072, drop_path_rate=0.1,
                               **BEIT_SIMMIM_PRETRAIN)),
@@ -86,6 +86,10 @@ class SimMIMConfig(PretrainedConfig):
         encoder_stride (`int`, *optional*):
             Pixels per output feature of the encoder (the decoder's `PixelShuffle` factor). Derived from the backbone
             when not given: Swin/SwinV2 `patch_size * 2 ** (num_stages - 1)`, ViT/BEiT `patch_size`.
+        norm_target_window (`int`, *optional*):
+            When set (odd, e.g. 47 in the official SwinV2 recipe), the regression target is each pixel normalized by
+            the mean and unbiased standard deviation of its `norm_target_window`-square neighbourhood (the official
+            `NORM_TARGET` option). `None` (default): the paper's raw normalized pixels.
         fast_window_attention (`bool`, *optional*, defaults to `True`):
             Use this package's faster window attention inside transformers' Swin modules (same parameters, same
             numerics within float tolerance). Ignored for other families.
@@ -103,6 +107,7 @@ class SimMIMConfig(PretrainedConfig):
         mask_ratio: float = 0.6,
         encoder_stride: int | None = None,
         fast_window_attention: bool = True,
+        norm_target_window: int | None = None,
         **kwargs: Any,
     ) -> None:
         if backbone_config is None:
@@ -125,6 +130,7 @@ class SimMIMConfig(PretrainedConfig):
         self.mask_ratio = float(mask_ratio)
         self.encoder_stride = int(encoder_stride) if encoder_stride is not None else self._derived_encoder_stride()
         self.fast_window_attention = bool(fast_window_attention)
+        self.norm_target_window = int(norm_target_window) if norm_target_window is not None else None
         if hasattr(backbone_config, "encoder_stride"):
             # Keep transformers' own field consistent, so the backbone config also drives its native MIM classes.
             backbone_config.encoder_stride = self.encoder_stride
@@ -169,6 +175,9 @@ class SimMIMConfig(PretrainedConfig):
         patch, mask_patch, stride = self.model_patch_size, self.mask_patch_size, self.encoder_stride
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}.")
+        window = getattr(self, "norm_target_window", None)
+        if window is not None and (window < 3 or window % 2 == 0):
+            raise ValueError(f"norm_target_window must be an odd size >= 3 (official: 47), got {window}.")
         if mask_patch <= 0 or mask_patch % patch != 0:
             raise ValueError(
                 f"mask_patch_size ({mask_patch}) must be a positive multiple of the model patch size ({patch})."
@@ -191,7 +200,8 @@ class SimMIMConfig(PretrainedConfig):
 
     # ----------------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_preset(cls, name: str, mask_patch_size: int = 32, mask_ratio: float = 0.6, **backbone_overrides: Any):
+    def from_preset(cls, name: str, mask_patch_size: int = 32, mask_ratio: float = 0.6,
+                    norm_target_window: int | None = None, **backbone_overrides: Any):
         """Build the config of a named backbone: the official ones ("swin_base", "swin_large", "swinv2_base",
         "swinv2_huge", "vit_base" = BEiT-style ViT-B/16, plus "swin_tiny") and tiny test ones ("swin_test",
         "swinv2_test", "vit_test", "beit_test"). `backbone_overrides` replace preset values (e.g. window_size=7)."""
@@ -203,6 +213,7 @@ class SimMIMConfig(PretrainedConfig):
             backbone_config=build_backbone_config(backbone_type, **kwargs),
             mask_patch_size=mask_patch_size,
             mask_ratio=mask_ratio,
+            norm_target_window=norm_target_window,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -740,8 +740,12 @@ def convert_official_checkpoint(
             from .checkpoint import export_to_transformers
 
             native_dir = os.path.join(output_dir, "native")
-            export_to_transformers(model, native_dir, image_processor=processor)
-            log(f"Native transformers export (pipeline('image-classification', model=...)): {native_dir}")
+            try:
+                export_to_transformers(model, native_dir, image_processor=processor)
+            except (RuntimeError, ValueError) as err:  # e.g. Swin-L: transformers' Swin cannot hold its tables
+                log(f"No native transformers export (the SimMIM folder is complete): {err}")
+            else:
+                log(f"Native transformers export (pipeline('image-classification', model=...)): {native_dir}")
     if push_to_hub:
         model.push_to_hub(push_to_hub)
         processor.push_to_hub(push_to_hub)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -34,6 +35,19 @@ def simmim_loss(
     mask = mask.to(torch.float32)
     error = (pixel_values.float() - reconstruction.float()).abs()
     return (error * mask).sum() / (mask.sum() + 1e-5) / pixel_values.shape[1]
+
+
+def normalize_targets(pixel_values: torch.Tensor, window: int) -> torch.Tensor:
+    """The official `NORM_TARGET` regression target (SwinV2 recipe): every pixel minus the mean of its `window`-square
+    neighbourhood, divided by the neighbourhood's unbiased standard deviation (+1e-6 inside the root). Neighbourhoods
+    are cut at the image border: statistics use only the pixels inside the image."""
+    pixels = pixel_values.float()
+    pool = dict(kernel_size=window, stride=1, padding=window // 2)
+    local_mean = F.avg_pool2d(pixels, count_include_pad=False, **pool)
+    local_mean_of_squares = F.avg_pool2d(pixels * pixels, count_include_pad=False, **pool)
+    count = F.avg_pool2d(torch.ones_like(pixels[:, :1]), count_include_pad=True, **pool) * window * window
+    variance = ((local_mean_of_squares - local_mean**2) * count / (count - 1)).clamp_min(0.0)
+    return (pixels - local_mean) / (variance + 1e-6).sqrt()
 
 
 def _mask_grid(bool_masked_pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -164,7 +178,11 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
 
         loss = None
         if mask is not None:
-            loss = simmim_loss(pixel_values, reconstruction, mask, self.config.model_patch_size)
+            target = pixel_values
+            if getattr(self.config, "norm_target_window", None):
+                with torch.no_grad():
+                    target = normalize_targets(pixel_values, self.config.norm_target_window)
+            loss = simmim_loss(target, reconstruction, mask, self.config.model_patch_size)
 
         if not return_dict:
             output = (reconstruction,) + ((hidden_states,) if output_hidden_states else ())
@@ -176,6 +194,7 @@ __all__ = [
     "SimMIMPreTrainedModel",
     "SimMIMForMaskedImageModeling",
     "SimMIMMaskedImageModelingOutput",
+    "normalize_targets",
     "simmim_loss",
 ]
 

@@ -83,6 +83,11 @@ class SimMIMTrainingArguments(TrainingArguments):
                   "only at the last step."},
     )
     num_visualize_images: int = field(default=8, metadata={"help": "Images (rows) in each reconstruction grid."})
+    torch_num_threads: int | None = field(
+        default=None,
+        metadata={"help": "CPU threads of torch in this process (default: torch's choice). 1 is fastest for tiny "
+                  "models on a busy or small CPU."},
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into a non-empty --output_dir that has no checkpoint."}
     )
@@ -121,6 +126,8 @@ class SimMIMTrainingArguments(TrainingArguments):
             raise ValueError(f"--max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm}.")
         if not 0.0 < self.layer_decay <= 1.0:
             raise ValueError(f"--layer_decay must lie in (0, 1], got {self.layer_decay}.")
+        if self.torch_num_threads is not None and self.torch_num_threads < 1:
+            raise ValueError(f"--torch_num_threads must be >= 1, got {self.torch_num_threads}.")
         if self.visualize_steps < 0:
             raise ValueError(f"--visualize_steps must be >= 0, got {self.visualize_steps}.")
 
@@ -309,6 +316,8 @@ class SimMIMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, SimMIMTrainingArguments):
             raise TypeError("SimMIMTrainer needs SimMIMTrainingArguments (the official recipe fields).")
+        if self.args.torch_num_threads is not None:
+            torch.set_num_threads(self.args.torch_num_threads)
         self.throughput = ThroughputCallback(num_processes=self.accelerator.num_processes)
         self.add_callback(self.throughput)
         tensorboard = next((cb for cb in self.callback_handler.callbacks if type(cb).__name__ == "TensorBoardCallback"),

@@ -409,13 +409,12 @@ def test_swin_stage_smaller_than_window(tmp_path):
     path = save_official(tmp_path / "pt.pth", official, config)
     target = SimMIMForMaskedImageModeling(SimMIMConfig(backbone))
     table = target.swin.encoder.layers[2].blocks[0].attention.relative_position_bias.relative_position_bias_table
-    if table.shape[0] == 7 * 7:  # the swin adapter clamps windows like the official model: converts and runs
-        converted = convert_official_checkpoint(path)
-        output = converted(torch.randn(1, 3, 64, 64), bool_masked_pos=_mask(4, batch=1))
-        assert torch.isfinite(output.loss)
-    else:  # transformers' own layout cannot hold the official tables: a clear error, not a crash in forward
-        with pytest.raises(ValueError, match=r"Stage 2 of this Swin runs at 4x4 tokens, smaller than its window 8"):
-            convert_official_checkpoint(path)
+    assert table.shape[0] == 7 * 7  # the swin adapter clamps windows like the official model
+    converted = convert_official_checkpoint(path)
+    converted_table = converted.swin.encoder.layers[2].blocks[1].attention.relative_position_bias.relative_position_bias_table
+    assert torch.equal(converted_table, official["encoder.layers.2.blocks.1.attn.relative_position_bias_table"])
+    output = converted(torch.randn(1, 3, 64, 64), bool_masked_pos=_mask(4, batch=1))
+    assert torch.isfinite(output.loss)
 
 
 def test_vit_without_qkv_bias_gets_zero_biases(tmp_path):

@@ -222,3 +222,23 @@ def test_demo_photos_are_crops_of_bundled_photos():
     assert {"astronaut", "coffee", "chelsea"} <= set(names)
     assert len(demo["train"]) + len(demo["validation"]) == 4 * len(names)
     assert demo["validation"][0]["image"].size == (32, 32)
+
+
+def test_data_throughput_benchmark_runs_and_reports_both_pipelines():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "data_throughput.py")
+    spec = importlib.util.spec_from_file_location("data_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    previous = torch.get_num_threads()
+    try:
+        results = module.run(num_images=4, batch_size=2, image_size=64, width=100, height=75, repeats=1, num_workers=0)
+    finally:
+        torch.set_num_threads(previous)
+    assert set(results["pipeline_images_per_second"]) == {"ours", "transformers_run_mim"}
+    assert all(value > 0 for value in results["pipeline_images_per_second"].values())
+    assert "| ours" in module.format_table(results)
+    # the baseline's masks are the example's: flattened, exactly ceil(0.6 * 4) of 4 blocks of 8 x 8 model patches
+    mask = module.ExampleMaskGenerator(64, 32, 4, 0.6)()
+    assert mask.shape == (256,) and int(mask.sum()) == 3 * 64

@@ -144,3 +144,49 @@ def test_return_tuple():
     model = _model("vit_test").eval()
     loss, reconstruction = model(torch.randn(1, 3, 64, 64), bool_masked_pos=_mask(model, 1), return_dict=False)
     assert loss.ndim == 0 and reconstruction.shape == (1, 3, 64, 64)
+
+
+def test_swin_stage_smaller_than_window_uses_the_official_smaller_table():
+    # Like Swin-L 192/w12 (last stage 6x6): here stage 2 is 8x8 with window 16 -> window 8, table 15x15, no shift.
+    config = SimMIMConfig.from_preset("swin_test", mask_patch_size=16, window_size=16)
+    model = SimMIMForMaskedImageModeling(config).eval()
+    tables = {n: tuple(p.shape) for n, p in model.named_parameters() if n.endswith("relative_position_bias_table")}
+    assert tables == {
+        "swin.encoder.layers.0.blocks.0.attention.relative_position_bias.relative_position_bias_table": (31 * 31, 1),
+        "swin.encoder.layers.1.blocks.0.attention.relative_position_bias.relative_position_bias_table": (15 * 15, 2),
+    }
+    pixel_values, mask = torch.randn(2, 3, 64, 64), _mask(model, 2)
+    fast = model(pixel_values, bool_masked_pos=mask)
+    config.fast_window_attention = False
+    plain = SimMIMForMaskedImageModeling(config).eval()
+    plain.load_state_dict(model.state_dict())
+    reference = plain(pixel_values, bool_masked_pos=mask)
+    assert torch.allclose(fast.reconstruction, reference.reconstruction, atol=1e-5)
+
+
+def test_normalized_targets_match_a_direct_neighbourhood_computation():
+    from modeling_simmim.modeling_simmim import normalize_targets
+
+    pixels = torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    window = 5
+    expected = torch.empty_like(pixels)
+    for y in range(9):
+        for x in range(11):
+            patch = pixels[:, :, max(0, y - 2): y + 3, max(0, x - 2): x + 3].flatten(2)
+            mean, var = patch.mean(-1), patch.var(-1, unbiased=True)
+            expected[:, :, y, x] = (pixels[:, :, y, x] - mean) / (var + 1e-6).sqrt()
+    assert torch.allclose(normalize_targets(pixels, window).double(), expected, atol=1e-4)
+
+
+def test_norm_target_window_changes_the_target_and_is_validated():
+    model = _model("swin_test").eval()
+    pixel_values, mask = torch.randn(2, 3, 64, 64), _mask(model, 2)
+    raw = model(pixel_values, bool_masked_pos=mask).loss
+    model.config.norm_target_window = 7
+    normalized = model(pixel_values, bool_masked_pos=mask)
+    from modeling_simmim.modeling_simmim import normalize_targets
+
+    expected = simmim_loss(normalize_targets(pixel_values, 7), normalized.reconstruction, mask, 4)
+    assert torch.allclose(normalized.loss, expected) and not torch.allclose(normalized.loss, raw)
+    with pytest.raises(ValueError, match="norm_target_window must be an odd size >= 3 .* got 8"):
+        SimMIMConfig.from_preset("swin_test", mask_patch_size=16).__class__(norm_target_window=8)

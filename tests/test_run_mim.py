@@ -118,7 +118,7 @@ def test_output_dir_is_checked_before_anything_runs(tmp_path):
 def test_swin_end_to_end_writes_every_output(tmp_path):
     output_dir, results = _run(tmp_path, "--max_steps", "4", "--visualize_steps", "2", "--warmup_steps", "1",
                                "--max_train_samples", "32", "--max_eval_samples", "8", "--save_strategy", "steps",
-                               "--save_steps", "4")
+                               "--save_steps", "4", "--report_to", "tensorboard")
     files = set(os.listdir(output_dir))
     assert {"model.safetensors", "config.json", "preprocessor_config.json", "trainer_state.json",
             "all_results.json", "README.md", "reconstructions", "checkpoint-4"} <= files
@@ -136,6 +136,10 @@ def test_swin_end_to_end_writes_every_output(tmp_path):
     assert {"train_loss", "eval_loss", "num_skipped_images", "train_samples"} <= set(all_results)
     assert all_results["num_skipped_images"] == 0 and results["eval_samples"] == 8
     assert "reconstructions/step_00004.png" in open(os.path.join(output_dir, "README.md")).read()
+    # TensorBoard is a reporter: the grids went there too (the tag is in the event file)
+    events = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(output_dir, "runs"))
+              for name in names if name.startswith("events.out.tfevents")]
+    assert events and any(b"reconstructions" in open(path, "rb").read() for path in events)
 
     from transformers import AutoImageProcessor, AutoModelForMaskedImageModeling
 
@@ -224,6 +228,23 @@ def test_help_in_a_fresh_process():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "run_mim.py"), "--help"], capture_output=True,
                             text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0 and "--base_learning_rate" in result.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_scale_the_lr_by_the_world_size(tmp_path):
+    """torchrun with 2 CPU processes (gloo): total batch = 2 x per-device batch, lr scaled accordingly."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    output_dir = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", os.path.join(ROOT, "run_mim.py"),
+               *TINY, "--per_device_train_batch_size", "4", "--output_dir", str(output_dir), "--max_steps", "3",
+               "--warmup_steps", "1", "--max_train_samples", "32", "--max_eval_samples", "8",
+               "--base_learning_rate", "0.5"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = _train_logs(str(output_dir))
+    assert logs[-1]["epoch"] == pytest.approx(0.75)  # 32 images / (4 x 2) = 4 steps per epoch
+    assert logs[1]["learning_rate"] == pytest.approx(simmim_lr_at(1, 0.5 * 8 / 512, 3, 1, 1e-6 * 8 / 512,
+                                                                  1e-5 * 8 / 512))
 
 
 @pytest.mark.slow
