@@ -153,6 +153,9 @@ class AugmentationArguments:
     color_jitter: float = field(
         default=0.4, metadata={"help": "Colour jitter (timm ignores it when an auto-augment policy is set)."}
     )
+    crop_scale: list[float] = field(
+        default_factory=lambda: [0.08, 1.0], metadata={"help": "RandomResizedCrop area range (official 0.08 1.0)."}
+    )
     interpolation: str = field(default="bicubic", metadata={"help": "Resize interpolation.",
                                                             "choices": ["bicubic", "bilinear"]})
     random_erasing: float = field(default=0.25, metadata={"help": "Random erasing probability."})
@@ -364,13 +367,15 @@ class ImageClassificationTrainer(SimMIMTrainer):
         self.eval_data_collator = eval_data_collator
 
     def _with_eval_collator(self, build, *args, **kwargs):
-        if self.eval_data_collator is None:
-            return build(*args, **kwargs)
-        train_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        # evaluation: plain (unmixed) batches, and every image (no drop_last, which the Trainer applies to all loaders)
+        train_collator, drop_last = self.data_collator, self.args.dataloader_drop_last
+        if self.eval_data_collator is not None:
+            self.data_collator = self.eval_data_collator
+        self.args.dataloader_drop_last = False
         try:
             return build(*args, **kwargs)
         finally:
-            self.data_collator = train_collator
+            self.data_collator, self.args.dataloader_drop_last = train_collator, drop_last
 
     def get_eval_dataloader(self, eval_dataset=None):
         return self._with_eval_collator(super().get_eval_dataloader, eval_dataset)
@@ -508,7 +513,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train_transform = build_classification_transform(
         image_size, train=True, auto_augment=aug_args.rand_augment, interpolation=aug_args.interpolation,
         random_erasing=aug_args.random_erasing, random_erasing_mode=aug_args.random_erasing_mode,
-        random_erasing_count=aug_args.random_erasing_count, color_jitter=aug_args.color_jitter, mean=mean, std=std)
+        random_erasing_count=aug_args.random_erasing_count, color_jitter=aug_args.color_jitter,
+        crop_scale=aug_args.crop_scale, mean=mean, std=std)
     eval_transform = build_classification_transform(image_size, train=False, interpolation=aug_args.interpolation,
                                                     mean=mean, std=std)
     train_dataset = eval_dataset = None

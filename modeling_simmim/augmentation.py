@@ -66,6 +66,7 @@ def build_classification_transform(
     random_erasing_mode: str = "pixel",
     random_erasing_count: int = 1,
     color_jitter: float | None = 0.4,
+    crop_scale: Sequence[float] = (0.08, 1.0),
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> Callable[[Image.Image], torch.Tensor]:
@@ -82,6 +83,7 @@ def build_classification_transform(
             re_prob=random_erasing,
             re_mode=random_erasing_mode,
             re_count=random_erasing_count,
+            scale=tuple(crop_scale),
             mean=tuple(mean),
             std=tuple(std),
         )

@@ -64,6 +64,11 @@ def geometric_source_coordinates(source_length: int, target_length: int) -> np.n
     """
     n, m = source_length // 2, target_length // 2
     q = geometric_ratio(n, m)
+    if n > 1 and q > 1.5 - 1e-5:
+        # the official bracket [1.01, 1.5] covers growths like 6 -> 7 and 12 -> 14; beyond it the source grid cannot
+        # reach the target offsets and the outer rows are extrapolated (the official code does the same, silently)
+        logger.warning("relative position bias resize %d -> %d offsets is outside the official geometric range "
+                       "(q=%.4f at the bracket end): outer offsets are extrapolated", source_length, target_length, q)
     distances = [1.0]
     for k in range(1, n):
         distances.append(distances[-1] + q**k)

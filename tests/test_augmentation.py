@@ -22,6 +22,9 @@ def test_train_transform_is_the_official_timm_recipe():
     steps = transform.transforms[1].transforms
     names = _names(transform)
     assert names[0] == "RandomResizedCropAndInterpolation" and "bicubic" in repr(steps[0])
+    assert tuple(steps[0].scale) == (0.08, 1.0)
+    narrow = build_classification_transform(64, train=True, crop_scale=(0.5, 1.0))
+    assert tuple(narrow.transforms[1].transforms[0].scale) == (0.5, 1.0)
     assert "RandomHorizontalFlip" in names and "RandAugment" in names
     assert "ColorJitter" not in names  # timm drops colour jitter when an auto-augment policy is set
     rand_augment = steps[names.index("RandAugment")]

@@ -62,12 +62,19 @@ SUBPROCESS = textwrap.dedent(
         np.save(folder + "_native_logits.npy", logits.numpy())
         np.save(folder + "_processed.npy", processed.numpy())
         results[family] = {"class": type(model).__name__, "predictions": predictions}
+    # our own checkpoint format loads with remote code (auto_map + copied code files)
+    remote = AutoModelForImageClassification.from_pretrained("ours", trust_remote_code=True).eval()
+    with torch.no_grad():
+        np.save("remote_logits.npy", remote(torch.from_numpy(np.load("swin_pixels.npy"))).logits.numpy())
+    results["remote"] = type(remote).__name__
     print(json.dumps(results))
     """
 )
 
 
 def test_export_runs_in_plain_transformers(tmp_path):
+    """Native exports of the 4 families run in `pipeline` without this package, with our logits; our own format
+    loads there too through remote code."""
     rng = np.random.default_rng(0)
     image = Image.fromarray(np.uint8(rng.random((90, 120, 3)) * 255))
     image.save(tmp_path / "image.png")
@@ -89,8 +96,12 @@ def test_export_runs_in_plain_transformers(tmp_path):
         assert processor["resample"] == 3 and processor["do_center_crop"]  # bicubic
         assert processor["image_mean"] == [0.485, 0.456, 0.406] and processor["image_std"] == [0.229, 0.224, 0.225]
 
+        if family == "swin":
+            model.save_pretrained(tmp_path / "ours")  # SimMIM format, for the remote-code check
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               HF_MODULES_CACHE=str(tmp_path / "modules"))
     # -I: isolated mode, neither the working directory nor PYTHONPATH is on sys.path (the repo is not importable)
     completed = subprocess.run(
         [sys.executable, "-I", "-c", SUBPROCESS, str(tmp_path / "image.png"), *CASES],
@@ -115,6 +126,8 @@ def test_export_runs_in_plain_transformers(tmp_path):
         expected = build_classification_transform(model.config.image_size[0], train=False)(image)
         assert processed.shape[1:] == expected.shape
         assert (processed[0] - expected).abs().mean() < 0.02
+    assert results["remote"] == "SimMIMForImageClassification"
+    np.testing.assert_allclose(np.load(tmp_path / "remote_logits.npy"), ours["swin"][1], atol=1e-5, rtol=0)
 
 
 def test_mean_pooled_vit_has_no_native_class():
@@ -123,45 +136,6 @@ def test_mean_pooled_vit_has_no_native_class():
     model = SimMIMForImageClassification(config)
     with pytest.raises(ValueError, match="no native class"):
         to_native_model(model)
-
-
-REMOTE = textwrap.dedent(
-    """
-    import sys
-    import numpy as np, torch
-    try:
-        import modeling_simmim  # noqa: F401
-        sys.exit("modeling_simmim must not be importable here")
-    except ImportError:
-        pass
-    from transformers import AutoModelForImageClassification
-    model = AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-    with torch.no_grad():
-        logits = model(torch.from_numpy(np.load(sys.argv[2]))).logits
-    np.save(sys.argv[3], logits.numpy())
-    print(type(model).__name__)
-    """
-)
-
-
-def test_our_checkpoint_loads_with_remote_code(tmp_path):
-    """A SimMIMForImageClassification folder carries its code (auto_map): the Hub loads it without this package."""
-    model = _classifier("swin")
-    model.save_pretrained(tmp_path / "ours")
-    pixel_values = torch.randn(2, 3, 64, 64)
-    np.save(tmp_path / "pixels.npy", pixel_values.numpy())
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    completed = subprocess.run(
-        [sys.executable, "-I", "-c", REMOTE, str(tmp_path / "ours"), str(tmp_path / "pixels.npy"),
-         str(tmp_path / "remote_logits.npy")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    assert completed.stdout.strip().splitlines()[-1] == "SimMIMForImageClassification"
-    with torch.no_grad():
-        expected = model(pixel_values).logits.numpy()
-    np.testing.assert_allclose(np.load(tmp_path / "remote_logits.npy"), expected, atol=1e-5, rtol=0)
 
 
 def test_swin_window_larger_than_a_stage_has_no_native_export():

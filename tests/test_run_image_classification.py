@@ -31,7 +31,7 @@ def pretrained(tmp_path_factory):
 def finetuned(pretrained, tmp_path_factory):
     output = str(tmp_path_factory.mktemp("ft"))
     results = ric.main([
-        "configs/finetune/demo_swin_test_cpu.yaml", "--model_name_or_path", pretrained, *TINY,
+        "--model_name_or_path", pretrained, *TINY, "--drop_path_rate", "0.1",
         "--output_dir", output, "--overwrite_output_dir", "true", "--layer_decay", "0.75",
     ])
     return output, results
@@ -43,6 +43,10 @@ def test_finetune_end_to_end(finetuned):
     for key in ("eval_accuracy", "eval_top5_accuracy", "train_loss"):
         assert key in all_results
     assert 0.0 <= all_results["eval_accuracy"] <= all_results["eval_top5_accuracy"] <= 1.0
+    # every evaluation image counts (48 images, batches of 32: drop_last must not apply to evaluation)
+    assert all_results["eval_samples"] == 48
+    for key in ("eval_accuracy", "eval_top5_accuracy"):
+        assert abs(all_results[key] * 48 - round(all_results[key] * 48)) < 1e-6
     config = json.loads(open(os.path.join(output, "config.json")).read())
     assert config["model_type"] == "swin" and config["architectures"] == ["SwinForImageClassification"]
     assert config["id2label"]["3"] == "3" and config.get("problem_type") is None  # Mixup never switched to BCE
@@ -107,3 +111,40 @@ def test_bad_arguments_fail_early(pretrained, tmp_path):
         ric.main([*TINY, "--model_name_or_path", pretrained, "--learning_rate", "1e-3", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="Give --model_name_or_path"):
         ric.main([*TINY, "--output_dir", str(tmp_path)])
+
+
+def test_labels_are_matched_to_the_model_by_name():
+    import datasets
+
+    from modeling_simmim.data import LoadedImageData
+
+    strings = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": ["a", "b", "c"],
+                                                                         "label": ["dog", "cat", "dog"]})})
+    loaded = LoadedImageData(strings, "image", "label", "test")
+    names = ric.label_names(loaded)
+    assert names == ["cat", "dog"]
+    mapping = ric.label_mapping(loaded, names, {"cat": 0, "dog": 1})
+    assert mapping(0, {"labels": "dog"}) == {"labels": 1}
+    features = datasets.Features({"image": datasets.Value("string"), "label": datasets.ClassLabel(names=["x", "y"])})
+    ids = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": ["a"], "label": [1]}, features=features)})
+    loaded = LoadedImageData(ids, "image", "label", "test")
+    assert ric.label_mapping(loaded, ["x", "y"], {"x": 0, "y": 1}) is None  # already the model's ids
+    swapped = ric.label_mapping(loaded, ["x", "y"], {"y": 0, "x": 1})  # evaluation of a model with another order
+    assert swapped(0, {"labels": 1}) == {"labels": 0}
+    with pytest.raises(ValueError, match="not classes of the model"):
+        ric.label_mapping(loaded, ["x", "y"], {"x": 0})
+
+
+def test_evaluation_sees_every_image_and_no_mixup(tmp_path):
+    config = SimMIMConfig.from_preset("swin_test", image_size=32)
+    config.num_labels = 3
+    examples = [{"pixel_values": torch.randn(3, 32, 32), "labels": i % 3} for i in range(5)]
+    args = ric.FinetuneTrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to="none",
+                                         dataloader_drop_last=True, eval_strategy="no", load_best_model_at_end=False)
+    trainer = ric.ImageClassificationTrainer(
+        model=SimMIMForImageClassification(config), args=args, eval_dataset=examples,
+        data_collator=ric.MixupCollator(num_labels=3), eval_data_collator=ric.collate_classification)
+    batches = list(trainer.get_eval_dataloader())
+    assert sum(len(batch["labels"]) for batch in batches) == 5  # the last, incomplete batch is kept
+    assert all(batch["labels"].dtype == torch.long for batch in batches)  # class ids: evaluation is never mixed
+    assert trainer.args.dataloader_drop_last  # training keeps the official drop_last
