@@ -15,7 +15,9 @@ setup: $(VENV)/.installed
 
 ## Quick start 1: pretrain a tiny SimMIM model on the bundled demo images, finetune it, print top-1.
 demo: $(VENV)/.installed
-	$(PYTHON) run_mim.py configs/pretrain/demo_swin_tiny_cpu.yaml --output_dir $(DEMO_DIR)/pretrain
+	$(PYTHON) run_mim.py configs/pretrain/demo_swin_tiny_cpu.yaml --output_dir $(DEMO_DIR)/pretrain --overwrite_output_dir true
+	$(PYTHON) run_image_classification.py configs/finetune/demo_swin_tiny_cpu.yaml --model_name_or_path $(DEMO_DIR)/pretrain \
+		--output_dir $(DEMO_DIR)/finetune --overwrite_output_dir true
 
 ## Quick start 2: the test suite (fast; `make test-slow` adds the long end-to-end runs).
 test: $(VENV)/.installed

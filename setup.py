@@ -15,6 +15,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["modeling_simmim"],
+    # The local `evaluate` metric (top-k accuracy) is loaded from its folder: ship it in wheels too.
+    package_data={"modeling_simmim": ["metrics/*/*.py"]},
     py_modules=["run_mim", "run_image_classification"],
     install_requires=[
         "torch>=2.4",

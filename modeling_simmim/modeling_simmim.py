@@ -117,6 +117,14 @@ class SimMIMPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
 
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        """`PreTrainedModel.save_pretrained`, but under the current parameter names by default.
+
+        transformers 5 otherwise renames Swin/ViT/BEiT weights back to their 4.x names on save, and the Trainer's
+        `load_best_model_at_end` and `resume_from_checkpoint` read checkpoints with a plain `load_state_dict`, which
+        then matches nothing and silently keeps the current weights. (Native exports keep transformers' format.)"""
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
     @torch.no_grad()
     def initialize_weights(self) -> None:
         """transformers' initialization, then the official one where it differs (mask token, bias tables, ...).
@@ -297,14 +305,6 @@ class SimMIMForImageClassification(SimMIMPreTrainedModel):
             output = (logits,) + tuple(x for x in (hidden_states, attentions) if x is not None)
             return ((loss,) + output) if loss is not None else output
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions)
-
-    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
-        """`PreTrainedModel.save_pretrained`, but under the current parameter names by default.
-
-        transformers 5 otherwise renames Swin/ViT/BEiT weights back to their 4.x names on save, and the Trainer's
-        `load_best_model_at_end` and `resume_from_checkpoint` read checkpoints with a plain `load_state_dict`, which
-        then matches nothing and silently keeps the current weights. (Native exports keep transformers' format.)"""
-        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
