@@ -676,7 +676,7 @@ def _check_swin_window_clamping(arch: OfficialArchitecture, converted: Mapping[s
                 f"window {arch.window_size}: the official model shrinks the window there to {stage_resolution} "
                 f"(bias table {tuple(converted[key].shape)}), but the installed transformers Swin keeps the full "
                 f"window (table {tuple(expected[key].shape)}) and cannot run such a stage. The swin backbone adapter "
-                f"must clamp these windows at build time (see docs/convert.md, 'Swin-L')."
+                f"must clamp these windows at build time (see the README, 'Using the published SimMIM weights')."
             )
 
 

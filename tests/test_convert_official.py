@@ -3,7 +3,7 @@
 The official code is not a dependency, so these tests write checkpoints in the official key layout themselves:
 `to_official_*` below is an inverse of the converter written independently of its name rules (it walks the
 transformers modules and fuses q/k/v into `qkv`, renames layer scale to `gamma_1/2`, adds the buffers the official
-models save, ...). The numerical cross-check against the official code itself is documented in docs/convert.md.
+models save, ...). The numerical cross-check against the official code itself is documented in the README ("Using the published SimMIM weights").
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 transformers 5 names, scales, and the effective lr of every group through schedulers.
 
 The ids were also cross-checked once against the official SimMIM `get_swin_layer` / `get_vit_layer` on the official
-Swin-B and ViT-B parameter names mapped to ours (425 and 223 parameters, no mismatch; see docs/finetune.md)."""
+Swin-B and ViT-B parameter names mapped to ours (425 and 223 parameters, no mismatch; see the README, "Finetuning")."""
 
 import math
 
