@@ -63,6 +63,7 @@ from run_mim import (
     _recipe_value,
     check_output_dir,
     load_recipe,
+    parse_backbone_overrides,
 )
 
 logger = logging.getLogger("run_image_classification")
@@ -104,22 +105,9 @@ class ModelArguments:
     token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
 
     def overrides(self) -> dict[str, Any]:
-        raw = self.backbone_config_overrides
-        if raw is None or raw == "":
-            values: dict[str, Any] = {}
-        elif isinstance(raw, dict):
-            values = dict(raw)
-        else:
-            try:
-                values = json.loads(raw)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"--backbone_config_overrides is not valid JSON ({error}): {raw!r}") from None
-            if not isinstance(values, dict):
-                raise ValueError(f"--backbone_config_overrides must be a JSON object, got {raw!r}.")
-        for name in ("image_size", "window_size", "drop_path_rate"):
-            if getattr(self, name) is not None:
-                values[name] = getattr(self, name)
-        return values
+        """Backbone overrides: --backbone_config_overrides plus the geometry / drop-path flags."""
+        return parse_backbone_overrides(self.backbone_config_overrides, image_size=self.image_size,
+                                        window_size=self.window_size, drop_path_rate=self.drop_path_rate)
 
 
 @dataclass

@@ -86,22 +86,25 @@ class ModelArguments:
 
     def overrides(self) -> dict[str, Any]:
         """Backbone overrides: --backbone_config_overrides plus the geometry flags."""
-        raw = self.backbone_config_overrides
-        if raw is None or raw == "":
-            values: dict[str, Any] = {}
-        elif isinstance(raw, dict):  # a recipe may give a mapping directly
-            values = dict(raw)
-        else:
-            try:
-                values = json.loads(raw)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"--backbone_config_overrides is not valid JSON ({error}): {raw!r}") from None
-            if not isinstance(values, dict):
-                raise ValueError(f"--backbone_config_overrides must be a JSON object, got {raw!r}.")
-        for name in ("image_size", "patch_size", "window_size"):
-            if getattr(self, name) is not None:
-                values[name] = getattr(self, name)
-        return values
+        return parse_backbone_overrides(self.backbone_config_overrides, image_size=self.image_size,
+                                        patch_size=self.patch_size, window_size=self.window_size)
+
+
+def parse_backbone_overrides(raw: str | dict | None, **flags: Any) -> dict[str, Any]:
+    """`--backbone_config_overrides` (a JSON object, or a mapping given by a recipe) plus the flags that are set."""
+    if raw is None or raw == "":
+        values: dict[str, Any] = {}
+    elif isinstance(raw, dict):  # a recipe may give a mapping directly
+        values = dict(raw)
+    else:
+        try:
+            values = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--backbone_config_overrides is not valid JSON ({error}): {raw!r}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"--backbone_config_overrides must be a JSON object, got {raw!r}.")
+    values.update({name: value for name, value in flags.items() if value is not None})
+    return values
 
 
 @dataclass
