@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ def _pair(value) -> tuple[int, int]:
     return int(value), int(value)
 
 
-class BackboneAdapter:
+class BackboneAdapter(ABC):
     """Base class; subclasses set `family`, `base_model_prefix` and `model_class`."""
 
     family: str = ""
@@ -47,6 +48,7 @@ class BackboneAdapter:
         """The transformers encoder. `fast_window_attention` only matters for Swin (see `SwinAdapter.build`)."""
         return self.model_class(backbone_config, add_pooling_layer=add_pooling_layer, use_mask_token=use_mask_token)
 
+    @abstractmethod
     def feature_map(
         self,
         backbone: nn.Module,
@@ -56,16 +58,16 @@ class BackboneAdapter:
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Run the encoder; return the last feature map (B, C, H/s, W/s) and the hidden states if asked.
         `bool_masked_pos` is (B, num_patches) on the model-patch grid."""
-        raise NotImplementedError  # every concrete adapter overrides it
 
+    @abstractmethod
     def num_layers(self, backbone_config: PretrainedConfig) -> int:
         """L of the official layer-decay rule: the number of transformer blocks."""
-        raise NotImplementedError  # every concrete adapter overrides it
 
+    @abstractmethod
     def layer_id(self, name: str, backbone_config: PretrainedConfig) -> int:
         """Official layer id (0 .. L+1) of a parameter, `name` relative to the encoder module."""
-        raise NotImplementedError  # every concrete adapter overrides it
 
+    @abstractmethod
     def official_init(self, backbone: nn.Module) -> None:
         """Re-initialize what transformers initializes differently from the official code. Uses
         `transformers.initialization`, which leaves weights loaded from a checkpoint untouched."""
