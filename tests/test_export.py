@@ -41,6 +41,7 @@ SUBPROCESS = textwrap.dedent(
     """
     import json, sys
     import numpy as np, torch
+    sys.modules["modeling_simmim"] = None  # hidden even where the package is pip-installed (CI)
     try:
         import modeling_simmim  # noqa: F401
         sys.exit("modeling_simmim must not be importable here")
