@@ -54,7 +54,7 @@ from modeling_simmim.data import (
     load_image_datasets,
 )
 from modeling_simmim.modeling_simmim import SimMIMForImageClassification
-from modeling_simmim.trainer import SimMIMTrainer, SimMIMTrainingArguments
+from modeling_simmim.trainer import SimMIMTrainer, SimMIMTrainingArguments, train_and_evaluate
 from run_mim import (
     FAMILY_DEFAULTS,
     RECIPE_SUFFIXES,
@@ -544,22 +544,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
     )
 
-    results: dict[str, Any] = {}
-    if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        metrics = dict(train_result.metrics)
-        metrics["train_samples"] = len(train_dataset)
-        metrics["num_skipped_images"] = loaded.num_skipped + trainer.total_skipped_images()
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-        results.update(metrics)
-    if eval_dataset is not None:
-        metrics = trainer.evaluate()
-        metrics["eval_samples"] = len(eval_dataset)
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        results.update(metrics)
+    results = train_and_evaluate(trainer, train_dataset, eval_dataset, training_args.do_train, checkpoint,
+                                 loaded.num_skipped)
 
     if trainer.is_world_process_zero():
         # The output folder is a native transformers classifier (the best checkpoint when evaluated during training)

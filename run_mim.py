@@ -38,7 +38,13 @@ from modeling_simmim.data import (
     build_pretrain_transform,
     load_image_datasets,
 )
-from modeling_simmim.trainer import RECONSTRUCTIONS_DIR, ReconstructionCallback, SimMIMTrainer, SimMIMTrainingArguments
+from modeling_simmim.trainer import (
+    RECONSTRUCTIONS_DIR,
+    ReconstructionCallback,
+    SimMIMTrainer,
+    SimMIMTrainingArguments,
+    train_and_evaluate,
+)
 
 logger = logging.getLogger("run_mim")
 
@@ -387,23 +393,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
     )
 
-    results: dict[str, Any] = {}
-    if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()  # model (safetensors + config with auto_map + code) and preprocessor_config.json
-        metrics = dict(train_result.metrics)
-        metrics["train_samples"] = len(train_dataset)
-        metrics["num_skipped_images"] = loaded.num_skipped + trainer.total_skipped_images()
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-        results.update(metrics)
-    if eval_dataset is not None:
-        metrics = trainer.evaluate()
-        metrics["eval_samples"] = len(eval_dataset)
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        results.update(metrics)
+    # save_model: the model (safetensors + config with auto_map + code) and preprocessor_config.json
+    results = train_and_evaluate(trainer, train_dataset, eval_dataset, training_args.do_train, checkpoint,
+                                 loaded.num_skipped, save_model=True)
 
     if training_args.push_to_hub:
         trainer.push_to_hub(tags=["simmim", "masked-image-modeling"])  # writes the model card first

@@ -472,6 +472,39 @@ class SimMIMTrainer(Trainer):
             handle.write(card)
 
 
+def train_and_evaluate(
+    trainer: SimMIMTrainer,
+    train_dataset: Any,
+    eval_dataset: Any,
+    do_train: bool,
+    resume_from_checkpoint: str | bool | None = None,
+    num_skipped_at_load: int = 0,
+    save_model: bool = False,
+) -> dict[str, Any]:
+    """The scripts' common run: train (resuming if asked; `save_model` saves the final model to the output folder),
+    log and save train metrics and the state, then evaluate. Returns every metric; `num_skipped_images` counts the
+    unreadable images dropped at load time and during training."""
+    results: dict[str, Any] = {}
+    if do_train:
+        train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        if save_model:
+            trainer.save_model()
+        metrics = dict(train_result.metrics)
+        metrics["train_samples"] = len(train_dataset)
+        metrics["num_skipped_images"] = num_skipped_at_load + trainer.total_skipped_images()
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        results.update(metrics)
+    if eval_dataset is not None:
+        metrics = trainer.evaluate()
+        metrics["eval_samples"] = len(eval_dataset)
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results.update(metrics)
+    return results
+
+
 def _format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -542,6 +575,7 @@ def render_model_card(
 
 
 __all__ = [
+    "train_and_evaluate",
     "SimMIMSchedulerType",
     "SimMIMTrainingArguments",
     "SimMIMSchedule",
