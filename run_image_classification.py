@@ -57,13 +57,10 @@ from modeling_simmim.modeling_simmim import SimMIMForImageClassification
 from modeling_simmim.trainer import SimMIMTrainer, SimMIMTrainingArguments, train_and_evaluate
 from run_mim import (
     FAMILY_DEFAULTS,
-    RECIPE_SUFFIXES,
     _check_override_keys,
-    _explicit_flags,
-    _recipe_value,
     check_output_dir,
-    load_recipe,
     parse_backbone_overrides,
+    parse_recipe_and_flags,
 )
 
 logger = logging.getLogger("run_image_classification")
@@ -186,29 +183,9 @@ def build_parser() -> HfArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None):
     """`[RECIPE] [--flags]` as in run_mim.py. Returns (model, data, augmentation, training args, explicit values)."""
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    recipe: dict[str, Any] = {}
-    if argv and not argv[0].startswith("-") and argv[0].lower().endswith(RECIPE_SUFFIXES):
-        recipe = load_recipe(argv.pop(0))
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(recipe) - known)
-    if unknown:
-        raise ValueError(f"Unknown recipe keys {unknown}: recipe keys are flag names without '--' (see --help).")
-    parser.set_defaults(**{key: _recipe_value(value) for key, value in recipe.items()})
-    model_args, data_args, aug_args, training_args = parser.parse_args_into_dataclasses(
-        args=argv, look_for_args_file=False)
-    given = set(recipe) | _explicit_flags(parser, argv)
-    if "learning_rate" in given:
-        raise ValueError(
-            "--learning_rate is not used: give --base_learning_rate (per 512 images, linearly scaled by the total "
-            "batch size, as the official recipe), or add --scale_learning_rate false to use it as is."
-        )
-    if "do_eval" in given and "do_train" not in given:
+    (model_args, data_args, aug_args, training_args), explicit = parse_recipe_and_flags(build_parser(), argv)
+    if "do_eval" in explicit and "do_train" not in explicit:
         training_args.do_train = False  # `--do_eval` alone evaluates the given model (transformers' convention)
-    values = {**vars(model_args), **vars(data_args), **vars(aug_args), **training_args.to_dict()}
-    private = {"output_dir", "logging_dir", "hub_token", "token", "resume_from_checkpoint", "cache_dir"}
-    explicit = {key: values.get(key) for key in sorted(given) if key in values and key not in private}
     return model_args, data_args, aug_args, training_args, explicit
 
 

@@ -173,13 +173,12 @@ def _explicit_flags(parser: HfArgumentParser, argv: Sequence[str]) -> set[str]:
     return dests
 
 
-def parse_args(argv: Sequence[str] | None = None):
+def parse_recipe_and_flags(parser: HfArgumentParser, argv: Sequence[str] | None = None) -> tuple[tuple, dict[str, Any]]:
     """Parse `[RECIPE] [--flags]`: recipe values become the parser's defaults, so flags override them and every value
-    goes through the same type conversion and validation as a flag.
+    goes through the same type conversion and validation as a flag. Shared by both scripts.
 
-    Returns (model_args, data_args, training_args, explicit) where `explicit` maps each value set by the recipe or
-    a flag to its final value (for the model card)."""
-    parser = build_parser()
+    Returns (the parser's dataclasses, explicit) where `explicit` maps each value set by the recipe or a flag to its
+    final value (for the model card; secrets and paths left out). `--learning_rate` is refused."""
     argv = list(sys.argv[1:] if argv is None else argv)
     recipe: dict[str, Any] = {}
     if argv and not argv[0].startswith("-") and argv[0].lower().endswith(RECIPE_SUFFIXES):
@@ -190,16 +189,24 @@ def parse_args(argv: Sequence[str] | None = None):
         raise ValueError(f"Unknown recipe keys {unknown}: recipe keys are flag names without '--' (see --help).")
     recipe = {key: _recipe_value(value) for key, value in recipe.items()}
     parser.set_defaults(**recipe)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     given = set(recipe) | _explicit_flags(parser, argv)
     if "learning_rate" in given:
         raise ValueError(
-            "--learning_rate is not used by run_mim.py: give --base_learning_rate (per 512 images, linearly scaled by "
-            "the total batch size, as the official recipe), or add --scale_learning_rate false to use it as is."
+            "--learning_rate is not used: give --base_learning_rate (per 512 images, linearly scaled by the total "
+            "batch size, as the official recipe), or add --scale_learning_rate false to use it as is."
         )
-    values = {**vars(model_args), **vars(data_args), **training_args.to_dict()}
+    values: dict[str, Any] = {}
+    for args in parsed:
+        values.update(args.to_dict() if hasattr(args, "to_dict") else vars(args))
     private = {"output_dir", "logging_dir", "hub_token", "token", "resume_from_checkpoint", "cache_dir"}
     explicit = {key: values.get(key) for key in sorted(given) if key in values and key not in private}
+    return tuple(parsed), explicit
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    """`[RECIPE] [--flags]` -> (model_args, data_args, training_args, explicit); see `parse_recipe_and_flags`."""
+    (model_args, data_args, training_args), explicit = parse_recipe_and_flags(build_parser(), argv)
     return model_args, data_args, training_args, explicit
 
 
