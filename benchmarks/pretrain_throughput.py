@@ -7,6 +7,8 @@ the SimMIM loss, backward, AdamW step, zero_grad); the implementations are inter
 Implementations (`--impls`):
   ours        SimMIMForMaskedImageModeling with the default fast path (fast window attention for Swin)
   ours_plain  the same model with `fast_window_attention=False` (transformers' forward inside our model)
+  ours_native_bf16  `ours` with the CPU bf16 matmul fallback off (PyTorch's own bf16 kernels; differs from `ours`
+              only for bf16 on CPUs without native bf16 matmul, see modeling_simmim/cpu_bf16.py)
   hf_sdpa     transformers' SwinForMaskedImageModeling / ViTForMaskedImageModeling, default attention (SDPA)
   hf_eager    the same with attn_implementation="eager"
 
@@ -51,11 +53,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import SwinForMaskedImageModeling, ViTConfig, ViTForMaskedImageModeling  # noqa: E402
 
 from modeling_simmim import SimMIMConfig, SimMIMForMaskedImageModeling  # noqa: E402
+from modeling_simmim.cpu_bf16 import native_cpu_bf16_matmul_supported, set_cpu_bf16_matmul  # noqa: E402
 from modeling_simmim.masking import SimMIMMaskGenerator  # noqa: E402
 from modeling_simmim.optimization import create_optimizer  # noqa: E402
 
 MODELS = ("swin_tiny", "swin_base", "vit_base", "beit_base", "swin_test", "vit_test")
-IMPLS = ("ours", "ours_plain", "hf_sdpa", "hf_eager")
+IMPLS = ("ours", "ours_plain", "ours_native_bf16", "hf_sdpa", "hf_eager")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -93,6 +96,9 @@ def build_models(model: str, impls: list[str], device: torch.device) -> dict[str
             plain_config = copy.deepcopy(config)
             plain_config.fast_window_attention = False
             models[impl] = SimMIMForMaskedImageModeling(plain_config)
+            models[impl].load_state_dict(ours.state_dict())
+        elif impl == "ours_native_bf16":
+            models[impl] = SimMIMForMaskedImageModeling(config)
             models[impl].load_state_dict(ours.state_dict())
         else:
             backbone_config = _reference_backbone_config(model, config)
@@ -190,6 +196,19 @@ class _RssSampler:
         self.peak = max(self.peak, self._process.memory_info().rss)
 
 
+@contextlib.contextmanager
+def _cpu_bf16_matmul(mode: str | None):
+    """Set modeling_simmim.cpu_bf16's mode for one forward (None: leave it as it is)."""
+    if mode is None:
+        yield
+        return
+    previous = set_cpu_bf16_matmul(mode)
+    try:
+        yield
+    finally:
+        set_cpu_bf16_matmul(previous)
+
+
 def make_step(model, optimizer, pixel_values, mask, dtype: torch.dtype, device: torch.device, impl: str):
     """One full training step as a closure; returns the loss tensor."""
     # transformers' MIM heads take (B, num_patches); ours takes the (B, H/p, W/p) grid directly.
@@ -197,9 +216,10 @@ def make_step(model, optimizer, pixel_values, mask, dtype: torch.dtype, device: 
     autocast = (
         torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     )
+    matmul_mode = "native" if impl == "ours_native_bf16" else None
 
     def step():
-        with autocast:
+        with autocast, _cpu_bf16_matmul(matmul_mode):
             loss = model(pixel_values, bool_masked_pos=model_mask).loss
         loss.backward()
         optimizer.step()
@@ -288,19 +308,20 @@ def run(args: argparse.Namespace) -> dict:
                 # Our model compiles as one graph (tested); transformers' may break graphs, so no fullgraph there.
                 runnable = torch.compile(model, fullgraph=impl.startswith("ours") and args.model.startswith("swin"))
             steps[impl] = make_step(runnable, optimizer, pixel_values, mask, dtype, device, impl)
-        # FLOPs on the eager model (FlopCounterMode and compiled graphs do not mix); the counted step also warms up.
-        flops, op_counts = {}, {}
-        for impl, model in models.items():
-            optimizer = create_optimizer(model, learning_rate=1e-4, fused=None)
-            step = make_step(model, optimizer, pixel_values, mask, dtype, device, impl)
-            flops[impl], op_counts[impl] = count_flops(step)
-        # First call of each step alone: compilation time when compiling.
+        # First call of each step alone: compilation time when compiling. It also fills
+        # one-time caches (e.g. the window geometry), so that the counts below are those of a steady-state step.
         for impl, step in steps.items():
             _sync(device)
             start = time.perf_counter()
             step()
             _sync(device)
             compile_s[impl] = time.perf_counter() - start
+        # FLOPs on the eager model (FlopCounterMode and compiled graphs do not mix).
+        flops, op_counts = {}, {}
+        for impl, model in models.items():
+            optimizer = create_optimizer(model, learning_rate=1e-4, fused=None)
+            step = make_step(model, optimizer, pixel_values, mask, dtype, device, impl)
+            flops[impl], op_counts[impl] = count_flops(step)
         times = {impl: [] for impl in steps}
         cpu_times = {impl: [] for impl in steps}
         for index in range(args.warmup + args.steps):
@@ -366,6 +387,7 @@ def run(args: argparse.Namespace) -> dict:
             "timer": args.timer,
             "threads": torch.get_num_threads(),
             "device": device_name(device),
+            "native_cpu_bf16_matmul": native_cpu_bf16_matmul_supported() if device.type == "cpu" else None,
             "torch": torch.__version__,
             "transformers": __import__("transformers").__version__,
             "matmul_peak_tflops": peaks,
@@ -392,7 +414,9 @@ def format_table(report: dict) -> str:
         f"model {meta['model']} {meta['image_size'][0]}x{meta['image_size'][1]}, batch {meta['batch_size']}, "
         f"median of {meta['steps']} steps after {meta['warmup']} warm-up ({meta['timer']} time), "
         f"{meta['threads']} threads, {meta['device']}",
-        "matmul peak (TFLOP/s): " + ", ".join(f"{k} {v:.3f}" for k, v in meta["matmul_peak_tflops"].items()),
+        "matmul peak (TFLOP/s): " + ", ".join(f"{k} {v:.3f}" for k, v in meta["matmul_peak_tflops"].items())
+        + ("" if meta.get("native_cpu_bf16_matmul") is None else
+           f"; native CPU bf16 matmul: {'yes' if meta['native_cpu_bf16_matmul'] else 'no'}"),
         "",
         "| impl | dtype | compiled | img/s | step ms | vs hf_sdpa | vs hf_eager | GFLOP/step | TFLOP/s | % matmul peak "
         "| peak mem MiB | kernels/step | copy ops (MiB) |",

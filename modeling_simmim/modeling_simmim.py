@@ -6,6 +6,7 @@ masked pixels only. State dicts are transformers-native (`swin.*`, `beit.*`, ...
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from transformers.utils import ModelOutput
 
 from .backbones import get_adapter
 from .configuration_simmim import SimMIMConfig
+from .cpu_bf16 import fallback_context
 
 
 def simmim_loss(
@@ -48,6 +50,18 @@ def normalize_targets(pixel_values: torch.Tensor, window: int) -> torch.Tensor:
     count = F.avg_pool2d(torch.ones_like(pixels[:, :1]), count_include_pad=True, **pool) * window * window
     variance = ((local_mean_of_squares - local_mean**2) * count / (count - 1)).clamp_min(0.0)
     return (pixels - local_mean) / (variance + 1e-6).sqrt()
+
+
+def _cpu_bf16_fallback(forward):
+    """Run a model's forward inside `cpu_bf16.fallback_context` (bf16 steps on CPUs without native bf16 matmul use
+    float32 kernels on bf16-rounded operands instead of PyTorch's slow generic bf16 kernel; a no-op elsewhere)."""
+
+    @functools.wraps(forward)
+    def wrapper(self, pixel_values, *args, **kwargs):
+        with fallback_context(self, pixel_values):
+            return forward(self, pixel_values, *args, **kwargs)
+
+    return wrapper
 
 
 def _mask_grid(bool_masked_pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -153,6 +167,7 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         )
         self.post_init()
 
+    @_cpu_bf16_fallback
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -277,6 +292,7 @@ class SimMIMForImageClassification(SimMIMPreTrainedModel):
             return tokens[:, 0], outputs
         return outputs.pooler_output, outputs
 
+    @_cpu_bf16_fallback
     def forward(
         self,
         pixel_values: torch.Tensor,

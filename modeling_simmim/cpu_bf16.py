@@ -1,0 +1,162 @@
+"""bf16 on CPUs without native bf16 matrix multiplication: bf16 numerics at float32 GEMM speed.
+
+PyTorch runs CPU bf16 matmuls and convolutions fast only where oneDNN has hardware bf16 (AVX512-BF16 or AMX).
+Everywhere else (AVX2 CPUs: AMD Zen 2/3, most Intel client and older server CPUs) it falls back to a generic
+kernel that `benchmarks/cpu_bf16_matmul.py` measures 30-200x slower than float32 on the shapes of a Swin-T step, so
+`--bf16` / `torch.autocast("cpu", torch.bfloat16)` turns a 1.5 s training step into ~45 s.
+
+`CPUBf16MatmulFallback` is a `TorchFunctionMode` that the SimMIM models enter around their forward when such a step
+is about to run (`fallback_context`). It reroutes every matrix product and convolution whose operands are bf16
+(explicitly, or by autocast) through the float32 kernel, on operands first rounded to bf16, and rounds the result to
+bf16. That is the numeric contract of a bf16 GEMM everywhere (bf16 inputs, float32 accumulation, bf16 output; cuBLAS
+and oneDNN alike), so the result matches the native kernel up to the order of the float32 accumulation. The backward
+keeps the contract too: gradients are float32 products of bf16 values, rounded to bf16 where the native backward
+returns bf16. The inputs saved for the backward are stored as bf16 (they are exactly representable), so activation
+memory stays that of bf16 training.
+
+Everything else (LayerNorm, softmax, GELU, the loss...) runs exactly as autocast decides. Nothing changes on CPUs
+with native bf16, on GPUs, in float32, under `torch.compile`, or when gradient checkpointing is on (its recomputation
+runs outside the forward, where the mode is not active; see `fallback_context`).
+
+    from modeling_simmim.cpu_bf16 import set_cpu_bf16_matmul
+    set_cpu_bf16_matmul("native")   # "auto" (default), "fallback" (always, e.g. to test it), "native" (never)
+
+The environment variable `SIMMIM_CPU_BF16_MATMUL` sets the initial value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = [
+    "CPUBf16MatmulFallback",
+    "fallback_context",
+    "native_cpu_bf16_matmul_supported",
+    "set_cpu_bf16_matmul",
+]
+
+_MODES = ("auto", "fallback", "native")
+_MODE = os.environ.get("SIMMIM_CPU_BF16_MATMUL", "auto")
+if _MODE not in _MODES:
+    raise ValueError(f"SIMMIM_CPU_BF16_MATMUL must be one of {_MODES}, got {_MODE!r}")
+
+
+def set_cpu_bf16_matmul(mode: str) -> str:
+    """"auto": use the fallback on CPUs without native bf16 matmul; "fallback": always on CPU; "native": never.
+    Returns the previous value."""
+    global _MODE
+    if mode not in _MODES:
+        raise ValueError(f"cpu bf16 matmul mode must be one of {_MODES}, got {mode!r}")
+    previous, _MODE = _MODE, mode
+    return previous
+
+
+@functools.lru_cache(maxsize=1)
+def native_cpu_bf16_matmul_supported() -> bool:
+    """True where oneDNN runs bf16 matmuls in hardware (AVX512-BF16 / AMX): PyTorch's own test of the CPU."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: no fast bf16 kernel either
+        return False
+
+
+# The functions whose bf16 kernels are the slow ones: every matrix product and convolution the supported encoders,
+# the decoder and the heads call (nn.Linear -> F.linear, nn.Conv2d -> F.conv2d, attention -> matmul / bmm / SDPA).
+_REROUTED = frozenset({
+    F.linear,
+    F.conv2d,
+    F.scaled_dot_product_attention,
+    torch.matmul,
+    torch.mm,
+    torch.bmm,
+    torch.Tensor.matmul,
+    torch.Tensor.__matmul__,
+    torch.Tensor.mm,
+    torch.Tensor.bmm,
+})
+
+
+def _autocast_bf16() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+class CPUBf16MatmulFallback(TorchFunctionMode):
+    """While active, bf16 matrix products / convolutions on the CPU run as float32 kernels on bf16-rounded operands,
+    with a bf16 result (see the module docstring). Other calls pass through untouched."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _REROUTED:
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            floating = [t for t in tensors if t.is_floating_point()]
+            on_cpu = floating and all(t.device.type == "cpu" for t in tensors)
+            # What the native call would compute in: bf16 under bf16 autocast, or all-bf16 operands without it.
+            if on_cpu and (_autocast_bf16() or all(t.dtype == torch.bfloat16 for t in floating)):
+                return _float32_kernel_on_bf16_operands(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+def _float32_kernel_on_bf16_operands(func, args, kwargs):
+    # Round every floating operand to bf16 (what autocast or bf16 weights give the native kernel), compute in float32.
+    exact_storages: set[int] = set()
+
+    def as_rounded_float32(value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            rounded = value.to(torch.bfloat16).float()
+            exact_storages.add(rounded.untyped_storage().data_ptr())
+            return rounded
+        return value
+
+    def pack(tensor: torch.Tensor):
+        # Saved operands hold bf16 values only: keep them as bf16 (lossless, half the memory). Anything else the
+        # float32 kernel saves (e.g. SDPA's output and log-sum-exp) stays float32.
+        if tensor.dtype == torch.float32 and tensor.untyped_storage().data_ptr() in exact_storages:
+            return True, tensor.to(torch.bfloat16)
+        return False, tensor
+
+    def unpack(packed):
+        was_rounded, tensor = packed
+        return tensor.float() if was_rounded else tensor
+
+    rounded_args = [as_rounded_float32(a) for a in args]
+    rounded_kwargs = {k: as_rounded_float32(v) for k, v in kwargs.items()}
+    with torch.autocast("cpu", enabled=False), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        result = func(*rounded_args, **rounded_kwargs)
+    return result.to(torch.bfloat16)
+
+
+def _bf16_requested(model: nn.Module, reference: torch.Tensor) -> bool:
+    if _autocast_bf16():
+        return True
+    parameter = next(model.parameters(), None)
+    return reference.dtype == torch.bfloat16 or (parameter is not None and parameter.dtype == torch.bfloat16)
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    # transformers >= 5.2x calls it `is_activation_checkpointing` (the old name warns); 5.9 only has the old one.
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else (
+        "is_gradient_checkpointing")
+    return bool(getattr(model, name, False))
+
+
+def fallback_context(model: nn.Module, reference: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The context a SimMIM model's forward runs in: `CPUBf16MatmulFallback` when `reference` (the input images) is on
+    the CPU, the step computes in bf16, the CPU lacks native bf16 matmul (mode "auto") or the mode is "fallback";
+    otherwise a no-op. Also a no-op under `torch.compile` (the compiler picks its own kernels) and when the model
+    trains with gradient checkpointing (the recomputation would run without the mode and differ from the forward)."""
+    if _MODE == "native" or reference.device.type != "cpu" or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    if _MODE == "auto" and native_cpu_bf16_matmul_supported():
+        return contextlib.nullcontext()
+    if not _bf16_requested(model, reference):
+        return contextlib.nullcontext()
+    if model.training and _checkpointing(model):
+        return contextlib.nullcontext()
+    return CPUBf16MatmulFallback()
