@@ -266,6 +266,39 @@ class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+# Matrix-product kernels (the arithmetic a step cannot avoid); everything else is "outside the matmuls".
+_MATMUL_KERNELS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"}
+
+
+def profile_step(step, device: torch.device, top: int = 10) -> dict:
+    """One step under torch.profiler: the share of self time spent in matrix-product kernels, and the top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        step()
+        _sync(device)
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    times = {event.key: getattr(event, attribute) / 1e3 for event in profiler.key_averages()}  # ms
+    total = sum(times.values())
+    matmul = sum(ms for name, ms in times.items() if name in _MATMUL_KERNELS)
+    ranked = sorted(times.items(), key=lambda item: item[1], reverse=True)[:top]
+    return {"total_ms": total, "matmul_ms": matmul, "matmul_share": matmul / total if total else 0.0,
+            "top_ms": [[name, round(ms, 1)] for name, ms in ranked]}
+
+
+def format_profiles(report: dict) -> str:
+    lines = []
+    for r in report["results"]:
+        summary = r["extra"].get("profile")
+        if summary:
+            top = ", ".join(f"{name} {ms:.0f}" for name, ms in summary["top_ms"])
+            lines.append(f"{r['impl']} {r['dtype']}: matmul kernels {summary['matmul_ms']:.0f} of "
+                         f"{summary['total_ms']:.0f} ms profiled self time ({100 * summary['matmul_share']:.0f}%); "
+                         f"top ops (ms): {top}")
+    return "\n".join(lines)
+
+
 def count_flops(step) -> tuple[float, dict[str, int]]:
     """FLOPs of one step (torch.utils.flop_counter) and its kernel / copy counts."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -350,6 +383,9 @@ def run(args: argparse.Namespace) -> dict:
                 with _RssSampler() as sampler:
                     step()
                 memory[impl] = (sampler.peak - sampler.start) / 2**20
+        if args.profile:
+            for impl, step in steps.items():
+                op_counts[impl]["profile"] = profile_step(step, device)
         timed = cpu_times if args.timer == "cpu" else times
         medians = {impl: statistics.median(values) for impl, values in timed.items()}
         for impl, median in medians.items():
@@ -457,6 +493,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "it counts OpenMP spin-waits); use wall on GPUs",
     )
     parser.add_argument("--verbose", action="store_true", help="print every step's times to stderr")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more step per implementation: share of time in matmul kernels, top ops")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
@@ -467,6 +505,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     report = run(args)
     print(format_table(report))
+    if args.profile:
+        print()
+        print(format_profiles(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report

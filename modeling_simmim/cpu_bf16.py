@@ -37,6 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "CPUBf16MatmulFallback",
+    "describe_cpu_bf16_path",
     "fallback_context",
     "native_cpu_bf16_matmul_supported",
     "set_cpu_bf16_matmul",
@@ -83,6 +84,16 @@ _REROUTED = frozenset({
 })
 
 
+def describe_cpu_bf16_path() -> str:
+    """One sentence for the logs of a bf16 run on the CPU: which kernels its matrix products will use."""
+    if _MODE == "native" or (_MODE == "auto" and native_cpu_bf16_matmul_supported()):
+        reason = "native bf16 on this CPU" if native_cpu_bf16_matmul_supported() else "SIMMIM_CPU_BF16_MATMUL=native"
+        return f"bf16 on the CPU: PyTorch's bf16 matmul kernels ({reason})."
+    return ("bf16 on the CPU: matrix products run as float32 kernels on bf16-rounded operands with bf16 results "
+            "(modeling_simmim.cpu_bf16; this CPU has no native bf16 matmul, where PyTorch's bf16 kernel is ~25x slower "
+            "than float32), except in training with gradient checkpointing.")
+
+
 def _autocast_bf16() -> bool:
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
@@ -97,8 +108,12 @@ class CPUBf16MatmulFallback(TorchFunctionMode):
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
             floating = [t for t in tensors if t.is_floating_point()]
             on_cpu = floating and all(t.device.type == "cpu" for t in tensors)
-            # What the native call would compute in: bf16 under bf16 autocast, or all-bf16 operands without it.
-            if on_cpu and (_autocast_bf16() or all(t.dtype == torch.bfloat16 for t in floating)):
+            # What the native call would compute in: bf16 under bf16 autocast (which leaves float64 alone), or
+            # all-bf16 operands without it.
+            if on_cpu and (
+                (_autocast_bf16() and not any(t.dtype == torch.float64 for t in floating))
+                or all(t.dtype == torch.bfloat16 for t in floating)
+            ):
                 return _float32_kernel_on_bf16_operands(func, args, kwargs)
         return func(*args, **kwargs)
 

@@ -23,6 +23,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import ExplicitEnum
 
+from .cpu_bf16 import describe_cpu_bf16_path
 from .data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, SKIPPED_KEY
 from .optimization import create_optimizer, get_simmim_scheduler, scale_learning_rate
 from .visualization import make_reconstruction_grid, reconstruct
@@ -485,6 +486,8 @@ def train_and_evaluate(
     log and save train metrics and the state, then evaluate. Returns every metric; `num_skipped_images` counts the
     unreadable images dropped at load time and during training."""
     results: dict[str, Any] = {}
+    if (trainer.args.bf16 or trainer.args.bf16_full_eval) and trainer.args.device.type == "cpu":
+        logger.info(describe_cpu_bf16_path())
     if do_train:
         train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         if save_model:

@@ -2,6 +2,7 @@
 operands. Checked against the exact bf16-GEMM contract, against PyTorch's own bf16 kernels, in every model family,
 in the models' forward decisions, and through run_mim.py with --bf16."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -97,7 +98,7 @@ def test_every_rerouted_call_is_as_accurate_as_pytorchs_bf16_kernel(name, functi
     for use_fallback in (False, True):
         inputs = [leaf.clone().requires_grad_() for leaf in leaves]
         rerouted_calls.clear()
-        with torch.autocast("cpu", dtype=BF16), (CPUBf16MatmulFallback() if use_fallback else _nothing()):
+        with torch.autocast("cpu", dtype=BF16), (CPUBf16MatmulFallback() if use_fallback else contextlib.nullcontext()):
             out = function(*inputs)
         assert bool(rerouted_calls) == use_fallback, name
         assert out.dtype == BF16
@@ -107,14 +108,6 @@ def test_every_rerouted_call_is_as_accurate_as_pytorchs_bf16_kernel(name, functi
         ]
     for native_error, fallback_error in zip(errors[False], errors[True]):
         assert fallback_error <= max(1.5 * native_error, 1e-2), (name, errors)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_saved_operands_are_stored_as_bf16(monkeypatch):
@@ -155,8 +148,11 @@ def test_other_calls_and_other_dtypes_pass_through(rerouted_calls):
         out = F.linear(x, weight)  # float32 without autocast: untouched
         torch.softmax(x, dim=-1)
         (x.to(torch.float64) @ weight.to(torch.float64).T)
-    assert not rerouted_calls and out.dtype == torch.float32
+    with torch.autocast("cpu", dtype=BF16), CPUBf16MatmulFallback():
+        double = x.double() @ weight.double().T  # autocast leaves float64 alone, and so does the fallback
+    assert not rerouted_calls and out.dtype == torch.float32 and double.dtype == torch.float64
     torch.testing.assert_close(out, x @ weight.T)
+    torch.testing.assert_close(double, x.double() @ weight.double().T)
     with CPUBf16MatmulFallback():
         out = F.linear(x.to(BF16), weight.to(BF16))  # all-bf16 operands without autocast: rerouted
     assert rerouted_calls == [F.linear] and out.dtype == BF16
@@ -267,17 +263,21 @@ def test_bad_modes_are_refused():
     assert result.returncode != 0 and "SIMMIM_CPU_BF16_MATMUL must be one of" in result.stderr
 
 
-def test_run_mim_with_bf16_on_the_cpu(tmp_path, mode, rerouted_calls):
+def test_run_mim_with_bf16_on_the_cpu(tmp_path, mode, rerouted_calls, caplog):
+    import logging
+
     import run_mim
 
     mode("fallback")  # on any CPU, so that this test checks the same path on machines with native bf16
     output_dir = str(tmp_path / "bf16")
-    results = run_mim.main([
-        "--model_preset", "swin_test", "--mask_patch_size", "16", "--per_device_train_batch_size", "4",
-        "--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no", "--use_cpu", "--bf16",
-        "--disable_tqdm", "true", "--report_to", "none", "--max_train_samples", "16", "--max_eval_samples", "4",
-        "--output_dir", output_dir,
-    ])
+    with caplog.at_level(logging.INFO, logger="modeling_simmim.trainer"):
+        results = run_mim.main([
+            "--model_preset", "swin_test", "--mask_patch_size", "16", "--per_device_train_batch_size", "4",
+            "--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no", "--use_cpu", "--bf16",
+            "--disable_tqdm", "true", "--report_to", "none", "--max_train_samples", "16", "--max_eval_samples", "4",
+            "--output_dir", output_dir,
+        ])
+    assert "float32 kernels on bf16-rounded operands" in caplog.text  # the log says which kernels run
     assert rerouted_calls, "the Trainer's bf16 autocast did not reach the fallback"
     assert results["train_loss"] > 0 and torch.isfinite(torch.tensor(results["train_loss"]))
 

@@ -348,7 +348,8 @@ def test_pretrain_throughput_benchmark_runs_and_reports(tmp_path):
     spec.loader.exec_module(benchmark)
     out = tmp_path / "report.json"
     report = benchmark.main(["--model", "swin_test", "--batch_size", "2", "--steps", "2", "--warmup", "0",
-                             "--dtype", "fp32", "--impls", "ours,hf_eager", "--timer", "cpu", "--json", str(out)])
+                             "--dtype", "fp32", "--impls", "ours,hf_eager", "--timer", "cpu", "--json", str(out),
+                             "--profile"])
     assert json.loads(out.read_text())["meta"]["model"] == "swin_test"
     rows = {r["impl"]: r for r in report["results"]}
     assert set(rows) == {"ours", "hf_eager"}
@@ -356,6 +357,9 @@ def test_pretrain_throughput_benchmark_runs_and_reports(tmp_path):
     # Same model and weights: same FLOPs; the fused qkv does not change the count.
     assert rows["ours"]["gflop_per_step"] == pytest.approx(rows["hf_eager"]["gflop_per_step"], rel=1e-6)
     assert len(rows["ours"]["step_times_s"]) == 2 and rows["ours"]["extra"]["kernels"] > 0
+    profile = rows["ours"]["extra"]["profile"]  # --profile: where one step's time goes
+    assert 0 < profile["matmul_ms"] < profile["total_ms"] and 0 < profile["matmul_share"] < 1
+    assert "matmul kernels" in benchmark.format_profiles(report)
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--steps", "0"])
 
