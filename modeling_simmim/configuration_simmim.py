@@ -70,6 +70,13 @@ def build_backbone_config(backbone_type: str, **kwargs: Any) -> PretrainedConfig
     return SUPPORTED_BACKBONES[backbone_type](**kwargs)
 
 
+# Fields of SimMIMConfig itself (not of its backbone) that `from_preset` accepts among its keyword arguments.
+_OWN_FIELDS = frozenset({
+    "encoder_stride", "fast_window_attention", "num_labels", "id2label", "label2id", "label_smoothing",
+    "classifier_pooling",
+})
+
+
 class SimMIMConfig(PretrainedConfig):
     r"""
     Configuration of a SimMIM model: a Swin, SwinV2, ViT or BEiT-style ViT encoder (any transformers config of those
@@ -204,16 +211,20 @@ class SimMIMConfig(PretrainedConfig):
                     norm_target_window: int | None = None, **backbone_overrides: Any):
         """Build the config of a named backbone: the official ones ("swin_base", "swin_large", "swinv2_base",
         "swinv2_huge", "vit_base" = BEiT-style ViT-B/16, plus "swin_tiny") and tiny test ones ("swin_test",
-        "swinv2_test", "vit_test", "beit_test"). `backbone_overrides` replace preset values (e.g. window_size=7)."""
+        "swinv2_test", "vit_test", "beit_test"). `backbone_overrides` replace preset values (e.g. window_size=7);
+        the SimMIM and classification-head fields among them (`encoder_stride`, `fast_window_attention`,
+        `num_labels`, `id2label`, `label2id`, `label_smoothing`, `classifier_pooling`) set this config instead."""
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; available: {sorted(PRESETS)}.")
         backbone_type, preset_kwargs = PRESETS[name]
+        own = {key: backbone_overrides.pop(key) for key in list(backbone_overrides) if key in _OWN_FIELDS}
         kwargs = {**copy.deepcopy(preset_kwargs), **backbone_overrides}
         return cls(
             backbone_config=build_backbone_config(backbone_type, **kwargs),
             mask_patch_size=mask_patch_size,
             mask_ratio=mask_ratio,
             norm_target_window=norm_target_window,
+            **own,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -78,3 +78,13 @@ def test_backbone_config_from_dict():
                                            "num_heads": [1, 2], "window_size": 3})
     assert isinstance(config.backbone_config, SwinConfig)
     assert config.image_size == (96, 96) and config.encoder_stride == 8 and config.hidden_size == 64
+
+
+def test_from_preset_routes_simmim_and_head_fields_to_the_simmim_config():
+    config = SimMIMConfig.from_preset("swin_test", window_size=2, num_labels=5, fast_window_attention=False,
+                                      label_smoothing=0.1, id2label={0: "a", 1: "b", 2: "c", 3: "d", 4: "e"})
+    assert config.num_labels == 5 and config.id2label[4] == "e" and config.label_smoothing == 0.1
+    assert config.fast_window_attention is False
+    assert config.backbone_config.window_size == 2  # backbone fields still go to the backbone
+    assert not hasattr(config.backbone_config, "fast_window_attention")
+    assert not hasattr(config.backbone_config, "label_smoothing")
