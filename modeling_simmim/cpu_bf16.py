@@ -2,8 +2,8 @@
 
 PyTorch runs CPU bf16 matmuls and convolutions fast only where oneDNN has hardware bf16 (AVX512-BF16 or AMX).
 Everywhere else (AVX2 CPUs: AMD Zen 2/3, most Intel client and older server CPUs) it falls back to a generic
-kernel that `benchmarks/cpu_bf16_matmul.py` measures 30-200x slower than float32 on the shapes of a Swin-T step, so
-`--bf16` / `torch.autocast("cpu", torch.bfloat16)` turns a 1.5 s training step into ~45 s.
+kernel that `benchmarks/cpu_bf16_matmul.py` measures 30x to several hundred times slower than float32, so `--bf16` /
+`torch.autocast("cpu", torch.bfloat16)` turns a 1.7 s Swin-T training step into ~40 s.
 
 `CPUBf16MatmulFallback` is a `TorchFunctionMode` that the SimMIM models enter around their forward when such a step
 is about to run (`fallback_context`). It reroutes every matrix product and convolution whose operands are bf16
@@ -90,8 +90,8 @@ def describe_cpu_bf16_path() -> str:
         reason = "native bf16 on this CPU" if native_cpu_bf16_matmul_supported() else "SIMMIM_CPU_BF16_MATMUL=native"
         return f"bf16 on the CPU: PyTorch's bf16 matmul kernels ({reason})."
     return ("bf16 on the CPU: matrix products run as float32 kernels on bf16-rounded operands with bf16 results "
-            "(modeling_simmim.cpu_bf16; this CPU has no native bf16 matmul, where PyTorch's bf16 kernel is ~25x slower "
-            "than float32), except in training with gradient checkpointing.")
+            "(modeling_simmim.cpu_bf16; this CPU has no native bf16 matmul, where PyTorch's bf16 kernel is over 20x "
+            "slower than float32), except in training with gradient checkpointing.")
 
 
 def _autocast_bf16() -> bool:
