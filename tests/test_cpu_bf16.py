@@ -85,9 +85,8 @@ def _relative_error(got, reference):
     ],
 )
 def test_every_rerouted_call_is_as_accurate_as_pytorchs_bf16_kernel(name, function, shapes, rerouted_calls):
-    """Forward and gradients against a float64 computation on the same bf16 operands: the fallback's error is a bf16
-    rounding, and never larger than that of PyTorch's own bf16 kernel (which, for convolution weight gradients on
-    CPUs without native bf16, is the less accurate of the two)."""
+    """Forward and gradients against a float64 computation on the same bf16 operands: the fallback's relative error
+    is at most a bf16 rounding (1e-2), or 1.5x that of PyTorch's own bf16 kernel where that one is larger."""
     leaves = [_bf16_exact(torch.randn(*shape)) for shape in shapes]
     reference_inputs = [leaf.double().requires_grad_() for leaf in leaves]
     reference = function(*reference_inputs)
