@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import SwinForMaskedImageModeling, ViTConfig, ViTForMaskedImageModeling  # noqa: E402
 
 from modeling_simmim import SimMIMConfig, SimMIMForMaskedImageModeling  # noqa: E402
-from modeling_simmim.cpu_bf16 import native_cpu_bf16_matmul_supported, set_cpu_bf16_matmul  # noqa: E402
+from modeling_simmim.cpu_bf16 import cpu_bf16_matmul, native_cpu_bf16_matmul_supported  # noqa: E402
 from modeling_simmim.masking import SimMIMMaskGenerator  # noqa: E402
 from modeling_simmim.optimization import create_optimizer  # noqa: E402
 
@@ -196,19 +196,6 @@ class _RssSampler:
         self.peak = max(self.peak, self._process.memory_info().rss)
 
 
-@contextlib.contextmanager
-def _cpu_bf16_matmul(mode: str | None):
-    """Set modeling_simmim.cpu_bf16's mode for one forward (None: leave it as it is)."""
-    if mode is None:
-        yield
-        return
-    previous = set_cpu_bf16_matmul(mode)
-    try:
-        yield
-    finally:
-        set_cpu_bf16_matmul(previous)
-
-
 def make_step(model, optimizer, pixel_values, mask, dtype: torch.dtype, device: torch.device, impl: str):
     """One full training step as a closure; returns the loss tensor."""
     # transformers' MIM heads take (B, num_patches); ours takes the (B, H/p, W/p) grid directly.
@@ -216,10 +203,11 @@ def make_step(model, optimizer, pixel_values, mask, dtype: torch.dtype, device: 
     autocast = (
         torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     )
-    matmul_mode = "native" if impl == "ours_native_bf16" else None
+    # ours_native_bf16: the CPU bf16 fallback off for this model's forward (the mode is read when the forward starts).
+    fallback_off = impl == "ours_native_bf16"
 
     def step():
-        with autocast, _cpu_bf16_matmul(matmul_mode):
+        with autocast, (cpu_bf16_matmul("native") if fallback_off else contextlib.nullcontext()):
             loss = model(pixel_values, bool_masked_pos=model_mask).loss
         loss.backward()
         optimizer.step()

@@ -18,8 +18,9 @@ Everything else (LayerNorm, softmax, GELU, the loss...) runs exactly as autocast
 with native bf16, on GPUs, in float32, under `torch.compile`, or when gradient checkpointing is on (its recomputation
 runs outside the forward, where the mode is not active; see `fallback_context`).
 
-    from modeling_simmim.cpu_bf16 import set_cpu_bf16_matmul
+    from modeling_simmim.cpu_bf16 import cpu_bf16_matmul, set_cpu_bf16_matmul
     set_cpu_bf16_matmul("native")   # "auto" (default), "fallback" (always, e.g. to test it), "native" (never)
+    with cpu_bf16_matmul("native"): ...   # the same for one block
 
 The environment variable `SIMMIM_CPU_BF16_MATMUL` sets the initial value.
 """
@@ -37,6 +38,7 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "CPUBf16MatmulFallback",
+    "cpu_bf16_matmul",
     "describe_cpu_bf16_path",
     "fallback_context",
     "native_cpu_bf16_matmul_supported",
@@ -57,6 +59,16 @@ def set_cpu_bf16_matmul(mode: str) -> str:
         raise ValueError(f"cpu bf16 matmul mode must be one of {_MODES}, got {mode!r}")
     previous, _MODE = _MODE, mode
     return previous
+
+
+@contextlib.contextmanager
+def cpu_bf16_matmul(mode: str):
+    """`set_cpu_bf16_matmul(mode)` for the duration of a `with` block, then the previous mode again."""
+    previous = set_cpu_bf16_matmul(mode)
+    try:
+        yield
+    finally:
+        set_cpu_bf16_matmul(previous)
 
 
 @functools.lru_cache(maxsize=1)

@@ -252,6 +252,15 @@ def test_not_used_in_float32_under_compile_or_with_gradient_checkpointing(mode, 
     assert torch.isfinite(loss) and torch.isfinite(grads).all()
 
 
+def test_the_context_manager_restores_the_mode(mode):
+    mode("fallback")
+    with cpu_bf16.cpu_bf16_matmul("native"):
+        assert cpu_bf16._MODE == "native"
+        with pytest.raises(ValueError, match="auto"), cpu_bf16.cpu_bf16_matmul("sometimes"):
+            pass
+    assert cpu_bf16._MODE == "fallback"
+
+
 def test_bad_modes_are_refused():
     with pytest.raises(ValueError, match="auto"):
         set_cpu_bf16_matmul("fast")
