@@ -123,7 +123,8 @@ def list_checkpoints(output_dir: str) -> list[str]:
     if not os.path.isdir(output_dir):
         return []
     found = [(checkpoint_step(name), os.path.join(output_dir, name)) for name in os.listdir(output_dir)]
-    return [path for step, path in sorted(found, reverse=True) if step is not None and os.path.isdir(path)]
+    return [path for step, path in sorted((item for item in found if item[0] is not None), reverse=True)
+            if os.path.isdir(path)]
 
 
 def find_resumable_checkpoint(

@@ -116,6 +116,19 @@ def test_output_dir_is_checked_before_anything_runs(tmp_path):
         run_mim.check_output_dir(args)
 
 
+def test_runs_that_cannot_learn_fail_before_the_model_is_built(tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the check")
+
+    monkeypatch.setattr(run_mim, "SimMIMForMaskedImageModeling", no_model)
+    with pytest.raises(ValueError, match=r"Only 12 training images: fewer than one batch \(16 per process"):
+        _run(tmp_path, "--max_train_samples", "12", "--per_device_train_batch_size", "16")
+    with pytest.raises(ValueError, match="--base_learning_rate must be > 0"):
+        _run(tmp_path, "--base_learning_rate=-1e-4")
+    with pytest.raises(ValueError, match="--per_device_train_batch_size must be > 0"):
+        _run(tmp_path, "--per_device_train_batch_size", "0")
+
+
 # ---- end to end -------------------------------------------------------------------------------------------------
 def test_swin_end_to_end_writes_every_output(tmp_path):
     output_dir, results = _run(tmp_path, "--max_steps", "4", "--visualize_steps", "2", "--warmup_steps", "1",
