@@ -198,6 +198,11 @@ class StepGuardCallback(TrainerCallback):
             control.should_evaluate = False
             control.should_log = True
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stop_signal is not None:  # saved at the step already; the epoch-end save or evaluation would be late
+            control.should_save = False
+            control.should_evaluate = False
+
     # ---- what the trainer logs -----------------------------------------------------------------------------------
     def window_loss(self) -> float:
         """Mean loss of the applied steps since the previous call (NaN when every step was skipped); restarts."""

@@ -117,7 +117,7 @@ class SimMIMTrainingArguments(TrainingArguments):
     )
     logging_nan_inf_filter: bool = field(
         default=False,
-        metadata={"help": "Unused: non-finite steps are skipped and counted (nonfinite_steps); the logged loss is the "
+        metadata={"help": "No effect on the logs: non-finite steps are skipped and counted (nonfinite_steps); the logged loss is the "
                   "mean of the applied steps, NaN when there were none."},
     )
 

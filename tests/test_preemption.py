@@ -148,3 +148,29 @@ def test_two_processes_stop_at_the_same_step_when_one_gets_sigusr1(tmp_path):
     with open(log.name) as handle:
         text = handle.read()
     assert "Stopped by a stop signal (another process)" in text and "Stopped by SIGUSR1" in text, text[-3000:]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_forwards_sigusr1_as_the_readme_slurm_script_sets_it_up(tmp_path):
+    """The README's SLURM setup: `accelerate launch` told (PET_SIGNALS_TO_HANDLE) to pass SIGUSR1 on to its workers
+    and to give them time (PET_SHUTDOWN_TIMEOUT); the signal reaches the launcher only, both workers save and stop."""
+    output_dir, events = tmp_path / "acc", tmp_path / "events"
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                   "SIMMIM_TEST_EVENTS": str(events), "SIMMIM_TEST_STEP_SECONDS": "1",
+                   "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "PET_SHUTDOWN_TIMEOUT": "120"}
+    log = open(tmp_path / "acc.log", "w")
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    process = subprocess.Popen(
+        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29531", SCRIPT, *RUN,
+         "--per_device_train_batch_size", "4", "--output_dir", str(output_dir)],
+        cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
+    _wait_for(events / "step-1-2", process, log)
+    process.send_signal(signal.SIGUSR1)
+    process.wait(timeout=WAIT_SECONDS)
+    log.close()
+    with open(log.name) as handle:
+        text = handle.read()
+    assert text.count("Stopped by SIGUSR1 at step") == 2, text[-3000:]
+    step = int(text.split("Stopped by SIGUSR1 at step ")[1].split()[0])
+    assert step < 8 and checkpoint_problems(str(output_dir / f"checkpoint-{step}")) == []
+    assert not (output_dir / "train_results.json").exists()  # what the README's script tests before requeueing

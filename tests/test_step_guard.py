@@ -151,28 +151,36 @@ def test_max_nonfinite_steps_must_be_positive(tmp_path):
 class _SignalAt(TrainerCallback):
     def __init__(self, step, signum):
         self.step, self.signum = step, signum
+        self.saves = 0
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             os.kill(os.getpid(), self.signum)
 
+    def on_save(self, args, state, control, **kwargs):
+        self.saves += 1
 
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
-def test_a_stop_signal_saves_at_the_next_step_boundary_and_exits_143(tmp_path, signum):
+
+@pytest.mark.parametrize(("signum", "strategy"), [(signal.SIGUSR1, "steps"), (signal.SIGTERM, "epoch")])
+def test_a_stop_signal_saves_at_the_next_step_boundary_and_exits_143(tmp_path, signum, strategy):
     received = []
     # Should the trainer not handle it, this test's own handler records the signal instead of ending pytest.
     previous = signal.signal(signum, lambda *_: received.append(signum))
+    signaller = _SignalAt(3, signum)
     try:
-        trainer = _trainer(tmp_path, callbacks=[_SignalAt(2, signum)], max_steps=8, save_strategy="no",
-                           eval_strategy="steps", eval_steps=3, eval_images=4)
+        # 4 steps per epoch: the stop at step 4 is also an epoch end, where the epoch strategy would save and evaluate
+        schedule = {"save_strategy": "no", "eval_strategy": "steps", "eval_steps": 4} if strategy == "steps" else \
+            {"save_strategy": "epoch", "eval_strategy": "epoch"}
+        trainer = _trainer(tmp_path, callbacks=[signaller], max_steps=8, eval_images=4, **schedule)
         with pytest.raises(SystemExit) as exit_info:
             train_and_evaluate(trainer, trainer.train_dataset, None, do_train=True, save_model=True)
         assert signal.getsignal(signum) is not trainer.step_guard.signals._handle  # handler removed after training
     finally:
         signal.signal(signum, previous)
     assert received == [] and exit_info.value.code == PREEMPTED_EXIT_CODE
-    assert trainer.stop_signal == signum.name and trainer.state.global_step == 3  # the step after the signal
-    assert trainer.last_checkpoint == str(tmp_path / "checkpoint-3")
-    assert checkpoint_problems(trainer.last_checkpoint) == []  # saved although --save_strategy no
-    assert not any("eval_loss" in entry for entry in trainer.state.log_history)  # step 3's evaluation skipped
+    assert trainer.stop_signal == signum.name and trainer.state.global_step == 4  # the step after the signal
+    assert trainer.last_checkpoint == str(tmp_path / "checkpoint-4")
+    assert checkpoint_problems(trainer.last_checkpoint) == []  # saved (also with --save_strategy no) ...
+    assert signaller.saves == 1  # ... once
+    assert not any("eval_loss" in entry for entry in trainer.state.log_history)  # step 4's evaluation skipped
     assert not os.path.exists(tmp_path / "model.safetensors")  # no final model for a stopped run
