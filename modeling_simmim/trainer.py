@@ -112,13 +112,13 @@ class SimMIMTrainingArguments(TrainingArguments):
     )
     max_nonfinite_steps: int = field(
         default=20,
-        metadata={"help": "Stop the run (non-zero exit) after this many optimizer steps in a row with a NaN/inf loss or "
-                  "gradient norm; each such step is skipped (weights and optimizer state untouched) and counted."},
+        metadata={"help": "Stop the run (non-zero exit) after this many optimizer steps in a row with a NaN/inf loss "
+                  "or gradient norm; each such step is skipped (weights and optimizer state untouched) and counted."},
     )
     logging_nan_inf_filter: bool = field(
         default=False,
-        metadata={"help": "No effect on the logs: non-finite steps are skipped and counted (nonfinite_steps); the logged loss is the "
-                  "mean of the applied steps, NaN when there were none."},
+        metadata={"help": "No effect on the logs: non-finite steps are skipped and counted (nonfinite_steps); the "
+                  "logged loss is the mean of the applied steps, NaN when there were none."},
     )
 
     def __post_init__(self) -> None:
@@ -543,7 +543,7 @@ class SimMIMTrainer(Trainer):
 
     # ---- checkpoints and saving -----------------------------------------------------------------------------------
     def _get_output_dir(self, trial) -> str:
-        # While a checkpoint is written, the Trainer's `checkpoint-N` lands in the staging folder (see _save_checkpoint).
+        # While a checkpoint is written, the Trainer's `checkpoint-N` goes to the staging folder (see _save_checkpoint)
         run_dir = super()._get_output_dir(trial)
         return os.path.join(run_dir, STAGING_DIR) if self._staging_checkpoint else run_dir
 

@@ -31,8 +31,8 @@ RUN_ARTIFACTS = frozenset({STAGING_DIR, "reconstructions", "runs"})
 
 TRAINER_STATE = "trainer_state.json"
 # Weights as the Trainer saves them: safetensors (possibly sharded), legacy pickles, FSDP shards, DeepSpeed folders.
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
-                 "adapter_model.safetensors", "adapter_model.bin")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
 _WEIGHT_PREFIXES = ("pytorch_model_fsdp_", "global_step")
 _OPTIMIZER_PREFIXES = ("optimizer", "global_step")
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -110,6 +110,12 @@ def checkpoint_problems(folder: str, require_optimizer: bool = True) -> list[str
                 problems.append(f"{TRAINER_STATE} has no global_step")
     if not names & set(_WEIGHT_FILES) and not any(name.startswith(_WEIGHT_PREFIXES) for name in names):
         problems.append("no model weights (model.safetensors)")
+    for index in sorted(names & {"model.safetensors.index.json", "pytorch_model.bin.index.json"}):
+        if any(problem.startswith(index) for problem in problems):
+            continue
+        with open(os.path.join(folder, index), encoding="utf-8") as handle:
+            shards = set(json.load(handle).get("weight_map", {}).values())
+        problems.extend(f"no {shard} (listed in {index})" for shard in sorted(shards - names))
     if require_optimizer:
         if not any(name.startswith(_OPTIMIZER_PREFIXES) for name in names):
             problems.append("no optimizer state (optimizer.pt)")

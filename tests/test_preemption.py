@@ -68,7 +68,7 @@ def test_sigkill_mid_step_and_during_a_save_then_resume_from_the_newest_complete
     process.send_signal(signal.SIGKILL)
     process.wait()
     log.close()
-    assert sorted(os.listdir(output_dir / "checkpoint-2")) and checkpoint_problems(str(output_dir / "checkpoint-2")) == []
+    assert checkpoint_problems(str(output_dir / "checkpoint-2")) == []
 
     # 2. the same command resumes from checkpoint-2, and is killed while it writes checkpoint-4
     process, log = _start(output_dir, tmp_path / "second", SIMMIM_TEST_SLOW_SAVE_STEP=4)

@@ -77,6 +77,14 @@ def test_checkpoint_problems_name_what_is_missing_or_damaged(tmp_path):
         ["no model weights (model.safetensors)"]
     assert problems_after("cut_state", lambda f: _truncate(os.path.join(f, "trainer_state.json"), 5)) == \
         ["trainer_state.json is not valid JSON (JSONDecodeError)"]
+    def shard_lost(folder):
+        os.rename(os.path.join(folder, "model.safetensors"), os.path.join(folder, "model-00001-of-00002.safetensors"))
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as handle:
+            json.dump({"weight_map": {"w": "model-00001-of-00002.safetensors",
+                                      "v": "model-00002-of-00002.safetensors"}}, handle)
+
+    assert problems_after("sharded", shard_lost) == \
+        ["no model-00002-of-00002.safetensors (listed in model.safetensors.index.json)"]
     no_scheduler = problems_after("no_scheduler", lambda f: os.remove(os.path.join(f, "scheduler.pt")))
     assert no_scheduler == ["no scheduler state (scheduler.pt)"]
     # --save_only_model checkpoints have no optimizer or scheduler by design
