@@ -100,6 +100,7 @@ def test_sigkill_mid_step_and_during_a_save_then_resume_from_the_newest_complete
     assert not (output_dir / STAGING_DIR).exists()
 
 
+@pytest.mark.slow  # the same path runs in-process in tests/test_step_guard.py (a real SIGTERM to the test process)
 def test_sigterm_saves_a_checkpoint_at_the_next_step_and_exits_143(tmp_path, caplog):
     output_dir = tmp_path / "run"
     process, log = _start(output_dir, tmp_path / "events", SIMMIM_TEST_STEP_SECONDS=1)
