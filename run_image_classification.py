@@ -12,7 +12,7 @@ transformers Swin/SwinV2/BEiT/ViT folder (e.g. converted official weights), move
 with the official resizing; or `--model_type`/`--model_preset` + `--backbone_config_overrides` train from scratch.
 With no data argument, the bundled labeled demo data is used. The output folder is a native transformers classifier
 (`pipeline("image-classification", model=output_dir)` runs it without this package); `all_results.json` holds
-`eval_accuracy` (top-1) and `eval_top5_accuracy`.
+`eval_accuracy` (top-1) and, with more than 5 classes, `eval_top5_accuracy`.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from modeling_simmim.checkpoint import (
 )
 from modeling_simmim.configuration_simmim import PRESETS, SUPPORTED_BACKBONES, build_backbone_config
 from modeling_simmim.data import (
+    BAD_IMAGE_POLICIES,
     DEMO_DATASETS,
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -54,7 +55,13 @@ from modeling_simmim.data import (
     load_image_datasets,
 )
 from modeling_simmim.modeling_simmim import SimMIMForImageClassification
-from modeling_simmim.trainer import SimMIMTrainer, SimMIMTrainingArguments, train_and_evaluate
+from modeling_simmim.step_guard import check_finite_weights
+from modeling_simmim.trainer import (
+    SimMIMTrainer,
+    SimMIMTrainingArguments,
+    check_training_data_size,
+    train_and_evaluate,
+)
 from run_mim import (
     FAMILY_DEFAULTS,
     _check_override_keys,
@@ -126,6 +133,16 @@ class DataArguments:
         default="digits", metadata={"help": "Bundled data used when no data argument is given.", "choices": DEMO_DATASETS}
     )
     verify_images: bool = field(default=True, metadata={"help": "Check every file of the image folders at start."})
+    on_bad_image: str = field(
+        default="skip",
+        metadata={"help": "Unreadable image files: 'skip' (named in a warning, counted once) or 'error' (stop, naming "
+                  "the file).", "choices": list(BAD_IMAGE_POLICIES)},
+    )
+    drop_empty_classes: bool = field(
+        default=False,
+        metadata={"help": "Train without the classes that have no readable training image (left out of the head, "
+                  "their evaluation images too) instead of stopping with an error naming them."},
+    )
 
 
 @dataclass
@@ -214,6 +231,41 @@ def label_names(loaded) -> list[str]:
     return [str(value) for value in sorted(set(split[loaded.label_column]))]
 
 
+def training_classes(loaded, drop_empty_classes: bool = False) -> list[str]:
+    """The classes to train a head for: those of the training split. A class without any (readable) training image
+    is an error naming it, or, with `drop_empty_classes`, is left out, its evaluation images too (`loaded` is
+    filtered in place). Fewer than 2 classes is an error: a classifier would learn nothing."""
+    import datasets
+
+    split = loaded.datasets["train"]
+    feature = split.features[loaded.label_column]
+    names = label_names(loaded)
+    empty: list[str] = []
+    if isinstance(feature, datasets.ClassLabel):
+        counts = np.bincount(np.asarray(split[loaded.label_column], dtype=np.int64), minlength=feature.num_classes)
+        empty = [name for name, count in zip(names, counts) if count == 0]
+    if empty and not drop_empty_classes:
+        raise ValueError(f"Class(es) {empty} have no readable training image (unreadable files are dropped, see the "
+                         "warnings naming them): add images, or pass --drop_empty_classes to train without them.")
+    if empty:
+        logger.warning("Dropping %d class(es) without training images from the classifier: %s", len(empty), empty)
+        names = [name for name in names if name not in empty]
+        if "validation" in loaded.datasets:
+            validation = loaded.datasets["validation"]
+            val_feature = validation.features[loaded.label_column]
+            dropped = {val_feature.str2int(name) if isinstance(val_feature, datasets.ClassLabel) else name
+                       for name in empty}
+            kept = validation.filter(lambda labels: [label not in dropped for label in labels], batched=True,
+                                     input_columns=[loaded.label_column])
+            logger.warning("Left out %d evaluation image(s) of the dropped classes.", len(validation) - len(kept))
+            loaded.datasets["validation"] = kept
+    if len(names) < 2:
+        raise ValueError(f"Finetuning needs at least 2 classes with training images; the training data has "
+                         f"{len(names)} ({names}). Check the data: an image folder needs one sub-folder per class "
+                         "(or pass --label_column_name for a dataset).")
+    return names
+
+
 class LabelIds:
     """`extra_fn` of `RobustImageDataset`: maps raw label values (ClassLabel ids, strings) to the model's class ids."""
 
@@ -238,9 +290,11 @@ def label_mapping(loaded, names: list[str], model_label2id: dict[str, int]) -> L
         raise ValueError(f"Dataset classes {missing[:10]} are not classes of the model "
                          f"(model classes: {sorted(model_label2id)[:10]}...).")
     if is_class_label:
-        if all(model_label2id[name] == index for index, name in enumerate(names)):
+        feature = split.features[loaded.label_column]
+        dataset_ids = {name: feature.str2int(name) for name in names}
+        if len(names) == feature.num_classes and all(model_label2id[name] == dataset_ids[name] for name in names):
             return None
-        return LabelIds({str(index): model_label2id[name] for index, name in enumerate(names)})
+        return LabelIds({str(dataset_ids[name]): model_label2id[name] for name in names})
     return LabelIds({name: model_label2id[name] for name in names})
 
 
@@ -308,17 +362,20 @@ def top_k_indices(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logits.topk(min(TOP_K, logits.shape[-1]), dim=-1).indices
 
 
-def build_compute_metrics():
-    """top-1 and top-5 accuracy through `evaluate`, with the metric module shipped in this package (offline)."""
+def build_compute_metrics(num_labels: int):
+    """top-1 accuracy, and top-5 when there are more than 5 classes (with 5 or fewer it is 100% by construction),
+    through `evaluate`, with the metric module shipped in this package (offline)."""
     import evaluate
 
     metric = evaluate.load(METRIC_PATH)
+    top_k = [TOP_K] if num_labels > TOP_K else []
 
     def compute_metrics(eval_prediction) -> dict[str, float]:
         ranked = np.asarray(eval_prediction.predictions)
         references = np.asarray(eval_prediction.label_ids)
-        results = metric.compute(predictions=ranked.tolist(), references=references.tolist(), top_k=[TOP_K])
-        return {"accuracy": results["accuracy"], "top5_accuracy": results[f"top{TOP_K}_accuracy"]}
+        results = metric.compute(predictions=ranked.tolist(), references=references.tolist(), top_k=top_k)
+        return {"accuracy": results["accuracy"],
+                **({"top5_accuracy": results[f"top{TOP_K}_accuracy"]} if top_k else {})}
 
     return compute_metrics
 
@@ -452,14 +509,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         image_column_name=data_args.image_column_name, label_column_name=data_args.label_column_name,
         train_val_split=data_args.train_val_split, max_train_samples=data_args.max_train_samples,
         max_eval_samples=data_args.max_eval_samples, demo_dataset=data_args.demo_dataset,
-        demo_image_size=image_size_hint, verify_images=data_args.verify_images, seed=training_args.seed,
-        cache_dir=model_args.cache_dir, require_labels=True,
+        demo_image_size=image_size_hint, verify_images=data_args.verify_images, on_bad_image=data_args.on_bad_image,
+        seed=training_args.seed, cache_dir=model_args.cache_dir, require_labels=True,
     )
     if training_args.do_train and "train" not in loaded.datasets:
         raise ValueError(f"No training split in {loaded.source}; splits: {list(loaded.datasets)}.")
     if training_args.do_eval and "validation" not in loaded.datasets:
         raise ValueError(f"No evaluation split in {loaded.source}: give --validation_dir or --train_val_split.")
-    names = label_names(loaded)
+    if training_args.do_train:
+        mixup = mixup_active(aug_args.mixup, aug_args.cutmix, aug_args.cutmix_minmax)
+        check_training_data_size(len(loaded.datasets["train"]), training_args, "Mixup/CutMix" if mixup else "")
+        names = training_classes(loaded, data_args.drop_empty_classes)
+    else:
+        names = label_names(loaded)
     id2label = dict(enumerate(names))
     logger.info("Data: %s; columns image=%r label=%r; %d classes; %s", loaded.source, loaded.image_column,
                 loaded.label_column, len(names), {split: len(ds) for split, ds in loaded.datasets.items()})
@@ -485,10 +547,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train_dataset = eval_dataset = None
     if training_args.do_train:
         train_dataset = RobustImageDataset(loaded.datasets["train"], loaded.image_column, train_transform,
-                                           label_column=loaded.label_column, extra_fn=label_map)
+                                           label_column=loaded.label_column, extra_fn=label_map,
+                                           on_bad_image=data_args.on_bad_image)
     if training_args.do_eval:
         eval_dataset = RobustImageDataset(loaded.datasets["validation"], loaded.image_column, eval_transform,
-                                          label_column=loaded.label_column, extra_fn=label_map)
+                                          label_column=loaded.label_column, extra_fn=label_map,
+                                          on_bad_image=data_args.on_bad_image)
     if eval_dataset is None and training_args.eval_strategy != "no":
         # nothing to evaluate during training: no best-checkpoint selection either
         training_args.eval_strategy = transformers.IntervalStrategy.NO
@@ -510,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         eval_dataset=eval_dataset,
         data_collator=train_collator,
         eval_data_collator=eval_collator,
-        compute_metrics=build_compute_metrics(),
+        compute_metrics=build_compute_metrics(config.num_labels),
         preprocess_logits_for_metrics=top_k_indices,
         model_card_info={
             "recipe": explicit,
@@ -527,6 +591,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         # The output folder is a native transformers classifier (the best checkpoint when evaluated during training)
         if training_args.do_train:
+            check_finite_weights(trainer.model)  # a diverged model is never exported
             export_to_transformers(trainer.model, training_args.output_dir, image_processor)
             if trainer.state.best_model_checkpoint:
                 logger.info("Exported the best checkpoint (%s, top-1 %.4f)", trainer.state.best_model_checkpoint,
@@ -537,9 +602,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             push_to_hub(training_args.output_dir, repo_id, token=training_args.hub_token,
                         private=training_args.hub_private_repo)
         if "eval_accuracy" in results:
-            print(f"\ntop-1 accuracy: {100 * results['eval_accuracy']:.2f}%  "
-                  f"top-5 accuracy: {100 * results['eval_top5_accuracy']:.2f}%  "
-                  f"({results['eval_samples']} images)")
+            top5 = f"top-5 accuracy: {100 * results['eval_top5_accuracy']:.2f}%  " \
+                if "eval_top5_accuracy" in results else ""
+            print(f"\ntop-1 accuracy: {100 * results['eval_accuracy']:.2f}%  {top5}({results['eval_samples']} images)")
         if training_args.do_train:
             print(f"Classifier saved to {os.path.abspath(training_args.output_dir)} "
                   f"(transformers.pipeline('image-classification', model=...))")

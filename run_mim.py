@@ -24,11 +24,11 @@ import torch
 import transformers
 import yaml
 from transformers import HfArgumentParser
-from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_simmim import SimMIMConfig, SimMIMDataCollator, SimMIMForMaskedImageModeling, SimMIMMaskGenerator
 from modeling_simmim.configuration_simmim import BEIT_SIMMIM_PRETRAIN, PRESETS, SUPPORTED_BACKBONES
 from modeling_simmim.data import (
+    BAD_IMAGE_POLICIES,
     DEMO_DATASETS,
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -43,7 +43,13 @@ from modeling_simmim.trainer import (
     ReconstructionCallback,
     SimMIMTrainer,
     SimMIMTrainingArguments,
+    check_training_data_size,
     train_and_evaluate,
+)
+from modeling_simmim.training_checkpoints import (
+    checkpoint_problems,
+    find_resumable_checkpoint,
+    holds_only_run_artifacts,
 )
 
 logger = logging.getLogger("run_mim")
@@ -136,6 +142,11 @@ class DataArguments:
     )
     verify_images: bool = field(
         default=True, metadata={"help": "Check every file of --train_dir/--validation_dir at start; drop unreadable."}
+    )
+    on_bad_image: str = field(
+        default="skip",
+        metadata={"help": "Unreadable image files: 'skip' (named in a warning, counted once) or 'error' (stop, naming "
+                  "the file).", "choices": list(BAD_IMAGE_POLICIES)},
     )
     eval_mask_seed: int = field(
         default=0, metadata={"help": "Seed of the fixed evaluation (and visualization) masks."}
@@ -285,23 +296,40 @@ def build_image_processor(config: SimMIMConfig, mean=IMAGENET_DEFAULT_MEAN, std=
 
 
 def check_output_dir(training_args: SimMIMTrainingArguments) -> str | None:
-    """The checkpoint to resume from (explicit, or the last one found in output_dir); raises if output_dir holds
-    something else and --overwrite_output_dir is not set."""
+    """The checkpoint to resume from: `--resume_from_checkpoint` (which must be complete), else the newest complete
+    checkpoint of the output folder; newer incomplete ones are skipped with the reason logged, and a folder with only
+    incomplete checkpoints (or an interrupted run's other files) starts from scratch with a warning. Raises if the
+    output folder holds anything else and `--overwrite_output_dir` is not set."""
+    require_optimizer = not training_args.save_only_model
     resume = training_args.resume_from_checkpoint
     if resume is not None:
         if not os.path.isdir(resume):
             raise FileNotFoundError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder.")
+        problems = checkpoint_problems(resume, require_optimizer)
+        if problems:
+            raise ValueError(f"--resume_from_checkpoint {resume!r} is incomplete: {'; '.join(problems)}. Give a "
+                             "complete checkpoint, or leave the flag out to resume from the newest complete checkpoint "
+                             "of --output_dir.")
         return resume
     output_dir = training_args.output_dir
     if not os.path.isdir(output_dir) or training_args.overwrite_output_dir:
         return None
-    last = get_last_checkpoint(output_dir)
-    if last is not None:
-        logger.info("Checkpoint found in %s: resuming from it (use --overwrite_output_dir to start over).", last)
-        return last
-    if os.listdir(output_dir):
+    checkpoint, skipped = find_resumable_checkpoint(output_dir, require_optimizer)
+    for incomplete in skipped:
+        logger.warning("Skipping incomplete checkpoint %s: %s.", incomplete.path, incomplete.reason)
+    if checkpoint is not None:
+        logger.info("Resuming from %s, the newest complete checkpoint (use --overwrite_output_dir to start over).",
+                    checkpoint)
+        return checkpoint
+    if skipped:
+        logger.warning("No complete checkpoint in %s: training starts from scratch.", output_dir)
+        return None
+    if not os.listdir(output_dir):
+        return None
+    if not holds_only_run_artifacts(output_dir):
         raise ValueError(f"Output directory {output_dir!r} exists, is not empty and has no checkpoint: use another "
                          "--output_dir, or --overwrite_output_dir.")
+    logger.warning("%s holds an interrupted run's files but no checkpoint: training starts from scratch.", output_dir)
     return None
 
 
@@ -310,7 +338,7 @@ def visualization_batch(dataset: RobustImageDataset, count: int) -> dict[str, to
     examples = []
     for index in range(len(dataset)):
         example = dataset[index]
-        if example is not None:
+        if isinstance(example, dict):  # not an UnreadableImage
             examples.append(example)
         if len(examples) == count:
             break
@@ -342,10 +370,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         image_column_name=data_args.image_column_name, train_val_split=data_args.train_val_split,
         max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples,
         demo_dataset=data_args.demo_dataset, verify_images=data_args.verify_images,
-        seed=training_args.seed, cache_dir=model_args.cache_dir,
+        on_bad_image=data_args.on_bad_image, seed=training_args.seed, cache_dir=model_args.cache_dir,
     )
     if training_args.do_train and "train" not in loaded.datasets:
         raise ValueError(f"No training split in {loaded.source}; splits: {list(loaded.datasets)}.")
+    if training_args.do_train:
+        check_training_data_size(len(loaded.datasets["train"]), training_args)
     logger.info("Data: %s; image column %r; %s", loaded.source, loaded.image_column,
                 {split: len(ds) for split, ds in loaded.datasets.items()})
     if loaded.num_skipped:
@@ -358,14 +388,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train_dataset = eval_dataset = None
     if "train" in loaded.datasets:
         train_dataset = RobustImageDataset(loaded.datasets["train"], loaded.image_column,
-                                           build_pretrain_transform(image_size, mean, std, train=True))
+                                           build_pretrain_transform(image_size, mean, std, train=True),
+                                           on_bad_image=data_args.on_bad_image)
     if training_args.do_eval and "validation" in loaded.datasets:
         eval_dataset = RobustImageDataset(loaded.datasets["validation"], loaded.image_column, eval_transform,
-                                          extra_fn=eval_masks)
+                                          extra_fn=eval_masks, on_bad_image=data_args.on_bad_image)
     # Reconstruction grids: evaluation images when there are some, else training images (fixed transform either way).
     preview_split = "validation" if "validation" in loaded.datasets else "train"
     preview = visualization_batch(
-        RobustImageDataset(loaded.datasets[preview_split], loaded.image_column, eval_transform, extra_fn=eval_masks),
+        RobustImageDataset(loaded.datasets[preview_split], loaded.image_column, eval_transform, extra_fn=eval_masks,
+                           on_bad_image=data_args.on_bad_image),
         training_args.num_visualize_images,
     )
 

@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from .images import to_rgb
+
 logger = logging.getLogger(__name__)
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -30,10 +32,6 @@ EVAL_CROP_RATIO = 224 / 256
 def eval_resize_size(image_size: int) -> int:
     """Shorter side before the centre crop at evaluation: int(image_size * 256 / 224), as the official code."""
     return int((256 / 224) * image_size)
-
-
-def _rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _posterize(image: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
@@ -99,7 +97,7 @@ def build_classification_transform(
             ]
         )
     # the official pipeline converts every image to RGB first (grayscale / RGBA / palette files exist in ImageNet)
-    return T.Compose([T.Lambda(_rgb), transform])
+    return T.Compose([T.Lambda(to_rgb), transform])
 
 
 def collate_classification(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

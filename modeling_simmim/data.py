@@ -15,12 +15,14 @@ import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
+
+from .images import UnreadableImageError, decode_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +45,6 @@ def _size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(image_size, (list, tuple)):
         return int(image_size[0]), int(image_size[1])
     return int(image_size), int(image_size)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode (L, LA, P, RGBA, I;16, CMYK, ...) to RGB, as the official pipeline does."""
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def build_pretrain_transform(
@@ -108,36 +105,36 @@ def describe_image(value: Any, index: int | None = None) -> str:
     return f"row {index}" if index is not None else "<in-memory image>"
 
 
-def decode_image(value: Any) -> Image.Image:
-    """Decode a path, `{"bytes", "path"}` dict (datasets' undecoded `Image`), bytes, numpy array or PIL image into a
-    fully loaded PIL image. Raises on unreadable data (the caller decides to skip)."""
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, str):
-        image = Image.open(value)
-    elif isinstance(value, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(value))
-    elif isinstance(value, dict):
-        if value.get("bytes") is not None:
-            image = Image.open(io.BytesIO(value["bytes"]))
-        elif value.get("path"):
-            image = Image.open(value["path"])
-        else:
-            raise ValueError("image entry has neither bytes nor path")
-    elif isinstance(value, np.ndarray):
-        image = Image.fromarray(value)
-    else:
-        raise TypeError(f"cannot decode an image from {type(value).__name__}")
-    image.load()  # PIL decodes lazily: force it here so truncated files fail inside the caller's try
-    return image
+BadImagePolicy = Literal["skip", "error"]
+BAD_IMAGE_POLICIES: tuple[str, ...] = ("skip", "error")
+
+
+def _check_bad_image_policy(on_bad_image: str) -> None:
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"--on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}.")
+
+
+def _unreadable_error(name: str, error: Exception) -> UnreadableImageError:
+    return UnreadableImageError(f"Unreadable image {name}: {type(error).__name__}: {error} (remove or fix the file, "
+                                "or pass --on_bad_image skip to train without it).")
+
+
+class UnreadableImage(NamedTuple):
+    """What `RobustImageDataset` returns in place of an image it cannot decode: the collator drops it and reports its
+    index, so that the trainer counts each unreadable file once however often it is drawn."""
+
+    index: int
+    name: str
 
 
 class RobustImageDataset(torch.utils.data.Dataset):
     """Map-style view of a `datasets.Dataset` (or any indexable of rows) that decodes and transforms one image.
 
-    `__getitem__` returns `{"pixel_values": tensor[, "labels": int]}`, or `None` when the image cannot be read: the
-    file is named in a warning, and the batch collator drops it and counts it (see `SkipNoneCollator`).
-    `extra_fn(index, example)` may add per-example entries (e.g. deterministic evaluation masks).
+    `__getitem__` returns `{"pixel_values": tensor[, "labels": int]}`. When the image cannot be read, the
+    `on_bad_image` policy applies: "skip" (default) names the file in a warning (once per process) and returns an
+    `UnreadableImage`, which the batch collator drops and reports (see `SkipNoneCollator`); "error" raises
+    `UnreadableImageError` naming the file. `extra_fn(index, example)` may add per-example entries (e.g.
+    deterministic evaluation masks).
     """
 
     def __init__(
@@ -147,24 +144,33 @@ class RobustImageDataset(torch.utils.data.Dataset):
         transform: Callable[[Image.Image], torch.Tensor],
         label_column: str | None = None,
         extra_fn: Callable[[int, dict[str, Any]], dict[str, Any]] | None = None,
+        on_bad_image: BadImagePolicy = "skip",
     ) -> None:
+        _check_bad_image_policy(on_bad_image)
         self.dataset = dataset
         self.image_column = image_column
         self.label_column = label_column
         self.transform = transform
         self.extra_fn = extra_fn
+        self.on_bad_image = on_bad_image
+        self._warned: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, index: int) -> dict[str, Any] | UnreadableImage:
         row = self.dataset[int(index)]
         value = row[self.image_column]
         try:
             pixel_values = self.transform(decode_image(value))
-        except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable image": skip it
-            logger.warning("Skipping unreadable image %s: %s: %s", describe_image(value, index), type(error).__name__, error)
-            return None
+        except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable image"
+            name = describe_image(value, index)
+            if self.on_bad_image == "error":
+                raise _unreadable_error(name, error) from error
+            if int(index) not in self._warned:
+                self._warned.add(int(index))
+                logger.warning("Skipping unreadable image %s: %s: %s", name, type(error).__name__, error)
+            return UnreadableImage(int(index), name)
         example: dict[str, Any] = {"pixel_values": pixel_values}
         if self.label_column is not None:
             example["labels"] = row[self.label_column]
@@ -173,26 +179,29 @@ class RobustImageDataset(torch.utils.data.Dataset):
         return example
 
 
-SKIPPED_KEY = "num_skipped_images"
+SKIPPED_KEY = "skipped_image_indices"
 
 
 class SkipNoneCollator:
-    """Wrap a collator: drop the `None` examples of unreadable images and report how many were dropped under
-    `batch["num_skipped_images"]` (a 0-d tensor, so that it crosses DataLoader worker processes; the trainer pops it
-    before the forward pass and sums it)."""
+    """Wrap a collator: drop the examples of unreadable images (`UnreadableImage`, or `None` from other datasets) and
+    report them under `batch["skipped_image_indices"]`: a 1-D int64 tensor of their dataset indices (-1 where
+    unknown), so that it crosses DataLoader worker processes; the trainer pops it before the forward pass and counts
+    distinct images."""
 
     def __init__(self, collator: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> None:
         self.collator = collator
 
-    def __call__(self, examples: list[dict[str, Any] | None]) -> dict[str, Any]:
-        kept = [example for example in examples if example is not None]
+    def __call__(self, examples: list[dict[str, Any] | UnreadableImage | None]) -> dict[str, Any]:
+        kept = [example for example in examples if example is not None and not isinstance(example, UnreadableImage)]
         if not kept:
             raise RuntimeError(
                 f"Every image of a batch of {len(examples)} failed to load (see the warnings above naming the files). "
                 "Check the dataset, or remove the unreadable files."
             )
+        skipped = [example.index if isinstance(example, UnreadableImage) else -1
+                   for example in examples if example is None or isinstance(example, UnreadableImage)]
         batch = self.collator(kept)
-        batch[SKIPPED_KEY] = torch.tensor(len(examples) - len(kept))
+        batch[SKIPPED_KEY] = torch.tensor(skipped, dtype=torch.long)
         return batch
 
 
@@ -229,8 +238,10 @@ class IndexSeededMasks:
         return {"bool_masked_pos": self.mask_generator(1, generator=generator)[0]}
 
 
-def verify_image_files(paths: Sequence[str]) -> list[bool]:
-    """Cheap check of image files (header + structure via PIL `verify`): True where readable."""
+def verify_image_files(paths: Sequence[str], on_bad_image: BadImagePolicy = "skip") -> list[bool]:
+    """Cheap check of image files (header + structure via PIL `verify`): True where readable. An unreadable file is
+    named in a warning (`on_bad_image="skip"`) or raises `UnreadableImageError` naming it ("error")."""
+    _check_bad_image_policy(on_bad_image)
     flags = []
     for path in paths:
         try:
@@ -238,6 +249,8 @@ def verify_image_files(paths: Sequence[str]) -> list[bool]:
                 image.verify()
             flags.append(True)
         except Exception as error:  # noqa: BLE001
+            if on_bad_image == "error":
+                raise _unreadable_error(path, error) from error
             logger.warning("Skipping unreadable image %s: %s: %s", path, type(error).__name__, error)
             flags.append(False)
     return flags
@@ -294,11 +307,12 @@ def _folder_split(paths: list[str], labels: list[str] | None, class_names: list[
 
 
 def load_image_folders(
-    train_dir: str | None, validation_dir: str | None = None, verify: bool = True
+    train_dir: str | None, validation_dir: str | None = None, verify: bool = True, on_bad_image: BadImagePolicy = "skip"
 ) -> tuple[Any, list[str]]:
     """A DatasetDict ("train" and/or "validation") from image folders of any nesting, with columns "image" (file
     paths, undecoded) and, when every file is in a class folder, "label" (ClassLabel from the first-level folder
-    names of the training folder). `verify=True` drops files PIL cannot read (returned as the second value)."""
+    names of the training folder). `verify=True` drops files PIL cannot read (returned as the second value; with
+    `on_bad_image="error"` the first one raises `UnreadableImageError` instead)."""
     import datasets
 
     scanned = {}
@@ -315,7 +329,7 @@ def load_image_folders(
     splits = {}
     for split, (paths, labels) in scanned.items():
         if verify:
-            flags = verify_image_files(paths)
+            flags = verify_image_files(paths, on_bad_image)
             skipped.extend(path for path, ok in zip(paths, flags) if not ok)
             keep = [i for i, ok in enumerate(flags) if ok]
             paths = [paths[i] for i in keep]
@@ -378,6 +392,7 @@ def load_image_datasets(
     demo_dataset: str = "digits",
     demo_image_size: int | None = None,
     verify_images: bool = True,
+    on_bad_image: BadImagePolicy = "skip",
     seed: int = 42,
     cache_dir: str | None = None,
     require_labels: bool = False,
@@ -408,7 +423,7 @@ def load_image_datasets(
         loaded = _rename_eval_split(loaded)
     elif train_dir is not None or validation_dir is not None:
         source = f"image folders train={train_dir} validation={validation_dir}"
-        loaded, skipped = load_image_folders(train_dir, validation_dir, verify=verify_images)
+        loaded, skipped = load_image_folders(train_dir, validation_dir, verify=verify_images, on_bad_image=on_bad_image)
     else:
         if demo_dataset not in DEMO_DATASETS:
             raise ValueError(f"Unknown demo dataset {demo_dataset!r}; choose one of {DEMO_DATASETS}.")
@@ -577,6 +592,9 @@ __all__ = [
     "to_rgb",
     "decode_image",
     "describe_image",
+    "BAD_IMAGE_POLICIES",
+    "UnreadableImage",
+    "UnreadableImageError",
     "RobustImageDataset",
     "SkipNoneCollator",
     "PretrainCollator",

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,11 +22,14 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
 from transformers.utils import ExplicitEnum
 
 from .cpu_bf16 import describe_cpu_bf16_path
 from .data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, SKIPPED_KEY
 from .optimization import create_optimizer, get_simmim_scheduler, scale_learning_rate
+from .step_guard import PREEMPTED_EXIT_CODE, StepGuardCallback, check_finite_weights
+from .training_checkpoints import STAGING_DIR, publish_checkpoint
 from .visualization import make_reconstruction_grid, reconstruct
 
 logger = logging.getLogger(__name__)
@@ -106,6 +110,16 @@ class SimMIMTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep False: the image column is decoded by our dataset wrapper."}
     )
+    max_nonfinite_steps: int = field(
+        default=20,
+        metadata={"help": "Stop the run (non-zero exit) after this many optimizer steps in a row with a NaN/inf loss "
+                  "or gradient norm; each such step is skipped (weights and optimizer state untouched) and counted."},
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "No effect on the logs: non-finite steps are skipped and counted (nonfinite_steps); the "
+                  "logged loss is the mean of the applied steps, NaN when there were none."},
+    )
 
     def __post_init__(self) -> None:
         schedule = self.lr_scheduler_type
@@ -131,6 +145,34 @@ class SimMIMTrainingArguments(TrainingArguments):
             raise ValueError(f"--torch_num_threads must be >= 1, got {self.torch_num_threads}.")
         if self.visualize_steps < 0:
             raise ValueError(f"--visualize_steps must be >= 0, got {self.visualize_steps}.")
+        self._check_training_arguments()
+
+    def _check_training_arguments(self) -> None:
+        """Values that cannot train, refused at parse time (before any data or weights are loaded)."""
+        positive = {"--base_learning_rate": self.base_learning_rate, "--lr_gamma": self.lr_gamma,
+                    "--per_device_train_batch_size": self.per_device_train_batch_size,
+                    "--per_device_eval_batch_size": self.per_device_eval_batch_size,
+                    "--gradient_accumulation_steps": self.gradient_accumulation_steps,
+                    "--max_nonfinite_steps": self.max_nonfinite_steps}
+        if self.save_strategy == SaveStrategy.STEPS:
+            positive["--save_steps"] = self.save_steps
+        if self.eval_strategy == "steps" and self.eval_steps is not None:
+            positive["--eval_steps"] = self.eval_steps
+        for flag, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{flag} must be > 0, got {value}.")
+        non_negative = {"--warmup_learning_rate": self.warmup_learning_rate,
+                        "--min_learning_rate": self.min_learning_rate, "--warmup_epochs": self.warmup_epochs,
+                        "--num_train_epochs": self.num_train_epochs,
+                        "--dataloader_num_workers": self.dataloader_num_workers}
+        for flag, value in non_negative.items():
+            if value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}.")
+        if self.max_steps < -1:
+            raise ValueError(f"--max_steps must be > 0 (or -1: use --num_train_epochs), got {self.max_steps}.")
+        if self.do_train and self.max_steps <= 0 and self.num_train_epochs == 0:
+            raise ValueError("--num_train_epochs 0 (and no --max_steps) trains 0 steps: give a positive "
+                             "--num_train_epochs or --max_steps, or --do_train false to only evaluate.")
 
     def resolve_schedule(
         self, total_batch_size: int, num_update_steps_per_epoch: int, num_training_steps: int | None = None
@@ -307,8 +349,15 @@ class SimMIMTrainer(Trainer):
     1-D params, biases, mask token, position embeddings, cls token, relative position bias tables), per-iteration
     warmup + cosine/multistep schedule with linearly scaled lrs, clipping at `max_grad_norm` (pre-clip norm logged).
 
-    Logs, every logging step: `loss`, `grad_norm` (pre-clip), `learning_rate` (the highest group lr, i.e. the head's;
-    `learning_rate_min` too under layer decay), `images_per_second`; `num_skipped_images` once images were skipped.
+    Logs, every logging step: `loss` (mean over the applied steps: NaN when all were skipped, never 0 in place of
+    NaN), `grad_norm` (pre-clip), `learning_rate` (the highest group lr, i.e. the head's; `learning_rate_min` too under
+    layer decay), `images_per_second`, `nonfinite_steps` (skipped updates so far); `num_skipped_images` (distinct
+    unreadable images) once images were skipped.
+
+    Reliability (see `step_guard` and `training_checkpoints`): a step with a NaN/inf loss or gradient norm is skipped
+    and counted, `max_nonfinite_steps` in a row stop the run; SIGTERM/SIGUSR1 save a checkpoint at the next step
+    boundary and stop (`stop_signal` names the signal); checkpoints are written to a staging folder and renamed into
+    place; a model with non-finite weights is never saved.
     """
 
     args: SimMIMTrainingArguments
@@ -327,7 +376,13 @@ class SimMIMTrainer(Trainer):
             if isinstance(callback, ReconstructionCallback):
                 callback.tensorboard = tensorboard
         self.model_card_info = dict(model_card_info or {})
-        self.num_skipped_images = 0
+        self.step_guard = StepGuardCallback(self.args.max_nonfinite_steps)
+        self.add_callback(self.step_guard)
+        self.skipped_train_images: set[int] = set()  # dataset indices of unreadable images, each counted once
+        self.skipped_eval_images: set[int] = set()
+        self.num_anonymous_skips = 0  # unreadable examples without an index (datasets that return None)
+        self.last_checkpoint: str | None = None
+        self._staging_checkpoint = False
         self.schedule: SimMIMSchedule | None = None
         self._num_update_steps_per_epoch: int | None = None
         self._last_lr_min: float | None = None
@@ -392,17 +447,53 @@ class SimMIMTrainer(Trainer):
         return max(lrs)
 
     # ---- inputs & logging -----------------------------------------------------------------------------------------
-    def _prepare_inputs(self, inputs):
+    def _record_skipped(self, inputs, seen: set[int]) -> None:
         skipped = inputs.pop(SKIPPED_KEY, None)
-        if skipped is not None:
-            self.num_skipped_images += int(skipped)
+        if skipped is None:
+            return
+        for index in torch.as_tensor(skipped).reshape(-1).tolist():
+            if index < 0:
+                self.num_anonymous_skips += 1
+            else:
+                seen.add(int(index))
+
+    @property
+    def num_skipped_images(self) -> int:
+        """Distinct unreadable images met by this process (training and evaluation)."""
+        return len(self.skipped_train_images) + len(self.skipped_eval_images) + self.num_anonymous_skips
+
+    def _prepare_inputs(self, inputs):
+        self._record_skipped(inputs, self.skipped_eval_images)  # training batches were emptied in training_step
         return super()._prepare_inputs(inputs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self._record_skipped(inputs, self.skipped_train_images)
         pixel_values = inputs.get("pixel_values")
         if pixel_values is not None:
             self.throughput.add_images(pixel_values.shape[0])
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.step_guard.add_loss(loss)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # The only place the Trainer hands out each step's (pre-clip) gradient norm: the step guard checks it.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self.step_guard.set_grad_norm(grad_norm)
+        return grad_norm
+
+    def train(self, *args: Any, **kwargs: Any):
+        """`Trainer.train`, with SIGTERM/SIGUSR1 recorded (not fatal) while it runs; see `step_guard`."""
+        self.step_guard.reset()
+        self.step_guard.install_signal_handlers()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.step_guard.uninstall_signal_handlers()
+
+    @property
+    def stop_signal(self) -> str | None:
+        """Name of the signal that stopped the last `train()` early (after saving a checkpoint), else None."""
+        return self.step_guard.stop_signal
 
     def get_eval_dataloader(self, eval_dataset=None):
         # dataloader_drop_last (official for training) also applies to evaluation in the Trainer: it would silently
@@ -423,7 +514,12 @@ class SimMIMTrainer(Trainer):
         return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "train_loss" in logs:  # the end-of-training summary: the mean over the applied steps
+            logs["train_loss"] = self.step_guard.run_loss()
+            logs["nonfinite_steps"] = self.step_guard.nonfinite_steps
         if "loss" in logs:  # a training log (not eval, not the end-of-training summary)
+            logs["loss"] = self.step_guard.window_loss()
+            logs["nonfinite_steps"] = self.step_guard.nonfinite_steps
             rate = self.throughput.images_per_second()
             if rate is not None:
                 logs["images_per_second"] = round(rate, 3)
@@ -434,11 +530,58 @@ class SimMIMTrainer(Trainer):
         super().log(logs, start_time)
 
     def total_skipped_images(self) -> int:
-        """Images skipped at run time, summed over processes."""
-        count = torch.tensor(self.num_skipped_images, device=self.args.device)
-        if self.accelerator.num_processes > 1:
-            count = self.accelerator.reduce(count, reduction="sum")
-        return int(count.item())
+        """Distinct images skipped at run time over all processes (call it on every process)."""
+        if self.accelerator.num_processes == 1:
+            return self.num_skipped_images
+        from accelerate.utils import gather_object
+
+        parts = gather_object([(sorted(self.skipped_train_images), sorted(self.skipped_eval_images),
+                                self.num_anonymous_skips)])
+        train = set().union(*(set(part[0]) for part in parts))
+        evaluation = set().union(*(set(part[1]) for part in parts))
+        return len(train) + len(evaluation) + sum(part[2] for part in parts)
+
+    # ---- checkpoints and saving -----------------------------------------------------------------------------------
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is written, the Trainer's `checkpoint-N` goes to the staging folder (see _save_checkpoint)
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING_DIR) if self._staging_checkpoint else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Only the Trainer's private save writes checkpoint-N (in place): let it write a staging copy, then rename.
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)  # what a killed save left behind
+        self.accelerator.wait_for_everyone()
+        push_to_hub, self.args.push_to_hub = self.args.push_to_hub, False  # push the published folder, not the staged
+        self._staging_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_checkpoint = False
+            self.args.push_to_hub = push_to_hub
+        if self.state.best_model_checkpoint is not None and \
+                os.path.normpath(self.state.best_model_checkpoint) == os.path.normpath(staged):
+            self.state.best_model_checkpoint = final
+        self.accelerator.wait_for_everyone()  # every process has written its part (RNG states, shards)
+        if self.args.should_save:
+            self.state.save_to_json(os.path.join(staged, "trainer_state.json"))  # with the published best path
+            publish_checkpoint(staged, final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+        self.last_checkpoint = final
+        if push_to_hub:
+            self._push_from_checkpoint(final)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`, refusing weights with NaN/inf (`NonFiniteWeightsError` naming the tensors)."""
+        check_finite_weights(self.model)
+        super().save_model(output_dir, _internal_call)
 
     # ---- model card -----------------------------------------------------------------------------------------------
     def latest_reconstruction(self) -> str | None:
@@ -468,9 +611,32 @@ class SimMIMTrainer(Trainer):
             reconstruction=os.path.relpath(reconstruction, self.args.output_dir) if reconstruction else None,
             base_model=self.model_card_info.get("base_model"),
             dataset_id=self.model_card_info.get("dataset_id"),
+            nonfinite_steps=self.step_guard.nonfinite_steps,
         )
         with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as handle:
             handle.write(card)
+
+
+def check_training_data_size(num_examples: int, args: SimMIMTrainingArguments, drop_last_fixed_by: str = "") -> None:
+    """Refuse, before the model is built, a training set too small for one optimizer step: no images, or (with
+    `dataloader_drop_last`) fewer than one batch on every process. `drop_last_fixed_by` names what requires full
+    batches, when something does (e.g. Mixup), so the message does not suggest turning it off."""
+    if num_examples == 0:
+        raise ValueError("The training split has no images: check the data arguments (and --max_train_samples).")
+    per_step = args.per_device_train_batch_size * args.world_size
+    if args.dataloader_drop_last and num_examples < per_step:
+        processes = f" x {args.world_size} processes" if args.world_size > 1 else ""
+        advice = (f"lower --per_device_train_batch_size to at most {num_examples // args.world_size or 1}"
+                  + (" or run on fewer processes" if args.world_size > 1 else "") + ", or add images")
+        if not drop_last_fixed_by:
+            advice += ", or keep the last incomplete batch with --dataloader_drop_last false"
+        else:
+            advice += f" ({drop_last_fixed_by} needs full batches)"
+        raise ValueError(
+            f"Only {num_examples} training images: fewer than one batch ({args.per_device_train_batch_size} per "
+            f"process{processes} = {per_step}), and incomplete batches are dropped, so no optimizer step would run. "
+            f"{advice[0].upper()}{advice[1:]}."
+        )
 
 
 def train_and_evaluate(
@@ -484,12 +650,23 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """The scripts' common run: train (resuming if asked; `save_model` saves the final model to the output folder),
     log and save train metrics and the state, then evaluate. Returns every metric; `num_skipped_images` counts the
-    unreadable images dropped at load time and during training."""
+    unreadable images dropped at load time and met during the run (each once), `nonfinite_steps` the skipped updates.
+
+    A run stopped by SIGTERM/SIGUSR1 saves its checkpoint and exits here with `PREEMPTED_EXIT_CODE` (`SystemExit`):
+    no final model, no evaluation; the same command resumes it."""
     results: dict[str, Any] = {}
     if (trainer.args.bf16 or trainer.args.bf16_full_eval) and trainer.args.device.type == "cpu":
         logger.info(describe_cpu_bf16_path())
     if do_train:
         train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        if trainer.stop_signal is not None:
+            logger.warning("Stopped by %s at step %d after saving %s: run the same command to resume (exit code %d).",
+                           trainer.stop_signal, trainer.state.global_step, trainer.last_checkpoint,
+                           PREEMPTED_EXIT_CODE)
+            raise SystemExit(PREEMPTED_EXIT_CODE)
+        if trainer.step_guard.nonfinite_steps:
+            logger.warning("%d optimizer step(s) had a non-finite loss or gradient norm and were skipped.",
+                           trainer.step_guard.nonfinite_steps)
         if save_model:
             trainer.save_model()
         metrics = dict(train_result.metrics)
@@ -527,6 +704,7 @@ def render_model_card(
     reconstruction: str | None = None,
     base_model: str | None = None,
     dataset_id: str | None = None,
+    nonfinite_steps: int = 0,
 ) -> str:
     """The Hub model card (Markdown with YAML metadata) of a SimMIM pretraining run. Pure function: testable
     without network. `reconstruction` is the grid's path relative to the repository root."""
@@ -555,6 +733,8 @@ def render_model_card(
         lines.append(f"| epochs | {epoch:.2f} |")
     if final_loss is not None:
         lines.append(f"| final training loss | {final_loss:.4f} |")
+    if nonfinite_steps:
+        lines.append(f"| skipped updates (non-finite loss or gradient norm) | {nonfinite_steps} |")
     if eval_loss is not None:
         lines.append(f"| final evaluation loss | {eval_loss:.4f} |")
     if schedule is not None:
@@ -578,6 +758,7 @@ def render_model_card(
 
 
 __all__ = [
+    "check_training_data_size",
     "train_and_evaluate",
     "SimMIMSchedulerType",
     "SimMIMTrainingArguments",

@@ -113,6 +113,53 @@ def test_bad_arguments_fail_early(pretrained, tmp_path):
         ric.main([*TINY, "--output_dir", str(tmp_path)])
 
 
+def _class_folders(root, readable, unreadable=()):
+    """One sub-folder per class with 8 small PNGs each; the `unreadable` classes hold only corrupt files."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for name in (*readable, *unreadable):
+        os.makedirs(root / name, exist_ok=True)
+        for i in range(8):
+            if name in unreadable:
+                (root / name / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n corrupt")
+            else:
+                pixels = (torch.rand(24, 24, 3, generator=generator) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return str(root)
+
+
+def test_finetunes_that_cannot_learn_fail_before_training(pretrained, tmp_path):
+    common = [*TINY, "--model_name_or_path", pretrained, "--per_device_train_batch_size", "4",
+              "--train_val_split", "0.25"]
+    single = _class_folders(tmp_path / "single", ["cat"])
+    with pytest.raises(ValueError, match=r"at least 2 classes with training images; the training data has 1 \(\['cat'\]\)"):
+        ric.main([*common, "--train_dir", single, "--output_dir", str(tmp_path / "o1")])
+    empty = _class_folders(tmp_path / "empty", ["cat", "dog"], unreadable=["owl"])
+    with pytest.raises(ValueError, match=r"Class\(es\) \['owl'\] have no readable training image.*--drop_empty_classes"):
+        ric.main([*common, "--train_dir", empty, "--output_dir", str(tmp_path / "o2")])
+    with pytest.raises(ValueError, match="Only 12 training images: fewer than one batch"):
+        ric.main([*common, "--train_dir", _class_folders(tmp_path / "few", ["cat", "dog"]),
+                  "--per_device_train_batch_size", "16", "--output_dir", str(tmp_path / "o3")])
+
+
+def test_drop_empty_classes_trains_without_them_and_reports_top1_only(pretrained, tmp_path, caplog):
+    train = _class_folders(tmp_path / "train", ["cat", "dog"], unreadable=["owl"])
+    validation = _class_folders(tmp_path / "val", ["cat", "dog", "owl"])  # owl images exist only here
+    output = str(tmp_path / "out")
+    with caplog.at_level("WARNING"):
+        results = ric.main([*TINY, "--model_name_or_path", pretrained, "--per_device_train_batch_size", "4",
+                            "--train_dir", train, "--validation_dir", validation, "--drop_empty_classes", "true",
+                            "--output_dir", output])
+    assert "Dropping 1 class(es) without training images from the classifier: ['owl']" in caplog.text
+    assert "Left out 8 evaluation image(s) of the dropped classes" in caplog.text
+    with open(os.path.join(output, "config.json")) as handle:
+        assert sorted(json.load(handle)["id2label"].values()) == ["cat", "dog"]
+    assert results["eval_samples"] == 16 and "eval_accuracy" in results
+    assert "eval_top5_accuracy" not in results  # 2 classes: top-5 would be 100% by construction
+    assert results["num_skipped_images"] == 8
+
+
 def test_labels_are_matched_to_the_model_by_name():
     import datasets
 

@@ -106,12 +106,27 @@ def test_output_dir_is_checked_before_anything_runs(tmp_path):
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="exists, is not empty and has no checkpoint"):
         run_mim.main([*TINY, "--output_dir", str(tmp_path / "busy"), "--max_steps", "1"])
-    (tmp_path / "busy" / "checkpoint-7").mkdir()
-    args = run_mim.parse_args(["--output_dir", str(tmp_path / "busy")])[2]
-    assert run_mim.check_output_dir(args) == str(tmp_path / "busy" / "checkpoint-7")
     args = run_mim.parse_args(["--output_dir", str(tmp_path / "x"), "--resume_from_checkpoint", str(tmp_path / "no")])[2]
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         run_mim.check_output_dir(args)
+    (tmp_path / "busy" / "checkpoint-7").mkdir()  # empty: not resumable (tests/test_training_checkpoints.py)
+    args = run_mim.parse_args(["--output_dir", str(tmp_path / "x"), "--resume_from_checkpoint",
+                               str(tmp_path / "busy" / "checkpoint-7")])[2]
+    with pytest.raises(ValueError, match="checkpoint-7' is incomplete: empty folder"):
+        run_mim.check_output_dir(args)
+
+
+def test_runs_that_cannot_learn_fail_before_the_model_is_built(tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the check")
+
+    monkeypatch.setattr(run_mim, "SimMIMForMaskedImageModeling", no_model)
+    with pytest.raises(ValueError, match=r"Only 12 training images: fewer than one batch \(16 per process"):
+        _run(tmp_path, "--max_train_samples", "12", "--per_device_train_batch_size", "16")
+    with pytest.raises(ValueError, match="--base_learning_rate must be > 0"):
+        _run(tmp_path, "--base_learning_rate=-1e-4")
+    with pytest.raises(ValueError, match="--per_device_train_batch_size must be > 0"):
+        _run(tmp_path, "--per_device_train_batch_size", "0")
 
 
 # ---- end to end -------------------------------------------------------------------------------------------------
@@ -182,13 +197,21 @@ def test_unreadable_images_are_skipped_named_and_counted(tmp_path, caplog):
         _, results = _run(tmp_path, *common, name="verified")
     assert results["num_skipped_images"] == 2
     assert "broken.png" in caplog.text and "truncated.jpg" in caplog.text
-    # not checked at load time: skipped when decoded; one epoch of 3 steps x 3 draws all 9 files once
+    # not checked at load time: skipped when decoded; two epochs of 3 steps x 3 draw every file twice, each unreadable
+    # one is counted (and named) once
     caplog.clear()
     with caplog.at_level("WARNING"):
-        output_dir, results = _run(tmp_path, *common, "--verify_images", "false", name="unverified")
+        output_dir, results = _run(tmp_path, *common, "--verify_images", "false", "--max_steps", "6",
+                                   name="unverified")
     assert results["num_skipped_images"] == 2
-    assert "broken.png" in caplog.text and "truncated.jpg" in caplog.text
+    for name in ("broken.png", "truncated.jpg"):  # warned once by the reconstruction preview, once by training
+        assert sum(name in record.getMessage() for record in caplog.records) == 2
     assert _train_logs(output_dir)[-1]["num_skipped_images"] == 2
+    # --on_bad_image error: the first unreadable file stops the run, named, at load time or when decoded
+    with pytest.raises(ValueError, match=r"Unreadable image .*(broken\.png|truncated\.jpg)"):
+        _run(tmp_path, *common, "--on_bad_image", "error", name="strict")
+    with pytest.raises(ValueError, match=r"Unreadable image .*(broken\.png|truncated\.jpg)"):
+        _run(tmp_path, *common, "--on_bad_image", "error", "--verify_images", "false", name="strict_decode")
 
 
 def test_loss_decreases_when_overfitting_a_handful_of_images(tmp_path):

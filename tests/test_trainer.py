@@ -13,7 +13,7 @@ from modeling_simmim import (
     SimMIMMaskGenerator,
     simmim_lr_at,
 )
-from modeling_simmim.data import SKIPPED_KEY, IndexSeededMasks, PretrainCollator
+from modeling_simmim.data import SKIPPED_KEY, IndexSeededMasks, PretrainCollator, UnreadableImage
 from modeling_simmim.trainer import (
     SimMIMSchedule,
     SimMIMSchedulerType,
@@ -83,6 +83,46 @@ def test_arguments_reject_what_cannot_work(tmp_path):
     args = _args(tmp_path, lr_scheduler_type="multistep", lr_milestones=[1], warmup_epochs=2)
     with pytest.raises(ValueError, match="ends after the first lr milestone"):
         args.resolve_schedule(total_batch_size=8, num_update_steps_per_epoch=10)
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("base_learning_rate", 0.0, "--base_learning_rate must be > 0"),
+    ("base_learning_rate", -1e-4, "--base_learning_rate must be > 0"),
+    ("per_device_train_batch_size", 0, "--per_device_train_batch_size must be > 0"),
+    ("per_device_eval_batch_size", 0, "--per_device_eval_batch_size must be > 0"),
+    ("gradient_accumulation_steps", 0, "--gradient_accumulation_steps must be > 0"),
+    ("num_train_epochs", -1.0, "--num_train_epochs must be >= 0"),
+    ("num_train_epochs", 0.0, "trains 0 steps"),
+    ("max_steps", -5, "--max_steps must be > 0"),
+    ("warmup_epochs", -1.0, "--warmup_epochs must be >= 0"),
+    ("min_learning_rate", -1e-6, "--min_learning_rate must be >= 0"),
+    ("lr_gamma", 0.0, "--lr_gamma must be > 0"),
+    ("dataloader_num_workers", -1, "--dataloader_num_workers must be >= 0"),
+])
+def test_arguments_that_cannot_train_fail_at_parse_time(tmp_path, flag, value, message):
+    with pytest.raises(ValueError, match=message):
+        _args(tmp_path, **{flag: value})
+
+
+def test_save_steps_zero_fails_at_parse_time_not_at_the_first_save(tmp_path):
+    with pytest.raises(ValueError, match="--save_steps must be > 0"):
+        _args(tmp_path, save_strategy="steps", save_steps=0)
+    assert _args(tmp_path, num_train_epochs=0.0, do_train=False).num_train_epochs == 0  # evaluation only is fine
+
+
+def test_too_few_images_for_one_optimizer_step_fail_with_what_to_change(tmp_path):
+    from modeling_simmim.trainer import check_training_data_size
+
+    args = _args(tmp_path, per_device_train_batch_size=16)
+    with pytest.raises(ValueError, match=r"Only 12 training images: fewer than one batch \(16 per process = 16\).*"
+                                         r"Lower --per_device_train_batch_size to at most 12.*--dataloader_drop_last false"):
+        check_training_data_size(12, args)
+    with pytest.raises(ValueError, match=r"\(Mixup/CutMix needs full batches\)"):
+        check_training_data_size(12, args, "Mixup/CutMix")
+    with pytest.raises(ValueError, match="no images"):
+        check_training_data_size(0, args)
+    check_training_data_size(16, args)  # one full batch: one step
+    check_training_data_size(12, _args(tmp_path, per_device_train_batch_size=16, dataloader_drop_last=False))
 
 
 def test_schedule_resolution_scales_lrs_by_total_batch_and_counts_epochs_in_steps(tmp_path):
@@ -171,18 +211,19 @@ def test_evaluation_loss_is_reported_and_deterministic(tmp_path):
     assert "eval_loss" in first and first["eval_loss"] == second["eval_loss"]
 
 
-def test_skipped_images_are_counted_and_logged(tmp_path):
-    trainer = _trainer(tmp_path, max_steps=2, warmup_steps=1)
+def test_skipped_images_are_counted_once_however_often_they_are_drawn(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=8, warmup_steps=1)  # two epochs
     collator = trainer.data_collator
 
-    def dropping_collator(examples):
-        return collator([None, *examples[1:]])
+    def dropping_collator(examples):  # the same two unreadable images in every batch, and one without an index
+        return collator([UnreadableImage(3, "a.png"), UnreadableImage(7, "b.png"), *examples[2:]])
 
     trainer.data_collator = dropping_collator
     logs = _train_logs(trainer)
     assert trainer.num_skipped_images == 2 and trainer.total_skipped_images() == 2
     assert logs[-1]["num_skipped_images"] == 2
-    assert SKIPPED_KEY not in trainer._prepare_inputs({"pixel_values": torch.zeros(1), SKIPPED_KEY: torch.tensor(1)})
+    inputs = trainer._prepare_inputs({"pixel_values": torch.zeros(1), SKIPPED_KEY: torch.tensor([-1])})
+    assert SKIPPED_KEY not in inputs and trainer.num_skipped_images == 3  # an unknown index counts each time
 
 
 def test_throughput_excludes_evaluation_and_saving_time():
