@@ -23,7 +23,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import ExplicitEnum
 
-from .cpu_bf16 import describe_cpu_bf16_path
+from .cpu_bf16 import describe_cpu_bf16_path, fallback_context
 from .data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, SKIPPED_KEY
 from .optimization import create_optimizer, get_simmim_scheduler, scale_learning_rate
 from .visualization import make_reconstruction_grid, reconstruct
@@ -397,6 +397,13 @@ class SimMIMTrainer(Trainer):
         if skipped is not None:
             self.num_skipped_images += int(skipped)
         return super()._prepare_inputs(inputs)
+
+    def compute_loss_context_manager(self):
+        """The Trainer's loss context plus the CPU bf16 matmul fallback (a no-op except for bf16 on CPUs without
+        native bf16 matmul; see `cpu_bf16.fallback_context`)."""
+        stack = super().compute_loss_context_manager()
+        stack.enter_context(fallback_context(self.model, bf16=self.args.bf16 or self.args.bf16_full_eval))
+        return stack
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         pixel_values = inputs.get("pixel_values")
