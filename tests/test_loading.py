@@ -8,6 +8,8 @@ import os
 
 import pytest
 import torch
+import transformers
+from packaging import version
 from transformers import (
     BeitConfig,
     BeitForMaskedImageModeling,
@@ -88,6 +90,8 @@ def test_native_folders_load_into_our_classes(tmp_path, family):
     assert len(classifier.loading_report.loaded) > 10
 
 
+@pytest.mark.skipif(version.parse(transformers.__version__) < version.parse("5.24"),
+                    reason="transformers < 5.24 does not rename 4.x keys of a bare encoder loaded under a prefix")
 def test_a_bare_encoder_folder_loads_into_the_pretraining_model(tmp_path):
     encoder = _randomize(SwinModel(SwinConfig(**SMALL), add_pooling_layer=False, use_mask_token=True))
     encoder.save_pretrained(tmp_path)
@@ -149,18 +153,16 @@ class _TransformersLog:
     def __init__(self):
         import io
 
-        import transformers
-
         self.stream = io.StringIO()
         self.handler = logging.StreamHandler(self.stream)
-        self.logging = transformers.utils.logging
+        self.logger = logging.getLogger("transformers")
 
     def __enter__(self):
-        self.logging.add_handler(self.handler)
+        self.logger.addHandler(self.handler)
         return self
 
     def __exit__(self, *exc):
-        self.logging.remove_handler(self.handler)
+        self.logger.removeHandler(self.handler)
 
     def text(self) -> str:
         return self.stream.getvalue()
