@@ -69,12 +69,14 @@ CLIENTS = textwrap.dedent(
         crop = [processor.crop_size["height"], processor.crop_size["width"]]
         row["run_mim"] = [type(model).__name__, config.mask_patch_size, config.mask_ratio, crop]
 
-        # run_image_classification.py: AutoConfig with the dataset's labels, then the model
+        # run_image_classification.py (here with --trust_remote_code true, as the issue tried): AutoConfig with the
+        # dataset's labels, then the model
         labels = ["cat", "dog", "fish"]
         config = AutoConfig.from_pretrained(folder, num_labels=3, label2id={l: str(i) for i, l in enumerate(labels)},
                                             id2label={str(i): l for i, l in enumerate(labels)},
-                                            finetuning_task="image-classification")
-        model = AutoModelForImageClassification.from_pretrained(folder, config=config, ignore_mismatched_sizes=False)
+                                            finetuning_task="image-classification", trust_remote_code=True)
+        model = AutoModelForImageClassification.from_pretrained(folder, config=config, ignore_mismatched_sizes=False,
+                                                                trust_remote_code=True)
         names = {int(k): v for k, v in model.config.id2label.items()}
         row["run_image_classification"] = [type(model).__name__, names[2], model.classifier.out_features]
         results[family] = row
@@ -145,4 +147,6 @@ def test_transformers_example_scripts_calls(client_results, family):
     row = client_results[family]
     mim_class = "SimMIMBeitForMaskedImageModeling" if family == "beit" else row["mim"].split(".")[-1]
     assert row["run_mim"] == [mim_class, 16, 0.5, [64, 64]]  # the SimMIM fields travel in the config
-    assert row["run_image_classification"][1:] == ["fish", 3]
+    native = {"swin": "SwinForImageClassification", "swinv2": "Swinv2ForImageClassification",
+              "vit": "ViTForImageClassification", "beit": "BeitForImageClassification"}[family]
+    assert row["run_image_classification"] == [native, "fish", 3]
