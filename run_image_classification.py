@@ -37,14 +37,12 @@ from modeling_simmim.augmentation import (
     collate_classification,
     mixup_active,
 )
-from modeling_simmim.checkpoint import (
+from modeling_simmim.configuration_simmim import (
     BEIT_SIMMIM_FINETUNE,
-    build_image_processor,
-    export_to_transformers,
-    resolve_model_folder,
-    simmim_config_from_folder,
+    PRESETS,
+    SUPPORTED_BACKBONES,
+    build_backbone_config,
 )
-from modeling_simmim.configuration_simmim import PRESETS, SUPPORTED_BACKBONES, build_backbone_config
 from modeling_simmim.data import (
     BAD_IMAGE_POLICIES,
     DEMO_DATASETS,
@@ -54,6 +52,7 @@ from modeling_simmim.data import (
     SkipNoneCollator,
     load_image_datasets,
 )
+from modeling_simmim.export import build_image_processor, export_to_transformers
 from modeling_simmim.modeling_simmim import SimMIMForImageClassification
 from modeling_simmim.step_guard import check_finite_weights
 from modeling_simmim.trainer import (
@@ -298,6 +297,11 @@ def label_mapping(loaded, names: list[str], model_label2id: dict[str, int]) -> L
     return LabelIds({name: model_label2id[name] for name in names})
 
 
+def hub_kwargs(model_args) -> dict[str, Any]:
+    """Where --model_name_or_path is downloaded from (transformers' from_pretrained arguments)."""
+    return {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
+
+
 def resolve_image_size(model_args) -> int:
     """The finetuning resolution, known before loading anything heavy (sizes the bundled demo images)."""
     if model_args.image_size is not None:
@@ -306,9 +310,7 @@ def resolve_image_size(model_args) -> int:
     if "image_size" in overrides:
         return int(overrides["image_size"])
     if model_args.model_name_or_path is not None:
-        folder = resolve_model_folder(model_args.model_name_or_path, cache_dir=model_args.cache_dir,
-                                      revision=model_args.model_revision, token=model_args.token)
-        return simmim_config_from_folder(folder)[0].image_size[0]
+        return SimMIMConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs(model_args)).image_size[0]
     if model_args.model_preset is not None:
         return int(PRESETS[model_args.model_preset][1]["image_size"])
     return 224
@@ -323,9 +325,7 @@ def build_model(model_args, aug_args, id2label: dict[int, str] | None) -> SimMIM
         extra["classifier_pooling"] = model_args.classifier_pooling
     overrides = model_args.overrides()
     if model_args.model_name_or_path is not None:
-        hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
-        folder = resolve_model_folder(model_args.model_name_or_path, **hub)
-        source_config, _ = simmim_config_from_folder(folder)
+        source_config = SimMIMConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs(model_args))
         if model_args.model_type is not None and model_args.model_type != source_config.backbone_type:
             raise ValueError(
                 f"--model_name_or_path {model_args.model_name_or_path} holds a {source_config.backbone_type} "
@@ -333,7 +333,7 @@ def build_model(model_args, aug_args, id2label: dict[int, str] | None) -> SimMIM
             )
         drop_path_rate = overrides.pop("drop_path_rate", None)
         return SimMIMForImageClassification.from_pretrained(
-            folder, id2label=id2label, image_size=overrides.pop("image_size", None),
+            model_args.model_name_or_path, **hub_kwargs(model_args), id2label=id2label, image_size=overrides.pop("image_size", None),
             window_size=overrides.pop("window_size", None), drop_path_rate=drop_path_rate,
             backbone_overrides=overrides, **extra,
         )

@@ -66,7 +66,9 @@ class ModelArguments:
     """The encoder to pretrain: a saved SimMIM model to continue from, or a new one (family + overrides)."""
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "A saved SimMIM model (local folder or Hub id) to continue pretraining."}
+        default=None,
+        metadata={"help": "A saved SimMIM model, or any transformers Swin/SwinV2/ViT/BEiT folder or Hub id, to continue "
+                          "pretraining (SimMIM fields from --mask_patch_size/--mask_ratio, else the folder's)."},
     )
     model_type: str | None = field(
         default=None,

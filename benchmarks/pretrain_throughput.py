@@ -5,7 +5,7 @@ the SimMIM loss, backward, AdamW step, zero_grad); the implementations are inter
 (shared) machine slows them alike; warm-up steps are dropped and the median of `--steps` is reported.
 
 Implementations (`--impls`):
-  ours        SimMIMForMaskedImageModeling with the default fast path (fast window attention for Swin)
+  ours        SimMIMForMaskedImageModeling with the fast window attention for Swin (`fast_window_attention=True`)
   ours_plain  the same model with `fast_window_attention=False` (transformers' forward inside our model)
   ours_native_bf16  `ours` with the CPU bf16 matmul fallback off (PyTorch's own bf16 kernels; differs from `ours`
               only for bf16 on CPUs without native bf16 matmul, see modeling_simmim/cpu_bf16.py)
@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import SwinForMaskedImageModeling, ViTConfig, ViTForMaskedImageModeling  # noqa: E402
 
 from modeling_simmim import SimMIMConfig, SimMIMForMaskedImageModeling  # noqa: E402
-from modeling_simmim.cpu_bf16 import cpu_bf16_matmul, native_cpu_bf16_matmul_supported  # noqa: E402
+from modeling_simmim.cpu_bf16 import fallback_context, native_cpu_bf16_matmul_supported  # noqa: E402
 from modeling_simmim.masking import SimMIMMaskGenerator  # noqa: E402
 from modeling_simmim.optimization import create_optimizer  # noqa: E402
 
@@ -73,7 +73,8 @@ def simmim_config(model: str) -> SimMIMConfig:
         return SimMIMConfig(backbone_config=_vit_b16())
     if model == "beit_base":
         return SimMIMConfig.from_preset("vit_base")
-    return SimMIMConfig.from_preset(model)
+    # `ours` measures the fast window attention (off by default in the package); `ours_plain` turns it off.
+    return SimMIMConfig.from_preset(model, fast_window_attention=model.startswith("swin"))
 
 
 def _reference_backbone_config(model: str, config: SimMIMConfig):
@@ -203,11 +204,12 @@ def make_step(model, optimizer, pixel_values, mask, dtype: torch.dtype, device: 
     autocast = (
         torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     )
-    # ours_native_bf16: the CPU bf16 fallback off for this model's forward (the mode is read when the forward starts).
-    fallback_off = impl == "ours_native_bf16"
+    # Ours: the step runs in the CPU bf16 fallback's context, as the SimMIM Trainer runs it (a no-op except for bf16
+    # on CPUs without native bf16 matmul); ours_native_bf16: without it.
+    use_fallback = impl.startswith("ours") and impl != "ours_native_bf16"
 
     def step():
-        with autocast, (cpu_bf16_matmul("native") if fallback_off else contextlib.nullcontext()):
+        with autocast, (fallback_context(model, pixel_values) if use_fallback else contextlib.nullcontext()):
             loss = model(pixel_values, bool_masked_pos=model_mask).loss
         loss.backward()
         optimizer.step()

@@ -1,10 +1,14 @@
 """SimMIM (masked image modeling) for the Hugging Face ecosystem.
 
-Importing the package registers `simmim` with transformers' Auto classes.
+Importing the package registers, with transformers: the "simmim" model type of older saved folders (current ones are
+native Swin/SwinV2/ViT/BEiT folders), the "simmim_window" attention function, and the checkpoint transfer that
+`SimMIMForImageClassification.from_pretrained` uses to move a checkpoint to another geometry.
 """
 
 from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForMaskedImageModeling
 
+from . import loading as _loading  # noqa: F401  (registers the checkpoint transfer)
+from . import swin_attention as _swin_attention  # noqa: F401  (registers the "simmim_window" attention function)
 from .configuration_simmim import PRESETS, SimMIMConfig
 from .masking import SimMIMDataCollator, SimMIMMaskGenerator
 from .modeling_simmim import (
@@ -24,14 +28,10 @@ from .optimization import (
 
 __version__ = "0.1.0"
 
+# Folders saved before the native format (model_type "simmim", nested backbone_config), and `from_config`.
 AutoConfig.register("simmim", SimMIMConfig, exist_ok=True)
 AutoModelForMaskedImageModeling.register(SimMIMConfig, SimMIMForMaskedImageModeling, exist_ok=True)
-# `save_pretrained` writes `auto_map` and copies the code files, so the Hub loads saved folders with
-# `trust_remote_code=True` where this package is not installed.
-SimMIMConfig.register_for_auto_class()
-SimMIMForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageModeling")
 AutoModelForImageClassification.register(SimMIMConfig, SimMIMForImageClassification, exist_ok=True)
-SimMIMForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
     "PRESETS",

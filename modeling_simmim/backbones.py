@@ -15,8 +15,11 @@ import torch
 from torch import nn
 from transformers import BeitModel, PretrainedConfig, PreTrainedModel, SwinModel, Swinv2Model, ViTModel
 from transformers import initialization as init
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .swin_attention import enable_fast_window_attention
+# Name of the window attention function that `modeling_simmim.swin_attention` registers with transformers'
+# attention interface; `fast_window_attention=True` selects it for transformers' Swin.
+FAST_WINDOW_ATTENTION = "simmim_window"
 
 
 def _pair(value) -> tuple[int, int]:
@@ -86,11 +89,15 @@ class SwinAdapter(BackboneAdapter):
     _downsample = re.compile(r"^encoder\.layers\.(\d+)\.downsample\.")
 
     def build(self, backbone_config, use_mask_token, add_pooling_layer, fast_window_attention=False):
+        if fast_window_attention:
+            if FAST_WINDOW_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
+                raise ValueError(
+                    f"fast_window_attention=True needs the {FAST_WINDOW_ATTENTION!r} attention function, which "
+                    "`import modeling_simmim` registers (pip install simmim-hf); or set fast_window_attention=False."
+                )
+            backbone_config._attn_implementation = FAST_WINDOW_ATTENTION
         backbone = super().build(backbone_config, use_mask_token, add_pooling_layer)
         self.fit_windows_to_stages(backbone)
-        if fast_window_attention:
-            # Swaps the forward of transformers' SwinLayer modules in place; parameters and names are unchanged.
-            enable_fast_window_attention(backbone)
         return backbone
 
     @staticmethod
@@ -149,8 +156,7 @@ class Swinv2Adapter(SwinAdapter):
                                 "continuous_position_bias_mlp", "logit_scale")
 
     def build(self, backbone_config, use_mask_token, add_pooling_layer, fast_window_attention=False):
-        # The fast window attention covers transformers' Swin only; SwinV2 (cosine attention, continuous position
-        # bias) keeps transformers' own forward.
+        # The fast window attention covers transformers' Swin only; SwinV2's cosine attention keeps its own.
         return BackboneAdapter.build(self, backbone_config, use_mask_token, add_pooling_layer)
 
 
@@ -228,4 +234,4 @@ def get_adapter(config: PretrainedConfig) -> BackboneAdapter:
     return _ADAPTERS[family]
 
 
-__all__ = ["BackboneAdapter", "get_adapter"]
+__all__ = ["FAST_WINDOW_ATTENTION", "BackboneAdapter", "get_adapter"]

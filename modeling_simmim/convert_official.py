@@ -633,31 +633,18 @@ def _imagenet_labels(num_classes: int) -> dict[int, str] | None:
     return {i: info.index_to_description(i) for i in range(num_classes)}
 
 
-def _simmim_classifier_class():
-    """The finetuning issue's ``SimMIMForImageClassification`` when this installation has it, else None."""
-    from . import modeling_simmim
-
-    return getattr(modeling_simmim, "SimMIMForImageClassification", None)
-
-
 def _build_classification_model(arch: OfficialArchitecture) -> torch.nn.Module:
-    """``SimMIMForImageClassification`` (or, without it, transformers' Swin/BEiT classifier: same state dict)."""
-    from transformers import BeitForImageClassification, SwinForImageClassification
-
+    """``SimMIMForImageClassification``: its state dict and saved folder are those of transformers' Swin/BEiT
+    classifier."""
     from .configuration_simmim import SimMIMConfig
+    from .modeling_simmim import SimMIMForImageClassification
 
     labels = {"num_labels": arch.num_classes}
     if names := _imagenet_labels(arch.num_classes):
         labels.update(id2label=names, label2id={name: i for i, name in names.items()})
-    backbone_config = backbone_config_from_architecture(arch)
-    classifier_class = _simmim_classifier_class()
-    if classifier_class is not None:
-        config = SimMIMConfig(backbone_config=backbone_config, mask_patch_size=arch.mask_patch_size,
-                              mask_ratio=arch.mask_ratio, **labels)
-        return classifier_class(config)
-    for key, value in labels.items():
-        setattr(backbone_config, key, value)
-    return (SwinForImageClassification if arch.family == "swin" else BeitForImageClassification)(backbone_config)
+    config = SimMIMConfig(backbone_config=backbone_config_from_architecture(arch), mask_patch_size=arch.mask_patch_size,
+                          mask_ratio=arch.mask_ratio, **labels)
+    return SimMIMForImageClassification(config)
 
 
 def _check_swin_window_clamping(arch: OfficialArchitecture, converted: Mapping[str, torch.Tensor], model) -> None:
@@ -735,17 +722,11 @@ def convert_official_checkpoint(
     if output_dir is not None:
         model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
-        log(f"Saved to {os.fspath(output_dir)}")
-        if task == CLASSIFICATION and type(model).__name__ == "SimMIMForImageClassification":
-            from .checkpoint import export_to_transformers
-
-            native_dir = os.path.join(output_dir, "native")
-            try:
-                export_to_transformers(model, native_dir, image_processor=processor)
-            except (RuntimeError, ValueError) as err:  # e.g. Swin-L: transformers' Swin cannot hold its tables
-                log(f"No native transformers export (the SimMIM folder is complete): {err}")
-            else:
-                log(f"Native transformers export (pipeline('image-classification', model=...)): {native_dir}")
+        native = model.config.native_architecture(type(model).__name__)
+        log(f"Saved to {os.fspath(output_dir)} ("
+            + (f"a native transformers {native} folder" if native else
+               f"{type(model).__name__}: transformers has no class for it, the folder ships the model code")
+            + ")")
     if push_to_hub:
         model.push_to_hub(push_to_hub)
         processor.push_to_hub(push_to_hub)

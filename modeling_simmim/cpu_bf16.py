@@ -5,18 +5,22 @@ Everywhere else (AVX2 CPUs: AMD Zen 2/3, most Intel client and older server CPUs
 kernel that `benchmarks/cpu_bf16_matmul.py` measures 30x to several hundred times slower than float32, so `--bf16` /
 `torch.autocast("cpu", torch.bfloat16)` turns a 1.7 s Swin-T training step into ~40 s.
 
-`CPUBf16MatmulFallback` is a `TorchFunctionMode` that the SimMIM models enter around their forward when such a step
-is about to run (`fallback_context`). It reroutes every matrix product and convolution whose operands are bf16
-(explicitly, or by autocast) through the float32 kernel, on operands first rounded to bf16, and rounds the result to
-bf16. That is the numeric contract of a bf16 GEMM everywhere (bf16 inputs, float32 accumulation, bf16 output; cuBLAS
-and oneDNN alike), so the result matches the native kernel up to the order of the float32 accumulation. The backward
-keeps the contract too: gradients are float32 products of bf16 values, rounded to bf16 where the native backward
-returns bf16. The inputs saved for the backward are stored as bf16 (they are exactly representable), so activation
-memory stays that of bf16 training.
+`CPUBf16MatmulFallback` is a `TorchFunctionMode` that the training loop enters around each step when such a step is
+about to run (`fallback_context`; `SimMIMTrainer.compute_loss_context_manager` does it, the model files never do,
+so a saved model runs with torch and transformers alone). It reroutes every matrix product and convolution whose
+operands are bf16 (explicitly, or by autocast) through the float32 kernel, on operands first rounded to bf16, and
+rounds the result to bf16. That is the numeric contract of a bf16 GEMM everywhere (bf16 inputs, float32 accumulation,
+bf16 output; cuBLAS and oneDNN alike), so the result matches the native kernel up to the order of the float32
+accumulation. The backward keeps the contract too: gradients are float32 products of bf16 values, rounded to bf16
+where the native backward returns bf16. The inputs saved for the backward are stored as bf16 (they are exactly
+representable), so activation memory stays that of bf16 training.
 
-Everything else (LayerNorm, softmax, GELU, the loss...) runs exactly as autocast decides. Nothing changes on CPUs
-with native bf16, on GPUs, in float32, under `torch.compile`, or when gradient checkpointing is on (its recomputation
-runs outside the forward, where the mode is not active; see `fallback_context`).
+Rerouted: the whole matmul family (`matmul`/`@`, `mm`, `bmm`, `addmm`, `baddbmm`, `addbmm`, `addmv`, `mv`, `dot`,
+`inner`, `einsum`, `tensordot`, `linalg.matmul`, `linalg.multi_dot`, their Tensor methods), `F.linear`, `F.bilinear`,
+`F.conv1d/2d/3d`, `F.conv_transpose1d/2d/3d` and `scaled_dot_product_attention`. Everything else (LayerNorm, softmax,
+GELU, the loss...) runs exactly as autocast decides. Nothing changes on CPUs with native bf16, on GPUs, in float32,
+under `torch.compile`, or when gradient checkpointing is on (its recomputation runs outside the step's context; see
+`fallback_context`).
 
     from modeling_simmim.cpu_bf16 import cpu_bf16_matmul, set_cpu_bf16_matmul
     set_cpu_bf16_matmul("native")   # "auto" (default), "fallback" (always, e.g. to test it), "native" (never)
@@ -35,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 __all__ = [
     "CPUBf16MatmulFallback",
@@ -80,20 +85,68 @@ def native_cpu_bf16_matmul_supported() -> bool:
         return False
 
 
-# The functions whose bf16 kernels are the slow ones: every matrix product and convolution the supported encoders,
-# the decoder and the heads call (nn.Linear -> F.linear, nn.Conv2d -> F.conv2d, attention -> matmul / bmm / SDPA).
+# The functions whose bf16 kernels are the slow ones: the matmul family and the convolutions (nn.Linear -> F.linear,
+# nn.Conv2d -> F.conv2d, attention -> matmul / bmm / baddbmm / SDPA, ...). In-place variants are left alone: their
+# result must stay in the operand's storage.
 _REROUTED = frozenset({
     F.linear,
+    F.bilinear,
+    F.conv1d,
     F.conv2d,
+    F.conv3d,
+    F.conv_transpose1d,
+    F.conv_transpose2d,
+    F.conv_transpose3d,
     F.scaled_dot_product_attention,
     torch.matmul,
     torch.mm,
     torch.bmm,
+    torch.addmm,
+    torch.baddbmm,
+    torch.addbmm,
+    torch.addmv,
+    torch.mv,
+    torch.dot,
+    torch.inner,
+    torch.einsum,
+    torch.tensordot,
+    torch.linalg.matmul,
+    torch.linalg.multi_dot,
     torch.Tensor.matmul,
     torch.Tensor.__matmul__,
+    torch.Tensor.__rmatmul__,
     torch.Tensor.mm,
     torch.Tensor.bmm,
+    torch.Tensor.addmm,
+    torch.Tensor.baddbmm,
+    torch.Tensor.addbmm,
+    torch.Tensor.addmv,
+    torch.Tensor.mv,
+    torch.Tensor.dot,
+    torch.Tensor.inner,
 })
+
+
+# Products that CPU autocast leaves in float32 (it casts only the ops on its lower-precision list; einsum, tensordot,
+# multi_dot and N-d inner reach a listed op inside): under autocast they are rerouted only for all-bf16 operands, so
+# that the fallback never computes in bf16 what PyTorch computes in float32.
+_KEPT_FLOAT32_BY_AUTOCAST = frozenset({
+    F.bilinear, torch.addmv, torch.mv, torch.dot, torch.Tensor.addmv, torch.Tensor.mv, torch.Tensor.dot,
+})
+
+
+def _computes_in_bf16(func, floating: list[torch.Tensor]) -> bool:
+    """Whether PyTorch's own call would compute in bf16 (the slow kernel): all-bf16 operands, or a bf16 autocast
+    that casts this op (autocast leaves float64 alone)."""
+    if all(t.dtype == torch.bfloat16 for t in floating):
+        return True
+    if not _autocast_bf16() or any(t.dtype == torch.float64 for t in floating):
+        return False
+    if func in _KEPT_FLOAT32_BY_AUTOCAST:
+        return False
+    if func in (torch.inner, torch.Tensor.inner):
+        return all(t.dim() > 1 for t in floating)
+    return True
 
 
 def describe_cpu_bf16_path() -> str:
@@ -117,15 +170,11 @@ class CPUBf16MatmulFallback(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _REROUTED:
-            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            # einsum and multi_dot take their operands as a list
+            tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
             floating = [t for t in tensors if t.is_floating_point()]
             on_cpu = floating and all(t.device.type == "cpu" for t in tensors)
-            # What the native call would compute in: bf16 under bf16 autocast (which leaves float64 alone), or
-            # all-bf16 operands without it.
-            if on_cpu and (
-                (_autocast_bf16() and not any(t.dtype == torch.float64 for t in floating))
-                or all(t.dtype == torch.bfloat16 for t in floating)
-            ):
+            if on_cpu and _computes_in_bf16(func, floating):
                 return _float32_kernel_on_bf16_operands(func, args, kwargs)
         return func(*args, **kwargs)
 
@@ -152,18 +201,18 @@ def _float32_kernel_on_bf16_operands(func, args, kwargs):
         was_rounded, tensor = packed
         return tensor.float() if was_rounded else tensor
 
-    rounded_args = [as_rounded_float32(a) for a in args]
-    rounded_kwargs = {k: as_rounded_float32(v) for k, v in kwargs.items()}
+    rounded_args, rounded_kwargs = tree_map(as_rounded_float32, (tuple(args), dict(kwargs)))
     with torch.autocast("cpu", enabled=False), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         result = func(*rounded_args, **rounded_kwargs)
     return result.to(torch.bfloat16)
 
 
-def _bf16_requested(model: nn.Module, reference: torch.Tensor) -> bool:
-    if _autocast_bf16():
+def _bf16_requested(model: nn.Module, reference: torch.Tensor | None, bf16: bool) -> bool:
+    if bf16 or _autocast_bf16():
         return True
     parameter = next(model.parameters(), None)
-    return reference.dtype == torch.bfloat16 or (parameter is not None and parameter.dtype == torch.bfloat16)
+    return (reference is not None and reference.dtype == torch.bfloat16) or (
+        parameter is not None and parameter.dtype == torch.bfloat16)
 
 
 def _checkpointing(model: nn.Module) -> bool:
@@ -173,16 +222,23 @@ def _checkpointing(model: nn.Module) -> bool:
     return bool(getattr(model, name, False))
 
 
-def fallback_context(model: nn.Module, reference: torch.Tensor) -> contextlib.AbstractContextManager:
-    """The context a SimMIM model's forward runs in: `CPUBf16MatmulFallback` when `reference` (the input images) is on
-    the CPU, the step computes in bf16, the CPU lacks native bf16 matmul (mode "auto") or the mode is "fallback";
-    otherwise a no-op. Also a no-op under `torch.compile` (the compiler picks its own kernels) and when the model
-    trains with gradient checkpointing (the recomputation would run without the mode and differ from the forward)."""
-    if _MODE == "native" or reference.device.type != "cpu" or torch.compiler.is_compiling():
+def fallback_context(
+    model: nn.Module, reference: torch.Tensor | None = None, bf16: bool = False
+) -> contextlib.AbstractContextManager:
+    """The context a training or evaluation step of `model` runs in: `CPUBf16MatmulFallback` when the step runs on
+    the CPU (`reference`, e.g. the input images, or else the model's parameters), computes in bf16 (`bf16=True`, as
+    the Trainer's `--bf16`; an active bf16 autocast; bf16 inputs or weights), and the CPU lacks native bf16 matmul
+    (mode "auto") or the mode is "fallback"; otherwise a no-op. Also a no-op under `torch.compile` (the compiler picks
+    its own kernels) and when the model trains with gradient checkpointing (the recomputation would run without the
+    mode and differ from the forward)."""
+    if reference is None:
+        reference = next(model.parameters(), None)
+    on_cpu = reference is None or reference.device.type == "cpu"
+    if _MODE == "native" or not on_cpu or torch.compiler.is_compiling():
         return contextlib.nullcontext()
     if _MODE == "auto" and native_cpu_bf16_matmul_supported():
         return contextlib.nullcontext()
-    if not _bf16_requested(model, reference):
+    if not _bf16_requested(model, reference, bf16):
         return contextlib.nullcontext()
     if model.training and _checkpointing(model):
         return contextlib.nullcontext()

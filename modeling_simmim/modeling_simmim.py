@@ -1,25 +1,39 @@
 """SimMIM models on top of transformers' own Swin, SwinV2, ViT and BEiT encoders.
 
 The whole method: mask token in the encoder input, last feature map -> 1x1 conv -> PixelShuffle, L1 loss on the
-masked pixels only. State dicts are transformers-native (`swin.*`, `beit.*`, ... and `decoder.0.*`).
+masked pixels only. State dicts are transformers-native (`swin.*`, `beit.*`, ... and `decoder.0.*`), and so are the
+saved configs (see `SimMIMConfig`): plain transformers loads a saved folder with its own classes wherever it has one.
+
+This file, `configuration_simmim.py` and `backbones.py` are the model core: they import torch and transformers only,
+so a folder that ships them as remote code runs with those two packages alone.
 """
 
 from __future__ import annotations
 
-import functools
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import BeitConfig, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 
-from .backbones import get_adapter
+from .backbones import FAST_WINDOW_ATTENTION, get_adapter
 from .configuration_simmim import SimMIMConfig
-from .cpu_bf16 import fallback_context
+
+# The Auto class that loads a folder whose model has no transformers class (see `SimMIMConfig.native_architecture`),
+# and the class its `auto_map` names where that is not the model's own class.
+_AUTO_CLASSES = {
+    "SimMIMForMaskedImageModeling": "AutoModelForMaskedImageModeling",
+    "SimMIMForImageClassification": "AutoModelForImageClassification",
+}
+_REMOTE_CODE_CLASSES = {("SimMIMForMaskedImageModeling", "beit"): "SimMIMBeitForMaskedImageModeling"}
 
 
 def simmim_loss(
@@ -52,18 +66,6 @@ def normalize_targets(pixel_values: torch.Tensor, window: int) -> torch.Tensor:
     return (pixels - local_mean) / (variance + 1e-6).sqrt()
 
 
-def _cpu_bf16_fallback(forward):
-    """Run a model's forward inside `cpu_bf16.fallback_context` (bf16 steps on CPUs without native bf16 matmul use
-    float32 kernels on bf16-rounded operands instead of PyTorch's slow generic bf16 kernel; a no-op elsewhere)."""
-
-    @functools.wraps(forward)
-    def wrapper(self, pixel_values, *args, **kwargs):
-        with fallback_context(self, pixel_values):
-            return forward(self, pixel_values, *args, **kwargs)
-
-    return wrapper
-
-
 def _mask_grid(bool_masked_pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Accept (B, num_patches) or (B, H/p, W/p), bool or int; return a bool (B, H/p, W/p)."""
     height, width = grid
@@ -92,17 +94,29 @@ class SimMIMMaskedImageModelingOutput(ModelOutput):
 
 
 class SimMIMPreTrainedModel(PreTrainedModel):
-    """Weight initialization and loading conventions shared by the SimMIM models."""
+    """Weight initialization, loading and saving conventions shared by the SimMIM models.
+
+    The models accept a `SimMIMConfig` or a transformers Swin/SwinV2/ViT/BEiT config (SimMIM fields read from its extra
+    keys), so they load native transformers folders, and they save native ones (see `save_pretrained`).
+    """
 
     config_class = SimMIMConfig
     config: SimMIMConfig
-    base_model_prefix = "simmim"
+    base_model_prefix = "simmim"  # per instance: the backbone's attribute name ("swin", "beit", ...)
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    _supports_attention_backend = True
     # Buffers that current transformers recomputes instead of loading (older checkpoints carry them).
     _keys_to_ignore_on_load_unexpected = [r".*relative_position_index.*", r".*attn_mask.*"]
+
+    def __init__(self, config: SimMIMConfig | PretrainedConfig) -> None:
+        if not isinstance(config, SimMIMConfig):
+            config = SimMIMConfig.from_native(config)
+        super().__init__(config)
+        # transformers adds or strips this prefix when a checkpoint of the bare encoder (`SwinModel`, ...) is loaded.
+        self.base_model_prefix = get_adapter(config).base_model_prefix
 
     @property
     def backbone_adapter(self):
@@ -112,6 +126,14 @@ class SimMIMPreTrainedModel(PreTrainedModel):
     def backbone(self) -> PreTrainedModel:
         """The transformers encoder (`self.swin`, `self.beit`, ...)."""
         return getattr(self, self.backbone_adapter.base_model_prefix)
+
+    def _build_backbone(self, use_mask_token: bool, add_pooling_layer: bool) -> None:
+        config = self.config
+        fast = bool(config.fast_window_attention) or config._attn_implementation == FAST_WINDOW_ATTENTION
+        adapter = get_adapter(config)
+        backbone = adapter.build(config.backbone_config, use_mask_token=use_mask_token,
+                                 add_pooling_layer=add_pooling_layer, fast_window_attention=fast)
+        setattr(self, adapter.base_model_prefix, backbone)
 
     def _init_weights(self, module: nn.Module) -> None:
         # The encoder's own modules are initialized by its own transformers class (composite-model dispatch);
@@ -131,20 +153,62 @@ class SimMIMPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
 
-    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
-        """`PreTrainedModel.save_pretrained`, but under the current parameter names by default.
-
-        transformers 5 otherwise renames Swin/ViT/BEiT weights back to their 4.x names on save, and the Trainer's
-        `load_best_model_at_end` and `resume_from_checkpoint` read checkpoints with a plain `load_state_dict`, which
-        then matches nothing and silently keeps the current weights. (Native exports keep transformers' format.)"""
-        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
-
     @torch.no_grad()
     def initialize_weights(self) -> None:
         """transformers' initialization, then the official one where it differs (mask token, bias tables, ...).
         Weights loaded from a checkpoint are flagged by transformers and left untouched."""
         super().initialize_weights()
         self.backbone_adapter.official_init(self.backbone)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        """`PreTrainedModel.from_pretrained` (dtype, device_map, revision, token, cache_dir, transformers' loading
+        report), for SimMIM folders and native transformers Swin/SwinV2/ViT/BEiT folders alike. `config` may be a
+        `SimMIMConfig` or a transformers config of those families. A `config` of another backbone family than the
+        checkpoint raises `ValueError` naming both (transformers would load nothing and report it)."""
+        if config is not None and not isinstance(config, (SimMIMConfig, str)):
+            config = SimMIMConfig.from_native(config)
+        if isinstance(config, SimMIMConfig) and pretrained_model_name_or_path is not None:
+            _check_checkpoint_family(pretrained_model_name_or_path, config, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        """`PreTrainedModel.save_pretrained`, writing a native transformers folder: `config.json` is the backbone's
+        own config (model_type "swin", "beit", ...) with the SimMIM fields as extra keys and `architectures` naming
+        transformers' class. Where transformers has no class for the model (BEiT pretraining, see
+        `SimMIMConfig.native_architecture`), the folder gets `auto_map` and the model-core files (remote code that
+        needs torch and transformers only).
+
+        Weights keep their current names by default: transformers 5 otherwise renames Swin/ViT/BEiT weights back to
+        their 4.x names, and the Trainer's `load_best_model_at_end` and `resume_from_checkpoint` read checkpoints with
+        a plain `load_state_dict`, which then matches nothing and silently keeps the current weights. (transformers
+        loads both namings.)"""
+        name = type(self).__name__
+        remote_class = _REMOTE_CODE_CLASSES.get((name, self.config.backbone_type), name)
+        needs_code = name in _AUTO_CLASSES and self.config.native_architecture(name) is None
+        self.config.__dict__.pop("auto_map", None)
+        if needs_code:
+            self.config.auto_map = {_AUTO_CLASSES[name]: f"modeling_simmim.{remote_class}"}
+            if kwargs.get("is_main_process", True):
+                # Before saving: `save_pretrained(..., push_to_hub=True)` uploads the folder as it returns.
+                os.makedirs(save_directory, exist_ok=True)
+                custom_object_save(self, save_directory)  # this file and its relative imports: the model core
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
+
+def _check_checkpoint_family(name_or_path, config: SimMIMConfig, kwargs: dict[str, Any]) -> None:
+    """Raise when the checkpoint's backbone family differs from `config`'s (swin vs vit, ...)."""
+    hub = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only", "force_download",
+                                         "subfolder", "proxies") if key in kwargs}
+    try:
+        saved = SimMIMConfig.from_pretrained(name_or_path, **hub)
+    except OSError:  # no readable config.json: transformers reports it when it loads the weights
+        return
+    if saved.backbone_type != config.backbone_type:
+        raise ValueError(
+            f"{name_or_path} holds a {saved.backbone_type} backbone but the given config is {config.backbone_type}: "
+            f"use a {saved.backbone_type} config (or drop `config`)."
+        )
 
 
 class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
@@ -154,12 +218,10 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
     Works for any image size that the geometry allows (non-square, or different from `config.image_size`).
     """
 
-    def __init__(self, config: SimMIMConfig) -> None:
+    def __init__(self, config: SimMIMConfig | PretrainedConfig) -> None:
         super().__init__(config)
-        adapter = get_adapter(config)
-        setattr(self, adapter.base_model_prefix,
-                adapter.build(config.backbone_config, use_mask_token=True, add_pooling_layer=False,
-                              fast_window_attention=config.fast_window_attention))
+        config = self.config
+        self._build_backbone(use_mask_token=True, add_pooling_layer=False)
         stride = config.encoder_stride
         self.decoder = nn.Sequential(
             nn.Conv2d(config.hidden_size, stride**2 * config.num_channels, kernel_size=1),
@@ -167,7 +229,6 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         )
         self.post_init()
 
-    @_cpu_bf16_fallback
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -213,7 +274,16 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         return SimMIMMaskedImageModelingOutput(loss=loss, reconstruction=reconstruction, hidden_states=hidden_states)
 
 
+class SimMIMBeitForMaskedImageModeling(SimMIMForMaskedImageModeling):
+    """`SimMIMForMaskedImageModeling` as the remote code of a BEiT-style pretraining folder (transformers has no
+    pixel-regression BEiT MIM class: its `BeitForMaskedImageModeling` predicts visual tokens). Only `config_class`
+    differs: transformers' Auto classes register remote code under the folder's own config class, `BeitConfig`."""
+
+    config_class = BeitConfig
+
+
 __all__ = [
+    "SimMIMBeitForMaskedImageModeling",
     "SimMIMPreTrainedModel",
     "SimMIMForMaskedImageModeling",
     "SimMIMMaskedImageModelingOutput",
@@ -255,18 +325,15 @@ class SimMIMForImageClassification(SimMIMPreTrainedModel):
     new geometry (image size, window size) with the official resizing rules; see its docstring.
     """
 
-    def __init__(self, config: SimMIMConfig) -> None:
+    def __init__(self, config: SimMIMConfig | PretrainedConfig) -> None:
         super().__init__(config)
-        adapter = get_adapter(config)
-        family = adapter.family
+        config = self.config
+        family = get_adapter(config).family
         pooling = getattr(config, "classifier_pooling", "cls")
         if family == "vit" and pooling not in ("cls", "mean"):
             raise ValueError(f"classifier_pooling must be 'cls' or 'mean', got {pooling!r}.")
         # transformers' ViT pooler is a dense+tanh layer that ViTForImageClassification does not use: leave it out.
-        add_pooling_layer = family != "vit"
-        setattr(self, adapter.base_model_prefix,
-                adapter.build(config.backbone_config, use_mask_token=False, add_pooling_layer=add_pooling_layer,
-                              fast_window_attention=getattr(config, "fast_window_attention", False)))
+        self._build_backbone(use_mask_token=False, add_pooling_layer=family != "vit")
         self.num_labels = config.num_labels
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
@@ -292,7 +359,6 @@ class SimMIMForImageClassification(SimMIMPreTrainedModel):
             return tokens[:, 0], outputs
         return outputs.pooler_output, outputs
 
-    @_cpu_bf16_fallback
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -322,10 +388,17 @@ class SimMIMForImageClassification(SimMIMPreTrainedModel):
             return ((loss,) + output) if loss is not None else output
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions)
 
+    # Moving a checkpoint to another geometry or task (resized bias tables, BEiT's shared table copied into every
+    # block, ...) needs SciPy, so it lives outside the model core: `modeling_simmim.loading` sets this when the
+    # package is imported. A remote-code copy of this file (no package) loads checkpoints as they are.
+    checkpoint_transfer: ClassVar[Callable[..., Any] | None] = None
+    _TRANSFER_ARGUMENTS = ("image_size", "window_size", "drop_path_rate", "backbone_overrides")
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Load a SimMIM pretraining checkpoint, one of our classification checkpoints, or a native transformers
-        Swin/SwinV2/BEiT/ViT (classification or MIM) folder or Hub id, into a classifier of the asked geometry:
+        Swin/SwinV2/BEiT/ViT (classification, MIM or bare encoder) folder or Hub id, into a classifier of the asked
+        geometry:
 
             SimMIMForImageClassification.from_pretrained(
                 "outputs/simmim_swin_base", num_labels=1000, id2label=..., image_size=224, window_size=7,
@@ -337,15 +410,25 @@ class SimMIMForImageClassification(SimMIMPreTrainedModel):
         and mean pooling + LayerNorm, as in the official finetuning; Swin tables are resized with the official
         geometric bicubic method, ViT absolute position embeddings bicubically; SwinV2 needs no resize (continuous
         position bias; `pretrained_window_sizes` is set to the pretraining windows). The head is new when the number
-        of labels changes. `model.loading_report` (also logged) lists loaded / resized / newly initialized / unused
-        weights; `output_loading_info=True` returns it too. A checkpoint of another backbone family than `config`
-        raises `ValueError`. Other keyword arguments set config fields (e.g. `label_smoothing=0.1`).
+        of labels changes. One table (logged at WARNING when anything was resized, newly initialized or left unused)
+        lists what happened to every weight; it is also `model.loading_report`, and `output_loading_info=True`
+        returns transformers' loading info with it. The transformers contract holds: `dtype` (also "auto"),
+        `device_map`, `revision`, `token`, `cache_dir`, `attn_implementation`; other keyword arguments set config
+        fields (e.g. `label_smoothing=0.1`) and unknown ones are rejected. A checkpoint of another backbone family
+        than `config` raises `ValueError`.
         """
-        from .checkpoint import load_pretrained_classifier
-
-        if model_args:
-            raise TypeError("SimMIMForImageClassification.from_pretrained takes no extra positional arguments")
-        return load_pretrained_classifier(cls, pretrained_model_name_or_path, **kwargs)
+        transfer = SimMIMForImageClassification.checkpoint_transfer
+        if transfer is not None:
+            return transfer(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+        asked = sorted(name for name in cls._TRANSFER_ARGUMENTS if kwargs.get(name) is not None)
+        if asked:
+            raise ValueError(
+                f"{asked} move a checkpoint to another geometry, which needs the simmim-hf package "
+                "(`pip install simmim-hf`, `import modeling_simmim`)."
+            )
+        for name in cls._TRANSFER_ARGUMENTS:
+            kwargs.pop(name, None)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
 
 __all__ += ["SimMIMForImageClassification", "classification_loss"]

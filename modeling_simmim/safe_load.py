@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from collections import OrderedDict
 from typing import Any
@@ -84,12 +85,25 @@ def safe_load_checkpoint(path: str | os.PathLike) -> Any:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
+            # Chained with `from None`: torch's text advises `weights_only=False`, i.e. running the pickle's code.
             offending = _unsafe_globals(path)
             if offending or "GLOBAL" in str(err) or "reduce" in str(err):
-                raise UnsafeCheckpointError(path, offending) from err
-            raise ValueError(f"Could not read {os.fspath(path)} as a PyTorch checkpoint: {err}") from err
+                raise UnsafeCheckpointError(path, offending) from None
+            raise ValueError(
+                f"Could not read {os.fspath(path)} as a PyTorch checkpoint (not a torch.save file: an HTML page or a "
+                f"truncated download?): {_unpickler_reason(err)}"
+            ) from None
         except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, UnicodeDecodeError) as err:
             raise ValueError(
                 f"Could not read {os.fspath(path)} as a PyTorch checkpoint (truncated or corrupted download?): "
-                f"{type(err).__name__}: {err}"
-            ) from err
+                f"{type(err).__name__}: {_unpickler_reason(err)}"
+            ) from None
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """The reason in torch's load error, without its advice to load with `weights_only=False`."""
+    text = str(error)
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, flags=re.S)
+    if match:
+        return " ".join(match.group(1).split())
+    return " ".join(line for line in text.splitlines() if "weights_only" not in line).strip() or type(error).__name__

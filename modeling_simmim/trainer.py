@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
 from transformers.utils import ExplicitEnum
 
-from .cpu_bf16 import describe_cpu_bf16_path
+from .cpu_bf16 import describe_cpu_bf16_path, fallback_context
 from .data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, SKIPPED_KEY
 from .optimization import create_optimizer, get_simmim_scheduler, scale_learning_rate
 from .step_guard import PREEMPTED_EXIT_CODE, StepGuardCallback, check_finite_weights
@@ -465,6 +465,13 @@ class SimMIMTrainer(Trainer):
     def _prepare_inputs(self, inputs):
         self._record_skipped(inputs, self.skipped_eval_images)  # training batches were emptied in training_step
         return super()._prepare_inputs(inputs)
+
+    def compute_loss_context_manager(self):
+        """The Trainer's loss context plus the CPU bf16 matmul fallback (a no-op except for bf16 on CPUs without
+        native bf16 matmul; see `cpu_bf16.fallback_context`)."""
+        stack = super().compute_loss_context_manager()
+        stack.enter_context(fallback_context(self.model, bf16=self.args.bf16 or self.args.bf16_full_eval))
+        return stack
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._record_skipped(inputs, self.skipped_train_images)

@@ -1,4 +1,5 @@
-"""Position-table resizing and checkpoint transfer (modeling_simmim/checkpoint.py)."""
+"""Position-table resizing and the transfer report (modeling_simmim/weight_transfer.py), reading weight files
+(modeling_simmim/loading.py)."""
 
 import os
 
@@ -6,13 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_simmim.checkpoint import (
+from modeling_simmim.loading import check_weight_files, load_state_dict_file
+from modeling_simmim.weight_transfer import (
     LoadingReport,
     geometric_ratio,
     geometric_source_coordinates,
     interpolate_position_embeddings,
-    load_checkpoint_state_dict,
-    load_state_dict_file,
     resize_relative_position_bias_table,
     window_from_table_rows,
 )
@@ -88,19 +88,29 @@ def test_position_embedding_interpolation():
     torch.testing.assert_close(interpolate_position_embeddings(constant, (4, 4), (6, 6)), torch.ones(1, 37, 8))
 
 
-def test_loading_report_is_readable():
+def test_loading_report_is_one_readable_table():
     report = LoadingReport(
         source="ckpt",
+        model="SimMIMForImageClassification",
         loaded=[f"swin.encoder.layers.0.blocks.{i}.mlp.fc1.weight" for i in range(2)],
         resized={f"swin.encoder.layers.0.blocks.{i}.attention.relative_position_bias.relative_position_bias_table":
                  "6x6 -> 7x7 (geometric bicubic)" for i in range(2)},
         newly_initialized=["classifier.weight", "classifier.bias"],
         unused={"decoder.0.weight": "SimMIM decoder (pretraining only)"},
     )
-    text = str(report)
-    assert "Loaded 2 weights from ckpt" in text
-    assert "swin.encoder.layers.*.blocks.*.attention.relative_position_bias.relative_position_bias_table (x2)" in text
-    assert "6x6 -> 7x7" in text and "classifier.weight" in text and "decoder.0.weight: SimMIM decoder" in text
+    lines = str(report).splitlines()
+    assert lines[0] == "SimMIMForImageClassification LOAD REPORT from: ckpt"
+    assert lines[1] == "2 weights loaded, 2 of them resized, interpolated or copied"
+    assert [cell.strip() for cell in lines[2].split("|")] == ["Key", "Status", "Details"]
+    rows = [[cell.strip() for cell in line.split("|")] for line in lines[4:]]
+    assert rows == [
+        ["swin.encoder.layers.*.blocks.*.attention.relative_position_bias.relative_position_bias_table (x2)",
+         "RESIZED", "6x6 -> 7x7 (geometric bicubic)"],
+        ["classifier.bias", "NEW", "newly initialized: train these"],
+        ["classifier.weight", "NEW", "newly initialized: train these"],
+        ["decoder.0.weight", "UNUSED", "SimMIM decoder (pretraining only)"],
+    ]
+    assert report.changes_anything and not LoadingReport(loaded=["x"]).changes_anything
 
 
 def test_corrupt_and_missing_weights_files(tmp_path):
@@ -108,12 +118,15 @@ def test_corrupt_and_missing_weights_files(tmp_path):
 
     good = tmp_path / "model.safetensors"
     save_file({"swin.x": torch.ones(1000)}, str(good))
-    torch.testing.assert_close(load_checkpoint_state_dict(str(tmp_path))["swin.x"], torch.ones(1000))
+    assert check_weight_files(str(tmp_path)) == [str(good)]
+    torch.testing.assert_close(load_state_dict_file(str(good))["swin.x"], torch.ones(1000))
     good.write_bytes(good.read_bytes()[:200])  # truncated download
     with pytest.raises(OSError, match="corrupt or truncated"):
         load_state_dict_file(str(good))
+    with pytest.raises(OSError, match="corrupt or truncated"):
+        check_weight_files(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no weights in"):
-        load_checkpoint_state_dict(str(tmp_path / "empty"))
+        check_weight_files(str(tmp_path / "empty"))
     official = tmp_path / "official.pth"
     torch.save({"model": {"encoder.x": torch.ones(1)}}, str(official))
     with pytest.raises(ValueError, match="convert_official"):

@@ -58,7 +58,12 @@ def test_transfer_192w6_to_224w7_keeps_every_backbone_weight(tmp_path):
     logits = model(torch.randn(2, 3, 56, 56)).logits
     assert logits.shape == (2, 5)
     text = str(report)
-    assert "6x6 -> 7x7 (geometric bicubic)" in text and "newly initialized (2)" in text
+    assert "SimMIMForImageClassification LOAD REPORT from:" in text
+    rows = {line.split("|")[0].strip(): line.split("|")[1].strip() for line in text.splitlines()[4:]}
+    assert rows[f"swin.encoder.layers.*.blocks.*.attention.{TABLE} (x2)"] == "RESIZED"
+    assert rows["classifier.weight"] == rows["classifier.bias"] == "NEW"
+    assert rows["decoder.0.weight"] == rows["swin.embeddings.mask_token"] == "UNUSED"
+    assert "6x6 -> 7x7 (geometric bicubic)" in text
 
 
 def test_classification_checkpoint_round_trip_and_labels(tmp_path):
@@ -68,8 +73,8 @@ def test_classification_checkpoint_round_trip_and_labels(tmp_path):
     assert model.config.num_labels == 3 and model.config.label2id == {"a": 0, "b": 1, "c": 2}
     model.save_pretrained(tmp_path / "clf")
     saved = json.loads((tmp_path / "clf" / "config.json").read_text())
-    assert saved["architectures"] == ["SimMIMForImageClassification"]
-    assert saved.get("problem_type") is None
+    assert saved["architectures"] == ["SwinForImageClassification"] and saved["model_type"] == "swin"  # native
+    assert saved.get("problem_type") is None and saved["label_smoothing"] == 0.1
     again = SimMIMForImageClassification.from_pretrained(tmp_path / "clf")
     assert again.loading_report.newly_initialized == [] and again.config.label_smoothing == 0.1
     x = torch.randn(2, 3, 48, 48)
@@ -128,7 +133,7 @@ def test_wrong_family_is_refused(tmp_path):
         SimMIMForImageClassification.from_pretrained(folder, config=SimMIMConfig.from_preset("vit_test"))
     with pytest.raises(ValueError, match="window_size applies to Swin"):
         SimMIMForImageClassification.from_pretrained(_mim(tmp_path, "vit_test")[1], window_size=7)
-    from modeling_simmim.checkpoint import adapt_state_dict
+    from modeling_simmim.weight_transfer import adapt_state_dict
 
     model = SimMIMForImageClassification(SimMIMConfig.from_preset("vit_test"))
     with pytest.raises(ValueError, match="holds a swinv2 backbone but the model is vit"):
@@ -142,7 +147,7 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
     with pytest.raises(OSError, match="corrupt or truncated"):
         SimMIMForImageClassification.from_pretrained(folder, num_labels=2)
     (folder / "config.json").write_text("{not json")
-    with pytest.raises(OSError, match="not valid JSON"):
+    with pytest.raises(OSError, match="valid JSON"):
         SimMIMForImageClassification.from_pretrained(folder, num_labels=2)
 
 

@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from transformers import AutoConfig, ResNetConfig, SwinConfig, ViTConfig
+from transformers import AutoConfig, BeitConfig, ResNetConfig, SwinConfig, ViTConfig
 
 import modeling_simmim  # noqa: F401  (registers the Auto classes)
 from modeling_simmim import SimMIMConfig
@@ -61,16 +61,59 @@ def test_unsupported_backbone_is_refused():
         SimMIMConfig.from_preset("swin_giant")
 
 
-def test_save_load_and_auto_config_round_trip(tmp_path):
+def test_saved_config_is_the_native_backbone_config_with_the_simmim_fields(tmp_path):
     config = SimMIMConfig.from_preset("beit_test", mask_patch_size=16, mask_ratio=0.5)
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["model_type"] == "simmim" and saved["backbone_config"]["model_type"] == "beit"
-    assert saved["auto_map"]["AutoConfig"] == "configuration_simmim.SimMIMConfig"
-    loaded = AutoConfig.from_pretrained(tmp_path)
-    assert isinstance(loaded, SimMIMConfig)
+    assert saved["model_type"] == "beit" and "backbone_config" not in saved and "auto_map" not in saved
+    assert (saved["mask_patch_size"], saved["mask_ratio"], saved["encoder_stride"]) == (16, 0.5, 8)
+    assert saved["norm_target_window"] is None and "fast_window_attention" not in saved  # a kernel choice: not saved
+    assert "id2label" not in saved  # no stray 2-label map: the labels are the head's, and there is none
+    native = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(native, BeitConfig) and native.mask_patch_size == 16
+    loaded = SimMIMConfig.from_pretrained(tmp_path)
     assert loaded.backbone_config.to_dict() == config.backbone_config.to_dict()
     assert (loaded.mask_patch_size, loaded.mask_ratio, loaded.encoder_stride) == (16, 0.5, 8)
+
+
+def test_folders_of_the_earlier_nested_format_still_load(tmp_path):
+    backbone = SimMIMConfig.from_preset("swin_test").backbone_config.to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "simmim", "backbone_config": backbone, "mask_patch_size": 16, "mask_ratio": 0.5,
+        "fast_window_attention": True, "auto_map": {"AutoConfig": "configuration_simmim.SimMIMConfig"},
+    }))
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, SimMIMConfig) and loaded.backbone_type == "swin" and loaded.mask_patch_size == 16
+    assert loaded.fast_window_attention is False  # the saved kernel choice of the earlier default is not followed
+
+
+def test_native_configs_convert_with_simmim_fields_or_fitting_defaults():
+    swin = SwinConfig(image_size=48, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=6)
+    config = SimMIMConfig.from_native(swin)
+    # no SimMIM fields: the mask patch is the first of 32, the encoder stride and the patch that fits 48 px
+    assert (config.mask_patch_size, config.encoder_stride, config.backbone_config.window_size) == (8, 8, 6)
+    swin.mask_patch_size, swin.norm_target_window, swin.encoder_stride = 16, 5, 8  # as SimMIM saves them
+    config = SimMIMConfig.from_native(swin)
+    assert (config.mask_patch_size, config.norm_target_window) == (16, 5)
+    assert not hasattr(config.backbone_config, "norm_target_window")  # SimMIM fields live on the SimMIM config
+
+
+def test_backbone_fields_read_and_write_through_and_update_works():
+    config = SimMIMConfig.from_preset("swin_test", mask_patch_size=16)
+    assert (config.patch_size, config.window_size, config.embed_dim, config.hidden_size) == (4, 4, 16, 32)
+    assert config.num_attention_heads == [1, 2]  # the backbone's attribute map
+    config.update({"window_size": 2, "embed_dim": 8, "image_size": 96, "mask_ratio": 0.5})
+    backbone = config.backbone_config
+    assert (backbone.window_size, backbone.embed_dim, backbone.image_size, config.mask_ratio) == (2, 8, 96, 0.5)
+    assert config.hidden_size == backbone.hidden_size == 16  # derived fields follow
+    config.image_size = (64, 96)
+    assert config.image_size == (64, 96) and backbone is not config.backbone_config
+    config.encoder_stride = 16
+    assert config.backbone_config.encoder_stride == 16  # transformers' own field kept in step
+    with pytest.raises(ValueError, match=r"\['hidden_size'\] cannot be set on a swin config: derived"):
+        config.hidden_size = 64
+    with pytest.raises(AttributeError):
+        config.not_a_field  # noqa: B018
 
 
 def test_backbone_config_from_dict():

@@ -1,6 +1,6 @@
 """modeling_simmim.cpu_bf16: bf16 matrix products on CPUs without native bf16 run as float32 kernels on bf16-rounded
-operands. Checked against the exact bf16-GEMM contract, against PyTorch's own bf16 kernels, in every model family,
-in the models' forward decisions, and through run_mim.py with --bf16."""
+operands. Checked against the exact bf16-GEMM contract, against PyTorch's own bf16 kernels, in every model family
+(inside the step context the Trainer enters; never inside the models' own forward), and through run_mim.py --bf16."""
 
 import contextlib
 import os
@@ -82,6 +82,18 @@ def _relative_error(got, reference):
         ("conv2d patchify", lambda x, w: F.conv2d(x, w, stride=4), [(2, 3, 16, 16), (8, 3, 4, 4)]),
         ("conv2d 1x1", lambda x, w: F.conv2d(x, w), [(2, 16, 3, 3), (48, 16, 1, 1)]),
         ("sdpa", lambda q, k, v: F.scaled_dot_product_attention(q, k, v), [(2, 2, 9, 8)] * 3),
+        ("addmm", lambda c, a, b: torch.addmm(c, a, b), [(6, 5), (6, 16), (16, 5)]),
+        ("baddbmm", lambda c, a, b: torch.baddbmm(c, a, b, alpha=0.5), [(3, 6, 5), (3, 6, 16), (3, 16, 5)]),
+        ("addbmm", torch.addbmm, [(6, 5), (3, 6, 16), (3, 16, 5)]),
+        ("inner n-d", torch.inner, [(5, 8), (4, 8)]),
+        ("einsum list", lambda a, b: torch.einsum("bij,bjk->bik", [a, b]), [(2, 5, 8), (2, 8, 3)]),
+        ("einsum varargs", lambda a, b: torch.einsum("ij,kj->ik", a, b), [(5, 8), (4, 8)]),
+        ("tensordot", lambda a, b: torch.tensordot(a, b, dims=2), [(3, 4, 8), (4, 8, 5)]),
+        ("linalg", lambda a, b, c: torch.linalg.multi_dot([a, b, c]) + torch.linalg.matmul(a, b @ c),
+         [(5, 8), (8, 6), (6, 4)]),
+        ("conv1d", lambda x, w: F.conv1d(x, w, padding=1), [(2, 6, 10), (4, 6, 3)]),
+        ("conv3d", lambda x, w: F.conv3d(x, w), [(1, 3, 4, 6, 6), (4, 3, 2, 3, 3)]),
+        ("conv_transpose2d", lambda x, w: F.conv_transpose2d(x, w, stride=2), [(2, 4, 5, 5), (4, 3, 2, 2)]),
     ],
 )
 def test_every_rerouted_call_is_as_accurate_as_pytorchs_bf16_kernel(name, function, shapes, rerouted_calls):
@@ -107,6 +119,33 @@ def test_every_rerouted_call_is_as_accurate_as_pytorchs_bf16_kernel(name, functi
         ]
     for native_error, fallback_error in zip(errors[False], errors[True]):
         assert fallback_error <= max(1.5 * native_error, 1e-2), (name, errors)
+
+
+@pytest.mark.parametrize(
+    "name, function, shapes",
+    [
+        ("addmv / mv", lambda c, a, v: torch.addmv(c, a, v) + a.mv(v), [(6,), (6, 16), (16,)]),
+        ("dot / inner", lambda a, b: torch.dot(a, b) + torch.inner(a, b) + a.dot(b), [(32,), (32,)]),
+        ("bilinear", lambda a, b, w: F.bilinear(a, b, w), [(4, 6), (4, 5), (3, 6, 5)]),
+    ],
+)
+def test_products_that_autocast_keeps_in_float32(name, function, shapes, rerouted_calls):
+    """PyTorch's autocast leaves these in float32, so does the fallback; with bf16 operands they are rerouted, as
+    accurate as PyTorch's bf16 kernel."""
+    leaves = [torch.randn(*shape) for shape in shapes]
+    with torch.autocast("cpu", dtype=BF16):
+        native = function(*leaves)
+        with CPUBf16MatmulFallback():
+            out = function(*leaves)
+    assert not rerouted_calls and out.dtype == torch.float32
+    torch.testing.assert_close(out, native, rtol=0, atol=0)
+    bf16_leaves = [leaf.to(BF16) for leaf in leaves]
+    reference = function(*[leaf.double() for leaf in bf16_leaves])
+    with CPUBf16MatmulFallback():
+        out = function(*bf16_leaves)
+    assert rerouted_calls and out.dtype == BF16
+    native = function(*bf16_leaves)
+    assert _relative_error(out, reference) <= max(1.5 * _relative_error(native, reference), 1e-2), name
 
 
 def test_saved_operands_are_stored_as_bf16(monkeypatch):
@@ -169,7 +208,7 @@ def _mim(preset, **overrides):
 
 def _loss_and_grads(model, pixels, mask):
     model.zero_grad()
-    with torch.autocast("cpu", dtype=BF16):
+    with torch.autocast("cpu", dtype=BF16), fallback_context(model, pixels):  # what the SimMIM Trainer enters
         loss = model(pixels, bool_masked_pos=mask).loss
     loss.backward()
     return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
@@ -198,7 +237,7 @@ def test_classifier_uses_it_too(mode, rerouted_calls):
     outputs = {}
     for name in ("native", "fallback"):
         mode(name)
-        with torch.autocast("cpu", dtype=BF16):
+        with torch.autocast("cpu", dtype=BF16), fallback_context(model, pixels):
             outputs[name] = model(pixels, labels=labels)
     assert rerouted_calls
     torch.testing.assert_close(outputs["fallback"].logits.float(), outputs["native"].logits.float(), rtol=2e-2,
@@ -210,13 +249,33 @@ def test_a_model_cast_to_bf16_uses_it_without_autocast(mode, rerouted_calls):
     model, pixels, mask = _mim("swin_test")
     model = model.to(BF16).eval()
     mode("fallback")
-    with torch.no_grad():
+    with torch.no_grad(), fallback_context(model):  # decided from the model's bf16 weights
         reconstruction = model(pixels.to(BF16)).reconstruction
     assert rerouted_calls and reconstruction.dtype == BF16
     mode("native")
     with torch.no_grad():
         native = model(pixels.to(BF16)).reconstruction
     torch.testing.assert_close(reconstruction.float(), native.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_the_models_never_enter_it_themselves(mode, rerouted_calls):
+    """The model files run with torch and transformers alone: the fallback is the training loop's choice."""
+    model, pixels, mask = _mim("swin_test")
+    mode("fallback")
+    with torch.autocast("cpu", dtype=BF16):
+        model(pixels, bool_masked_pos=mask).loss.backward()
+    assert not rerouted_calls
+    import modeling_simmim.modeling_simmim as core
+
+    assert "cpu_bf16" not in open(core.__file__).read()
+
+
+def test_the_trainer_flag_decides_without_autocast_or_inputs(mode, monkeypatch):
+    model, _, _ = _mim("swin_test")
+    monkeypatch.setattr(cpu_bf16, "native_cpu_bf16_matmul_supported", lambda: False)
+    mode("auto")
+    assert isinstance(fallback_context(model, bf16=True), CPUBf16MatmulFallback)  # Trainer(args.bf16=True)
+    assert not isinstance(fallback_context(model, bf16=False), CPUBf16MatmulFallback)
 
 
 def test_auto_follows_the_cpu(mode, monkeypatch):
@@ -265,7 +324,7 @@ def test_bad_modes_are_refused():
     with pytest.raises(ValueError, match="auto"):
         set_cpu_bf16_matmul("fast")
     result = subprocess.run(
-        [sys.executable, "-c", "import modeling_simmim"], capture_output=True, text=True, cwd=ROOT,
+        [sys.executable, "-c", "import modeling_simmim.cpu_bf16"], capture_output=True, text=True, cwd=ROOT,
         env={**os.environ, "SIMMIM_CPU_BF16_MATMUL": "always"},
     )
     assert result.returncode != 0 and "SIMMIM_CPU_BF16_MATMUL must be one of" in result.stderr

@@ -13,7 +13,7 @@ from PIL import Image
 
 from modeling_simmim import SimMIMConfig
 from modeling_simmim.augmentation import build_classification_transform
-from modeling_simmim.checkpoint import export_to_transformers, to_native_model
+from modeling_simmim.export import export_to_transformers, to_native_model
 from modeling_simmim.modeling_simmim import SimMIMForImageClassification
 
 LABELS = {0: "cat", 1: "dog", 2: "fish"}
@@ -63,19 +63,19 @@ SUBPROCESS = textwrap.dedent(
         np.save(folder + "_native_logits.npy", logits.numpy())
         np.save(folder + "_processed.npy", processed.numpy())
         results[family] = {"class": type(model).__name__, "predictions": predictions}
-    # our own checkpoint format loads with remote code (auto_map + copied code files)
-    remote = AutoModelForImageClassification.from_pretrained("ours", trust_remote_code=True).eval()
+    # our own checkpoint (what the Trainer saves) is a native folder too: no remote code
+    ours = AutoModelForImageClassification.from_pretrained("ours").eval()
     with torch.no_grad():
-        np.save("remote_logits.npy", remote(torch.from_numpy(np.load("swin_pixels.npy"))).logits.numpy())
-    results["remote"] = type(remote).__name__
+        np.save("ours_logits.npy", ours(torch.from_numpy(np.load("swin_pixels.npy"))).logits.numpy())
+    results["ours"] = type(ours).__name__
     print(json.dumps(results))
     """
 )
 
 
 def test_export_runs_in_plain_transformers(tmp_path):
-    """Native exports of the 4 families run in `pipeline` without this package, with our logits; our own format
-    loads there too through remote code."""
+    """Native exports of the 4 families run in `pipeline` without this package, with our logits; our own saved
+    classifier loads there too, natively."""
     rng = np.random.default_rng(0)
     image = Image.fromarray(np.uint8(rng.random((90, 120, 3)) * 255))
     image.save(tmp_path / "image.png")
@@ -98,7 +98,7 @@ def test_export_runs_in_plain_transformers(tmp_path):
         assert processor["image_mean"] == [0.485, 0.456, 0.406] and processor["image_std"] == [0.229, 0.224, 0.225]
 
         if family == "swin":
-            model.save_pretrained(tmp_path / "ours")  # SimMIM format, for the remote-code check
+            model.save_pretrained(tmp_path / "ours")  # SimMIMForImageClassification.save_pretrained
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
@@ -127,8 +127,9 @@ def test_export_runs_in_plain_transformers(tmp_path):
         expected = build_classification_transform(model.config.image_size[0], train=False)(image)
         assert processed.shape[1:] == expected.shape
         assert (processed[0] - expected).abs().mean() < 0.02
-    assert results["remote"] == "SimMIMForImageClassification"
-    np.testing.assert_allclose(np.load(tmp_path / "remote_logits.npy"), ours["swin"][1], atol=1e-5, rtol=0)
+    assert results["ours"] == "SwinForImageClassification"
+    assert not list(tmp_path.joinpath("ours").glob("*.py"))  # no code shipped
+    np.testing.assert_allclose(np.load(tmp_path / "ours_logits.npy"), ours["swin"][1], atol=1e-5, rtol=0)
 
 
 def test_mean_pooled_vit_has_no_native_class():

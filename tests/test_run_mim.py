@@ -139,8 +139,8 @@ def test_swin_end_to_end_writes_every_output(tmp_path):
             "all_results.json", "README.md", "reconstructions", "checkpoint-4"} <= files
     assert not any(name.endswith(".bin") and name != "training_args.bin" for name in files)  # safetensors only
     config = _json(os.path.join(output_dir, "config.json"))
-    assert config["model_type"] == "simmim"
-    assert config["auto_map"]["AutoModelForMaskedImageModeling"].endswith("SimMIMForMaskedImageModeling")
+    assert config["model_type"] == "swin" and config["architectures"] == ["SwinForMaskedImageModeling"]  # native
+    assert config["mask_patch_size"] == 16 and "auto_map" not in config
     assert sorted(os.listdir(os.path.join(output_dir, "reconstructions"))) == ["step_00002.png", "step_00004.png"]
 
     logs = _train_logs(output_dir)
@@ -163,14 +163,16 @@ def test_swin_end_to_end_writes_every_output(tmp_path):
     inputs = processor(Image.new("RGB", (100, 80), "white"), return_tensors="pt")
     assert tuple(inputs["pixel_values"].shape) == (1, 3, 64, 64)
     model = AutoModelForMaskedImageModeling.from_pretrained(output_dir)
-    assert type(model).__name__ == "SimMIMForMaskedImageModeling"
+    assert type(model).__name__ == "SwinForMaskedImageModeling"
     assert tuple(model(**inputs).reconstruction.shape) == (1, 3, 64, 64)
 
 
 def test_beit_end_to_end(tmp_path):
     output_dir, results = _run(tmp_path, "--model_preset", "beit_test", "--max_steps", "2", "--warmup_steps", "1",
                                "--max_train_samples", "16", "--max_eval_samples", "8")
-    assert _json(os.path.join(output_dir, "config.json"))["backbone_config"]["model_type"] == "beit"
+    config = _json(os.path.join(output_dir, "config.json"))
+    assert config["model_type"] == "beit" and config["auto_map"]["AutoModelForMaskedImageModeling"].endswith(
+        "SimMIMBeitForMaskedImageModeling")  # transformers has no pixel-regression BEiT MIM class
     assert np.isfinite(results["train_loss"]) and np.isfinite(results["eval_loss"])
     assert os.listdir(os.path.join(output_dir, "reconstructions")) == ["step_00002.png"]
 
