@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU suite from a fresh checkout on a GPU machine (torch with CUDA already installed there), in at most
+# 8 minutes: checks the Python packages, installs missing ones from wheels in .whl/ (the machine may have no
+# internet; `make gpu-wheels` fills .whl/ on a machine that has it) or else with pip, then runs
+# benchmarks/gpu_suite.py under a hard time limit. Results: OUTPUT_DIR/gpu_suite.{json,md} and OUTPUT_DIR/log.txt.
+#
+#   bash benchmarks/run_gpu_suite.sh [OUTPUT_DIR] [more gpu_suite.py flags, e.g. --sections compile]
+#
+# Environment: PYTHON (default python3), SUITE_BUDGET_S (default 420: the suite's own budget, which the startup
+# and this script's checks come on top of), SUITE_TIMEOUT_S (default 470: the hard limit of the python process).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUTPUT_DIR=${1:-outputs/gpu_suite}
+shift || true
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUTPUT_DIR"
+LOG="$OUTPUT_DIR/log.txt"
+exec > >(tee "$LOG") 2>&1
+
+# Import name -> pip name of everything the suite imports beyond torch (the loader section needs `datasets`).
+missing=$("$PYTHON" - <<'EOF'
+import importlib.util
+needed = {"torchvision": "torchvision", "transformers": "transformers", "datasets": "datasets", "dill": "dill",
+          "multiprocess": "multiprocess", "PIL": "pillow", "numpy": "numpy", "sklearn": "scikit-learn",
+          "skimage": "scikit-image"}
+print(" ".join(pip_name for module, pip_name in needed.items() if importlib.util.find_spec(module) is None))
+EOF
+)
+if [ -n "$missing" ]; then
+    echo "missing Python packages: $missing"
+    if compgen -G ".whl/*.whl" > /dev/null; then
+        # --target keeps the machine's own packages untouched; only the carried wheels are added, first on the path.
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/simmim_site .whl/*.whl
+        export PYTHONPATH=/tmp/simmim_site${PYTHONPATH:+:$PYTHONPATH}
+    else
+        "$PYTHON" -m pip install -q $missing \
+            || echo "could not install $missing: the sections that need them will be reported as failed"
+    fi
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+"$PYTHON" - <<'EOF'
+import importlib.metadata as metadata
+import torch
+print("cuda available:", torch.cuda.is_available(), "| cuda", torch.version.cuda, "| cpus", __import__("os").cpu_count())
+for name in ("torch", "transformers", "datasets", "pyarrow", "fsspec", "huggingface_hub", "timm", "torchvision"):
+    try:
+        print(f"{name} {metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+        print(f"{name} not installed")
+EOF
+
+status=0
+timeout --signal=TERM "${SUITE_TIMEOUT_S:-470}" "$PYTHON" benchmarks/gpu_suite.py --output_dir "$OUTPUT_DIR" \
+    --budget_s "${SUITE_BUDGET_S:-420}" "$@" || status=$?
+if [ "$status" = 124 ]; then
+    echo "the suite passed its hard limit and was stopped: $OUTPUT_DIR holds the sections finished before"
+fi
+exit "$status"
