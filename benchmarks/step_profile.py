@@ -12,13 +12,14 @@ from collections.abc import Callable
 
 import torch
 
-# CPU: aten ops of matrix products and convolutions. The wrappers (linear, matmul, conv2d, ...) have little self
-# time but are listed so that none of it counts as "outside the matmuls".
+# CPU: aten ops of matrix products, and every convolution op (conv2d, convolution_backward, _slow_conv2d_forward,
+# mkldnn_convolution, ...). The wrappers (linear, matmul, ...) have little self time but are listed so that none
+# of it counts as "outside the matmuls".
 MATMUL_OPS = frozenset({
     "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::linear", "aten::matmul",
-    "aten::conv2d", "aten::convolution", "aten::_convolution", "aten::mkldnn_convolution",
-    "aten::convolution_backward", "aten::cudnn_convolution", "aten::_mkldnn_linear",
+    "aten::_mkldnn_linear",
 })
+CONVOLUTION_OP_WORDS = ("convolution", "conv1d", "conv2d", "conv3d", "conv_")
 # Fused attention ops and kernels: matrix products and softmax in one, so neither inside nor outside the matmuls.
 ATTENTION_OP_PREFIXES = ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention")
 ATTENTION_KERNEL_WORDS = ("flash", "fmha", "attention", "sdpa")
@@ -28,7 +29,7 @@ MATMUL_KERNEL_WORDS = ("gemm", "nvjet", "xmma", "cutlass", "triton_tem_", "conv"
 def classify(name: str, on_device: bool) -> str:
     """"matmul", "attention" or "other" for a profiler event name (aten op on a CPU, kernel on a GPU)."""
     if not on_device:
-        if name in MATMUL_OPS:
+        if name in MATMUL_OPS or any(word in name for word in CONVOLUTION_OP_WORDS):
             return "matmul"
         return "attention" if name.startswith(ATTENTION_OP_PREFIXES) else "other"
     lowered = name.lower()

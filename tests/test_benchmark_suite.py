@@ -161,3 +161,21 @@ def test_cpu_profile_reports_the_time_outside_the_matmuls():
     shares = {row["impl"]: row["extra"]["profile"]["fused_attention_share"] for row in report["results"]}
     assert shares["hf_sdpa"] > 0 and shares["ours_plain"] > 0  # transformers' Swin forward calls SDPA by default
     assert "outside the matmuls" in benchmark.format_profiles(report)
+
+
+@pytest.mark.parametrize(
+    ("name", "on_device", "expected"),
+    [
+        ("aten::addmm", False, "matmul"),
+        ("aten::_slow_conv2d_backward", False, "matmul"),  # CPU convolutions are matrix products too
+        ("aten::_scaled_dot_product_flash_attention_for_cpu", False, "attention"),
+        ("aten::copy_", False, "other"),
+        ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", True, "matmul"),  # cuBLASLt on Hopper
+        ("triton_tem_fused_mm_3", True, "matmul"),  # inductor's GEMM template
+        ("flash_fwd_kernel", True, "attention"),
+        ("triton_poi_fused_add_native_layer_norm_0", True, "other"),
+        ("void at::native::unrolled_elementwise_kernel<direct_copy_kernel_cuda>", True, "other"),
+    ],
+)
+def test_profile_classifies_ops_and_kernels(name, on_device, expected):
+    assert _load("step_profile").classify(name, on_device) == expected
