@@ -13,50 +13,63 @@ cd "$(dirname "$0")/.."
 OUTPUT_DIR=${1:-outputs/gpu_suite}
 shift || true
 PYTHON=${PYTHON:-python3}
-mkdir -p "$OUTPUT_DIR"
-LOG="$OUTPUT_DIR/log.txt"
-exec > >(tee "$LOG") 2>&1
 
-# Import name -> pip name of everything the suite imports beyond torch (the loader section needs `datasets`).
-missing=$("$PYTHON" - <<'EOF'
+install_missing_packages() {
+    # Import name -> pip name of what the suite imports beyond torch (the loader section needs `datasets`).
+    local missing
+    missing=$("$PYTHON" - <<'EOF'
 import importlib.util
 needed = {"torchvision": "torchvision", "transformers": "transformers", "datasets": "datasets", "dill": "dill",
           "multiprocess": "multiprocess", "PIL": "pillow", "numpy": "numpy", "sklearn": "scikit-learn",
           "skimage": "scikit-image"}
 print(" ".join(pip_name for module, pip_name in needed.items() if importlib.util.find_spec(module) is None))
 EOF
-)
-if [ -n "$missing" ]; then
+    )
+    [ -z "$missing" ] && return 0
     echo "missing Python packages: $missing"
     if compgen -G ".whl/*.whl" > /dev/null; then
-        # --target keeps the machine's own packages untouched; only the carried wheels are added, first on the path.
-        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/simmim_site .whl/*.whl
+        # --target leaves the machine's own packages alone; the carried wheels come first on the path.
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/simmim_site .whl/*.whl \
+            || echo "installing .whl/ failed: the sections that need $missing will be reported as failed"
         export PYTHONPATH=/tmp/simmim_site${PYTHONPATH:+:$PYTHONPATH}
     else
+        # shellcheck disable=SC2086  # one argument per package
         "$PYTHON" -m pip install -q $missing \
             || echo "could not install $missing: the sections that need them will be reported as failed"
     fi
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+}
 
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-"$PYTHON" - <<'EOF'
+print_versions() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+    "$PYTHON" - <<'EOF' || true
 import importlib.metadata as metadata
+import os
+
 import torch
-print("cuda available:", torch.cuda.is_available(), "| cuda", torch.version.cuda, "| cpus", __import__("os").cpu_count())
+print("cuda available:", torch.cuda.is_available(), "| cuda", torch.version.cuda, "| cpus", os.cpu_count())
 for name in ("torch", "transformers", "datasets", "pyarrow", "fsspec", "huggingface_hub", "timm", "torchvision"):
     try:
-        print(f"{name} {metadata.version(name)}")
+        print(name, metadata.version(name))
     except metadata.PackageNotFoundError:
-        print(f"{name} not installed")
+        print(name, "not installed")
 EOF
+}
 
-status=0
-timeout --signal=TERM "${SUITE_TIMEOUT_S:-470}" "$PYTHON" benchmarks/gpu_suite.py --output_dir "$OUTPUT_DIR" \
-    --budget_s "${SUITE_BUDGET_S:-420}" "$@" || status=$?
-if [ "$status" = 124 ]; then
-    echo "the suite passed its hard limit and was stopped: $OUTPUT_DIR holds the sections finished before"
-fi
-exit "$status"
+run_suite() {
+    install_missing_packages
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+    export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+    print_versions
+    local status=0
+    timeout --signal=TERM "${SUITE_TIMEOUT_S:-470}" "$PYTHON" benchmarks/gpu_suite.py --output_dir "$OUTPUT_DIR" \
+        --budget_s "${SUITE_BUDGET_S:-420}" "$@" || status=$?
+    if [ "$status" = 124 ]; then
+        echo "the suite passed its hard limit and was stopped: $OUTPUT_DIR holds the sections finished before"
+    fi
+    return "$status"
+}
+
+mkdir -p "$OUTPUT_DIR"
+run_suite "$@" 2>&1 | tee "$OUTPUT_DIR/log.txt"
+exit "${PIPESTATUS[0]}"

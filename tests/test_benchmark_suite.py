@@ -151,7 +151,7 @@ def test_unknown_section_is_rejected(suite):
 def test_cpu_profile_reports_the_time_outside_the_matmuls():
     benchmark = _load("pretrain_throughput")
     report = benchmark.main(["--model", "swin_test", "--batch_size", "2", "--steps", "1", "--warmup", "0",
-                             "--dtype", "fp32", "--impls", "ours_fast,ours_plain,hf_sdpa", "--timer", "cpu",
+                             "--dtype", "fp32", "--impls", "ours_fast,hf_sdpa", "--timer", "cpu",
                              "--threads", "1", "--profile"])
     for row in report["results"]:
         profile = row["extra"]["profile"]
@@ -159,7 +159,7 @@ def test_cpu_profile_reports_the_time_outside_the_matmuls():
         parts = profile["matmul_ms"] + profile["fused_attention_ms"] + profile["outside_matmul_ms"]
         assert parts == pytest.approx(profile["total_ms"])
     shares = {row["impl"]: row["extra"]["profile"]["fused_attention_share"] for row in report["results"]}
-    assert shares["hf_sdpa"] > 0 and shares["ours_plain"] > 0  # transformers' Swin forward calls SDPA by default
+    assert shares["hf_sdpa"] > 0  # the SDPA op is seen; its CPU math path runs bmm, counted as products
     assert "outside the matmuls" in benchmark.format_profiles(report)
 
 
