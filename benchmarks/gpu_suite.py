@@ -25,7 +25,7 @@ counted. A failing cell (OOM, compile error) is recorded and the suite goes on; 
 no longer fit (and the tables say so). JSON and markdown are rewritten after every section.
 
     python benchmarks/gpu_suite.py --output_dir outputs/gpu_suite            # one GPU, at most --budget_s
-    python benchmarks/gpu_suite.py --smoke --output_dir /tmp/gpu_suite_smoke  # tiny models on the CPU, seconds
+    python benchmarks/gpu_suite.py --smoke --output_dir /tmp/gpu_suite_smoke  # tiny models on a CPU, about a minute
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class Suite:
     compile_dtypes: tuple[str, ...] = ("bf16", "fp32")
     compile_backend: str = "inductor"
     compile_impls: tuple[str, ...] | None = None  # None: every implementation
-    compile_estimate_s: float = 90.0  # before the first compile has been timed
+    compile_estimate_s: float = 120.0  # before the first compile has been timed
     max_batch_cap: int = 4096
     max_batch_cap_checkpointing: int = 4096
     max_batch_probes: int = 10
