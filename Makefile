@@ -2,8 +2,10 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 DEMO_DIR ?= outputs/demo
+GPU_SUITE_DIR ?= outputs/gpu_suite
+GPU_PYTHON ?= python3
 
-.PHONY: setup demo test test-slow test-minimum lint bench clean
+.PHONY: setup demo test test-slow test-minimum lint bench bench-gpu gpu-wheels clean
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -39,6 +41,16 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PYTHON) benchmarks/pretrain_throughput.py
 	$(PYTHON) benchmarks/data_throughput.py
+
+## The GPU suite (benchmarks/gpu_suite.py, at most 8 minutes on one GPU) with the machine's own torch + CUDA.
+bench-gpu:
+	PYTHON=$(GPU_PYTHON) bash benchmarks/run_gpu_suite.sh $(GPU_SUITE_DIR)
+
+## Wheels for a GPU machine without internet (Python 3.12): the suite's loader section needs `datasets`.
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 
 clean:
 	rm -rf $(VENV) .venv-min outputs build *.egg-info

@@ -5,8 +5,9 @@ the SimMIM loss, backward, AdamW step, zero_grad); the implementations are inter
 (shared) machine slows them alike; warm-up steps are dropped and the median of `--steps` is reported.
 
 Implementations (`--impls`):
-  ours        SimMIMForMaskedImageModeling with the fast window attention for Swin (`fast_window_attention=True`)
-  ours_plain  the same model with `fast_window_attention=False` (transformers' forward inside our model)
+  ours        SimMIMForMaskedImageModeling with its default config
+  ours_fast   the same with `fast_window_attention=True` (Swin only)
+  ours_plain  the same with `fast_window_attention=False` (transformers' forward inside our model)
   ours_native_bf16  `ours` with the CPU bf16 matmul fallback off (PyTorch's own bf16 kernels; differs from `ours`
               only for bf16 on CPUs without native bf16 matmul, see modeling_simmim/cpu_bf16.py)
   hf_sdpa     transformers' SwinForMaskedImageModeling / ViTForMaskedImageModeling, default attention (SDPA)
@@ -49,7 +50,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from step_profile import profile_step  # noqa: E402
 from transformers import SwinForMaskedImageModeling, ViTConfig, ViTForMaskedImageModeling  # noqa: E402
 
 from modeling_simmim import SimMIMConfig, SimMIMForMaskedImageModeling  # noqa: E402
@@ -58,7 +61,7 @@ from modeling_simmim.masking import SimMIMMaskGenerator  # noqa: E402
 from modeling_simmim.optimization import create_optimizer  # noqa: E402
 
 MODELS = ("swin_tiny", "swin_base", "vit_base", "beit_base", "swin_test", "vit_test")
-IMPLS = ("ours", "ours_plain", "ours_native_bf16", "hf_sdpa", "hf_eager")
+IMPLS = ("ours", "ours_fast", "ours_plain", "ours_native_bf16", "hf_sdpa", "hf_eager")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -67,14 +70,13 @@ def _vit_b16(image_size: int = 224) -> ViTConfig:
                      num_attention_heads=12, intermediate_size=3072, encoder_stride=16)
 
 
-def simmim_config(model: str) -> SimMIMConfig:
-    """Our config for a benchmark model name."""
+def simmim_config(model: str, **overrides) -> SimMIMConfig:
+    """Our config for a benchmark model name (`overrides`: SimMIMConfig fields such as fast_window_attention)."""
     if model == "vit_base":
-        return SimMIMConfig(backbone_config=_vit_b16())
+        return SimMIMConfig(backbone_config=_vit_b16(), **overrides)
     if model == "beit_base":
-        return SimMIMConfig.from_preset("vit_base")
-    # `ours` measures the fast window attention (off by default in the package); `ours_plain` turns it off.
-    return SimMIMConfig.from_preset(model, fast_window_attention=model.startswith("swin"))
+        return SimMIMConfig.from_preset("vit_base", **overrides)
+    return SimMIMConfig.from_preset(model, **overrides)
 
 
 def _reference_backbone_config(model: str, config: SimMIMConfig):
@@ -93,10 +95,9 @@ def build_models(model: str, impls: list[str], device: torch.device) -> dict[str
     for impl in impls:
         if impl == "ours":
             models[impl] = ours
-        elif impl == "ours_plain":
-            plain_config = copy.deepcopy(config)
-            plain_config.fast_window_attention = False
-            models[impl] = SimMIMForMaskedImageModeling(plain_config)
+        elif impl in ("ours_fast", "ours_plain"):
+            models[impl] = SimMIMForMaskedImageModeling(
+                simmim_config(model, fast_window_attention=impl == "ours_fast"))
             models[impl].load_state_dict(ours.state_dict())
         elif impl == "ours_native_bf16":
             models[impl] = SimMIMForMaskedImageModeling(config)
@@ -256,27 +257,6 @@ class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-# Matrix-product kernels (the arithmetic a step cannot avoid); everything else is "outside the matmuls".
-_MATMUL_KERNELS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"}
-
-
-def profile_step(step, device: torch.device, top: int = 10) -> dict:
-    """One step under torch.profiler: the share of self time spent in matrix-product kernels, and the top ops."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as profiler:
-        step()
-        _sync(device)
-    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    times = {event.key: getattr(event, attribute) / 1e3 for event in profiler.key_averages()}  # ms
-    total = sum(times.values())
-    matmul = sum(ms for name, ms in times.items() if name in _MATMUL_KERNELS)
-    ranked = sorted(times.items(), key=lambda item: item[1], reverse=True)[:top]
-    return {"total_ms": total, "matmul_ms": matmul, "matmul_share": matmul / total if total else 0.0,
-            "top_ms": [[name, round(ms, 1)] for name, ms in ranked]}
-
-
 def format_profiles(report: dict) -> str:
     lines = []
     for r in report["results"]:
@@ -284,7 +264,10 @@ def format_profiles(report: dict) -> str:
         if summary:
             top = ", ".join(f"{name} {ms:.0f}" for name, ms in summary["top_ms"])
             lines.append(f"{r['impl']} {r['dtype']}: matmul kernels {summary['matmul_ms']:.0f} of "
-                         f"{summary['total_ms']:.0f} ms profiled self time ({100 * summary['matmul_share']:.0f}%); "
+                         f"{summary['total_ms']:.0f} ms profiled self time ({100 * summary['matmul_share']:.0f}%), "
+                         f"fused attention {summary['fused_attention_ms']:.0f} ms "
+                         f"({100 * summary['fused_attention_share']:.0f}%), outside the matmuls "
+                         f"{summary['outside_matmul_ms']:.0f} ms ({100 * summary['outside_matmul_share']:.0f}%); "
                          f"top ops (ms): {top}")
     return "\n".join(lines)
 
@@ -493,7 +476,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    report = run(args)
+    threads = torch.get_num_threads()
+    try:
+        report = run(args)
+    finally:  # --threads must not outlive the call (tests run it in-process)
+        torch.set_num_threads(threads)
     print(format_table(report))
     if args.profile:
         print()
