@@ -54,6 +54,7 @@ from modeling_simmim.data import (
     load_image_datasets,
 )
 from modeling_simmim.modeling_simmim import SimMIMForImageClassification
+from modeling_simmim.randomness import seed_everything
 from modeling_simmim.trainer import SimMIMTrainer, SimMIMTrainingArguments, train_and_evaluate
 from run_mim import (
     FAMILY_DEFAULTS,
@@ -466,6 +467,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # training: the data's classes (a new head unless the checkpoint has the same ones); evaluation only: the
     # model's head, dataset labels matched to it by name
+    # Seeded before the model is built (the Trainer seeds only after): the new head and, from scratch, every weight
+    # are a function of --seed.
+    seed_everything(training_args.seed, training_args.full_determinism)
     model = build_model(model_args, aug_args, id2label if training_args.do_train else None)
     label_map = label_mapping(loaded, names, {str(k): int(v) for k, v in model.config.label2id.items()})
     config = model.config

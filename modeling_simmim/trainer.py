@@ -5,7 +5,9 @@ Why a subclass: the stock `Trainer` (transformers 5.x) cannot express the offici
 0 (not from `warmup_lr`), have no multistep decay, give a min-lr floor relative to each group's lr; its optimizer
 groups know nothing of layer-wise decay or the SimMIM no-decay rules; `max_grad_norm` defaults to 1.0 (official
 5.0); it logs the lr of param group 0 (the most decayed group under layer decay) and no throughput. Everything
-else (loop, checkpointing, resuming, accelerate/DeepSpeed/FSDP, reporters) is the Trainer's.
+else (loop, checkpointing, resuming, accelerate/DeepSpeed/FSDP, reporters) is the Trainer's, except the training
+dataloader: its order and per-example randomness are keyed by (seed, epoch, index) (`modeling_simmim.randomness`), so
+that runs do not depend on the number of processes, workers or resumes.
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import has_length, seed_worker
 from transformers.utils import ExplicitEnum
 
 from .cpu_bf16 import describe_cpu_bf16_path
 from .data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, SKIPPED_KEY
 from .optimization import create_optimizer, get_simmim_scheduler, scale_learning_rate
+from .randomness import KeyedEpochSampler, mix_seed
 from .visualization import make_reconstruction_grid, reconstruct
 
 logger = logging.getLogger(__name__)
@@ -244,6 +249,22 @@ class ThroughputCallback(TrainerCallback):
         return images / elapsed
 
 
+class SamplerEpochCallback(TrainerCallback):
+    """Sets the epoch of the keyed training sampler at the start of every epoch, from the step count.
+
+    The Trainer's own `set_epoch` calls do not reach a sampler wrapped in accelerate's `BatchSamplerShard` once
+    `skip_first_batches` has wrapped it again (a multi-process run resumed mid-epoch): without this, that epoch would
+    replay the order and augmentations of epoch 0."""
+
+    def __init__(self) -> None:
+        self.sampler: KeyedEpochSampler | None = None
+        self.num_update_steps_per_epoch: int | None = None
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.sampler is not None and self.num_update_steps_per_epoch:
+            self.sampler.set_epoch(state.global_step // self.num_update_steps_per_epoch)
+
+
 class ReconstructionCallback(TrainerCallback):
     """Saves `reconstructions/step_XXXXX.png` (see `visualization.make_reconstruction_grid`) for a fixed batch with
     fixed masks every `visualize_steps` optimizer steps and at the last step, and sends it to TensorBoard when
@@ -309,6 +330,11 @@ class SimMIMTrainer(Trainer):
 
     Logs, every logging step: `loss`, `grad_norm` (pre-clip), `learning_rate` (the highest group lr, i.e. the head's;
     `learning_rate_min` too under layer decay), `images_per_second`; `num_skipped_images` once images were skipped.
+
+    Training data (map-style datasets): a `KeyedEpochSampler` orders each epoch from (data seed, epoch) only and, with
+    `dataloader_drop_last`, keeps a multiple of the global batch (per-device batch x processes x accumulation): the
+    examples of optimizer step k are the same for any number of processes. Datasets with `accepts_example_keys`
+    (`RobustImageDataset`) receive `ExampleKey`s and key their augmentations and masks by them.
     """
 
     args: SimMIMTrainingArguments
@@ -326,6 +352,8 @@ class SimMIMTrainer(Trainer):
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, ReconstructionCallback):
                 callback.tensorboard = tensorboard
+        self.sampler_epoch = SamplerEpochCallback()
+        self.add_callback(self.sampler_epoch)
         self.model_card_info = dict(model_card_info or {})
         self.num_skipped_images = 0
         self.schedule: SimMIMSchedule | None = None
@@ -337,6 +365,7 @@ class SimMIMTrainer(Trainer):
         values = super().set_initial_training_values(args, dataloader)
         # (num_train_epochs, num_update_steps_per_epoch, ...): epochs of the recipe are counted in these steps.
         self._num_update_steps_per_epoch = values[1]
+        self.sampler_epoch.num_update_steps_per_epoch = values[1]
         if not hasattr(dataloader, "__len__"):
             logger.warning("The training data has no length: an 'epoch' of the lr schedule means the whole run.")
         return values
@@ -390,6 +419,51 @@ class SimMIMTrainer(Trainer):
         lrs = [float(lr) for lr in self.lr_scheduler.get_last_lr()]
         self._last_lr_min = min(lrs)
         return max(lrs)
+
+    # ---- training data --------------------------------------------------------------------------------------------
+    @property
+    def data_seed(self) -> int:
+        """Seed of the data order and augmentations: `--data_seed` when given, else `--seed`."""
+        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
+
+    def get_train_dataloader(self):
+        dataset = self.train_dataset
+        if dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not has_length(dataset):
+            return super().get_train_dataloader()
+        args = self.args
+        if args.remove_unused_columns and hasattr(dataset, "column_names"):  # a datasets.Dataset: columns to drop
+            logger.warning("--remove_unused_columns true on a datasets.Dataset: using the Trainer's own training order "
+                           "(not keyed by seed and epoch).")
+            return super().get_train_dataloader()
+        sampler = KeyedEpochSampler(
+            len(dataset), seed=self.data_seed, global_batch_size=self.get_total_train_batch_size(args),
+            drop_last=args.dataloader_drop_last, yield_keys=getattr(dataset, "accepts_example_keys", False),
+        )
+        self.sampler_epoch.sampler = sampler
+        num_workers = args.dataloader_num_workers
+        options: dict[str, Any] = {}
+        if not getattr(args, "dataloader_in_order", True):  # TrainingArguments >= 5.x; out of order is not reproducible
+            options["in_order"] = False
+        dataloader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self._train_batch_size,
+            sampler=sampler,
+            drop_last=args.dataloader_drop_last,
+            collate_fn=self.data_collator,
+            num_workers=num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers,
+            multiprocessing_context=args.dataloader_multiprocessing_context,
+            prefetch_factor=args.dataloader_prefetch_factor,
+            worker_init_fn=partial(seed_worker, num_workers=num_workers, rank=args.process_index),
+            # Its own generator (for the workers' base seed): creating an iterator then draws nothing from torch's
+            # global RNG, which the model's dropout / drop path use.
+            generator=torch.Generator().manual_seed(mix_seed(self.data_seed, "dataloader")),
+            **options,
+        )
+        return self.accelerator.prepare(dataloader)
 
     # ---- inputs & logging -----------------------------------------------------------------------------------------
     def _prepare_inputs(self, inputs):
@@ -584,6 +658,7 @@ __all__ = [
     "SimMIMSchedule",
     "ThroughputCallback",
     "ReconstructionCallback",
+    "SamplerEpochCallback",
     "SimMIMTrainer",
     "render_model_card",
     "RECONSTRUCTIONS_DIR",
