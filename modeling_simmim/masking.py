@@ -82,8 +82,15 @@ class SimMIMMaskGenerator:
 
     def seeded_mask(self, seed: int) -> torch.Tensor:
         """One mask (H / model_patch_size, W / model_patch_size) drawn from a fresh `torch.Generator` seeded with
-        `seed`: a function of the seed alone, whichever process, worker or batch draws it."""
-        return self(1, generator=torch.Generator().manual_seed(seed))[0]
+        `seed`: a function of the seed alone, whichever process, worker or batch draws it (per-example masks, see
+        `modeling_simmim.randomness`)."""
+        # A permutation's first `num_masked` entries: a uniformly random subset, like the batched draw, with fewer
+        # small-tensor operations (this runs once per image in the data workers).
+        order = torch.randperm(self.num_mask_patches, generator=torch.Generator().manual_seed(seed))
+        mask = torch.zeros(self.num_mask_patches, dtype=torch.bool)
+        mask[order[: self.num_masked]] = True
+        (rows, cols), scale = self.grid, self.scale
+        return mask.view(rows, 1, cols, 1).expand(rows, scale, cols, scale).reshape(rows * scale, cols * scale)
 
     def __repr__(self) -> str:
         return (
@@ -160,10 +167,12 @@ class SimMIMDataCollator:
                 "make the transform's image size equal the mask generator's input_size."
             )
         if all(example.get("bool_masked_pos") is not None for example in kept):
-            masks = torch.stack([torch.as_tensor(example["bool_masked_pos"]) for example in kept])
-            if tuple(masks.shape[1:]) != self.mask_generator.model_grid:
-                raise ValueError(f"Examples carry masks of shape {tuple(masks.shape[1:])} but the mask generator's "
+            carried = [torch.as_tensor(example["bool_masked_pos"]) for example in kept]
+            wrong = {tuple(mask.shape) for mask in carried} - {self.mask_generator.model_grid}
+            if wrong:
+                raise ValueError(f"Examples carry masks of shape {sorted(wrong)} but the mask generator's "
                                  f"model-patch grid is {self.mask_generator.model_grid}.")
+            masks = torch.stack(carried)
             masks = masks.to(self.device) if self.device is not None else masks
         else:
             masks = self.mask_generator(len(kept), generator=self._generator(), device=self.device)

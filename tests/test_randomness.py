@@ -78,6 +78,14 @@ def test_seeded_global_rngs_draw_from_the_seed_and_restore_the_callers_streams()
     with seeded_global_rngs(8):
         other = _global_draws()
     assert not torch.equal(other[0], first[0]) and other[1] != first[1] and other[2] != first[2]
+    with seeded_global_rngs(1):  # nested blocks: the outer block's streams continue after the inner one
+        outer_first = _global_draws()
+        with seeded_global_rngs(2):
+            _global_draws()
+        outer_second = _global_draws()
+    with seeded_global_rngs(1):
+        assert all(np.array_equal(a, b) for a, b in zip(_global_draws(), outer_first))
+        assert all(np.array_equal(a, b) for a, b in zip(_global_draws(), outer_second))
     state = torch.get_rng_state()
     with pytest.raises(RuntimeError), seeded_global_rngs(7):
         torch.rand(5)
