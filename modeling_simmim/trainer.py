@@ -484,9 +484,15 @@ class SimMIMTrainer(Trainer):
         drop_last = self.args.dataloader_drop_last
         self.args.dataloader_drop_last = False
         try:
-            return super().get_eval_dataloader(eval_dataset)
+            dataloader = super().get_eval_dataloader(eval_dataset)
         finally:
             self.args.dataloader_drop_last = drop_last
+        # Each new iterator draws its workers' base seed from the loader's generator, by default torch's global RNG,
+        # which the model's dropout / drop path use: how often that happens depends on persistent workers (cached
+        # loaders) and on resumes. A generator of its own keeps evaluation out of the training's random stream.
+        getattr(dataloader, "base_dataloader", dataloader).generator = torch.Generator().manual_seed(
+            mix_seed(self.data_seed, "eval_dataloader"))
+        return dataloader
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Evaluation of masked image modeling is its loss. The stock step computes a loss only when the batch holds

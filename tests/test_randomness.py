@@ -14,7 +14,13 @@ from transformers import TrainerControl, TrainerState
 
 from modeling_simmim import SimMIMConfig, SimMIMDataCollator, SimMIMForMaskedImageModeling, SimMIMMaskGenerator
 from modeling_simmim.augmentation import MixupCollator, build_classification_transform
-from modeling_simmim.data import KeyedMasks, PretrainCollator, RobustImageDataset, build_pretrain_transform
+from modeling_simmim.data import (
+    IndexSeededMasks,
+    KeyedMasks,
+    PretrainCollator,
+    RobustImageDataset,
+    build_pretrain_transform,
+)
 from modeling_simmim.randomness import (
     EXAMPLE_KEY_FIELD,
     ExampleKey,
@@ -258,6 +264,23 @@ def test_training_batches_do_not_depend_on_workers_or_persistent_workers(tmp_pat
         for (pixels, masks), (pixels_w, masks_w) in zip(expected, got):
             assert torch.equal(pixels, pixels_w) and torch.equal(masks, masks_w)
     assert not torch.equal(_epoch_batches(reference, 0)[0][1], _epoch_batches(reference, 1)[0][1])
+
+
+def test_loading_training_and_evaluation_data_leaves_torchs_global_rng_alone(tmp_path):
+    # torch's global RNG is the model's (dropout, stochastic depth): data loading must not draw from it, or the
+    # model's stream would depend on workers, cached (persistent) evaluation loaders and resumes.
+    dataset, collator = _pretrain_dataset(_images(12))
+    generator = SimMIMMaskGenerator(IMAGE_SIZE, mask_patch_size=16, model_patch_size=4)
+    eval_dataset = RobustImageDataset(_images(6), "image", build_pretrain_transform(IMAGE_SIZE, train=False),
+                                      extra_fn=IndexSeededMasks(generator))
+    trainer = _trainer(tmp_path, dataset, collator, per_device_eval_batch_size=4)
+    state = torch.get_rng_state()
+    for batch in trainer.get_train_dataloader():
+        assert batch["bool_masked_pos"].shape == (4, 16, 16)
+    assert torch.equal(torch.get_rng_state(), state)
+    for batch in trainer.get_eval_dataloader(eval_dataset):
+        assert batch["bool_masked_pos"].shape[1:] == (16, 16)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 class _CountingDataset(torch.utils.data.Dataset):
