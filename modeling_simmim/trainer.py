@@ -433,9 +433,9 @@ class SimMIMTrainer(Trainer):
         if isinstance(dataset, torch.utils.data.IterableDataset) or not has_length(dataset):
             return super().get_train_dataloader()
         args = self.args
-        if args.remove_unused_columns and hasattr(dataset, "column_names"):  # a datasets.Dataset: columns to drop
-            logger.warning("--remove_unused_columns true on a datasets.Dataset: using the Trainer's own training order "
-                           "(not keyed by seed and epoch).")
+        if args.remove_unused_columns:  # the Trainer's column filtering, with its own order
+            logger.warning("--remove_unused_columns true: the training order and augmentations are not keyed by seed "
+                           "and epoch (keep it false for reproducible, resumable runs).")
             return super().get_train_dataloader()
         sampler = KeyedEpochSampler(
             len(dataset), seed=self.data_seed, global_batch_size=self.get_total_train_batch_size(args),
