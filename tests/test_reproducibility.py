@@ -81,7 +81,10 @@ def _killed_in_a_forked_child(main, argv):
 
     process = multiprocessing.get_context("fork").Process(target=child)
     process.start()
-    process.join(timeout=600)
+    process.join(timeout=300)
+    if process.is_alive():  # never leave it behind, whatever happened
+        process.kill()
+        process.join()
     return process.exitcode
 
 
