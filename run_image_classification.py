@@ -54,6 +54,7 @@ from modeling_simmim.data import (
 )
 from modeling_simmim.export import build_image_processor, export_to_transformers
 from modeling_simmim.modeling_simmim import SimMIMForImageClassification
+from modeling_simmim.randomness import seed_everything
 from modeling_simmim.step_guard import check_finite_weights
 from modeling_simmim.trainer import (
     SimMIMTrainer,
@@ -526,6 +527,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logger.info("Data: %s; columns image=%r label=%r; %d classes; %s", loaded.source, loaded.image_column,
                 loaded.label_column, len(names), {split: len(ds) for split, ds in loaded.datasets.items()})
 
+    # Seeded before the model is built (the Trainer seeds only after): the new head and, from scratch, every weight
+    # are a function of --seed.
+    seed_everything(training_args.seed, training_args.full_determinism)
     # training: the data's classes (a new head unless the checkpoint has the same ones); evaluation only: the
     # model's head, dataset labels matched to it by name
     model = build_model(model_args, aug_args, id2label if training_args.do_train else None)

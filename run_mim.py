@@ -33,11 +33,13 @@ from modeling_simmim.data import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     IndexSeededMasks,
+    KeyedMasks,
     PretrainCollator,
     RobustImageDataset,
     build_pretrain_transform,
     load_image_datasets,
 )
+from modeling_simmim.randomness import seed_everything
 from modeling_simmim.trainer import (
     RECONSTRUCTIONS_DIR,
     ReconstructionCallback,
@@ -389,9 +391,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     eval_transform = build_pretrain_transform(image_size, mean, std, train=False)
     train_dataset = eval_dataset = None
     if "train" in loaded.datasets:
+        # masks keyed by (seed, epoch, index), like the crops and flips (see modeling_simmim.randomness)
         train_dataset = RobustImageDataset(loaded.datasets["train"], loaded.image_column,
                                            build_pretrain_transform(image_size, mean, std, train=True),
-                                           on_bad_image=data_args.on_bad_image)
+                                           on_bad_image=data_args.on_bad_image, keyed_fn=KeyedMasks(mask_generator))
     if training_args.do_eval and "validation" in loaded.datasets:
         eval_dataset = RobustImageDataset(loaded.datasets["validation"], loaded.image_column, eval_transform,
                                           extra_fn=eval_masks, on_bad_image=data_args.on_bad_image)
@@ -403,6 +406,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         training_args.num_visualize_images,
     )
 
+    # Seeded here, not only by the Trainer (which seeds after the model exists): the initial weights are a function
+    # of --seed, the same in every process and every run.
+    seed_everything(training_args.seed, training_args.full_determinism)
     if model_args.model_name_or_path is not None:
         model = SimMIMForMaskedImageModeling.from_pretrained(
             model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,

@@ -7,11 +7,14 @@ RandomResizedCrop(scale 0.67-1, ratio 3/4-4/3), flip, ToTensor, Normalize) and b
 
 - ours: `RobustImageDataset` (guarded decode) + `PretrainCollator(SimMIMDataCollator)`, which draws the masks of a
   whole batch in one vectorized torch call;
+- ours, keyed (what training runs): the same dataset indexed with `ExampleKey`s, so the augmentation runs with the
+  global RNGs seeded from the key and restored, and each mask comes from its own seeded generator (`KeyedMasks`);
 - transformers: the example's transform and its `MaskGenerator` re-implemented below (numpy permutation and
   `repeat`, one call per image, converted with `torch.tensor`), stacked by its `collate_fn`.
 
 Run in one process (= one DataLoader worker) so the numbers are per worker; `--num_workers N` also measures a
-DataLoader with N worker processes (total images/s). Prints a table, or JSON with `--json`.
+DataLoader with N worker processes (total images/s). `--timer cpu` counts this process's CPU time instead of wall
+time (steadier on a shared machine). Prints a table, or JSON with `--json`.
 
     python benchmarks/data_throughput.py --num_images 256 --batch_size 64
 """
@@ -37,12 +40,16 @@ from modeling_simmim import SimMIMDataCollator, SimMIMMaskGenerator  # noqa: E40
 from modeling_simmim.data import (  # noqa: E402
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
+    KeyedMasks,
     PretrainCollator,
     RobustImageDataset,
     _bundled_photos,
     build_pretrain_transform,
     load_image_folders,
 )
+from modeling_simmim.randomness import ExampleKey  # noqa: E402
+
+CLOCK = time.perf_counter  # set by `run(timer=...)`
 
 
 # ---- the transformers example's pipeline (baseline), re-implemented ---------------------------------------------------
@@ -119,15 +126,16 @@ def make_jpegs(folder: str, count: int, width: int, height: int, quality: int = 
 
 
 # ---- measurement -----------------------------------------------------------------------------------------------------
-def _time_batches(dataset, collate, batch_size: int, repeats: int) -> float:
-    """Images/s of fetching every example of `dataset` and collating batches, in this process (best of `repeats`)."""
+def _time_batches(dataset, collate, batch_size: int, repeats: int, index=lambda i: i) -> float:
+    """Images/s of fetching every example of `dataset` (at `index(i)`) and collating batches, in this process (best
+    of `repeats`)."""
     best = 0.0
     n = len(dataset)
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = CLOCK()
         for begin in range(0, n, batch_size):
-            collate([dataset[i] for i in range(begin, min(begin + batch_size, n))])
-        best = max(best, n / (time.perf_counter() - start))
+            collate([dataset[index(i)] for i in range(begin, min(begin + batch_size, n))])
+        best = max(best, n / (CLOCK() - start))
     return best
 
 
@@ -144,15 +152,17 @@ def _time_loader(dataset, collate, batch_size: int, num_workers: int) -> float:
 def _time_stage(fn, count: int, repeats: int) -> float:
     best = 0.0
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = CLOCK()
         for i in range(count):
             fn(i)
-        best = max(best, count / (time.perf_counter() - start))
+        best = max(best, count / (CLOCK() - start))
     return best
 
 
 def run(num_images: int, batch_size: int, image_size: int, width: int, height: int, repeats: int,
-        num_workers: int) -> dict[str, Any]:
+        num_workers: int, timer: str = "wall") -> dict[str, Any]:
+    global CLOCK
+    CLOCK = time.process_time if timer == "cpu" else time.perf_counter
     torch.set_num_threads(1)  # a DataLoader worker runs single-threaded
     with tempfile.TemporaryDirectory() as folder:
         paths = make_jpegs(folder, num_images, width, height)
@@ -160,18 +170,25 @@ def run(num_images: int, batch_size: int, image_size: int, width: int, height: i
         generator = SimMIMMaskGenerator(image_size, 32, 4, 0.6)
         ours = RobustImageDataset(loaded["train"], "image", build_pretrain_transform(image_size))
         ours_collate = PretrainCollator(SimMIMDataCollator(generator))
+        keyed = RobustImageDataset(loaded["train"], "image", build_pretrain_transform(image_size),
+                                   keyed_fn=KeyedMasks(generator))
+
+        def key(index: int) -> ExampleKey:
+            return ExampleKey(seed=0, epoch=0, index=index)
+
         example_masks = ExampleMaskGenerator(image_size, 32, 4, 0.6)
         baseline = ExampleDataset(paths, image_size, example_masks)
 
         # one warm-up pass (page cache, lazy imports)
         _time_batches(ours, ours_collate, batch_size, 1)
+        _time_batches(keyed, ours_collate, batch_size, 1, key)
         _time_batches(baseline, example_collate, batch_size, 1)
-        results: dict[str, Any] = {
-            "pipeline_images_per_second": {
-                "ours": _time_batches(ours, ours_collate, batch_size, repeats),
-                "transformers_run_mim": _time_batches(baseline, example_collate, batch_size, repeats),
-            }
-        }
+        timings: dict[str, list[float]] = {"ours": [], "ours_keyed": [], "transformers_run_mim": []}
+        for _ in range(repeats):  # interleaved, so that a busy moment does not favour one pipeline
+            timings["ours"].append(_time_batches(ours, ours_collate, batch_size, 1))
+            timings["ours_keyed"].append(_time_batches(keyed, ours_collate, batch_size, 1, key))
+            timings["transformers_run_mim"].append(_time_batches(baseline, example_collate, batch_size, 1))
+        results: dict[str, Any] = {"pipeline_images_per_second": {name: max(v) for name, v in timings.items()}}
         decoded = [Image.open(path).convert("RGB") for path in paths]
         transform = build_pretrain_transform(image_size)
         results["stage_images_per_second"] = {
@@ -179,6 +196,7 @@ def run(num_images: int, batch_size: int, image_size: int, width: int, height: i
             "augment": _time_stage(lambda i: transform(decoded[i]), num_images, repeats),
             "mask_ours_batched": _time_stage(
                 lambda i: generator(batch_size) if i % batch_size == 0 else None, num_images, repeats),
+            "mask_ours_keyed_per_image": _time_stage(lambda i: generator.seeded_mask(i), num_images, repeats),
             "mask_transformers_per_image": _time_stage(lambda i: example_masks(), num_images, repeats),
         }
         if num_workers > 0:
@@ -188,7 +206,7 @@ def run(num_images: int, batch_size: int, image_size: int, width: int, height: i
                 "transformers_run_mim": _time_loader(baseline, example_collate, batch_size, num_workers),
             }
     results["setup"] = {"num_images": num_images, "jpeg_size": f"{width}x{height}", "image_size": image_size,
-                        "batch_size": batch_size, "repeats": repeats, "torch": torch.__version__,
+                        "batch_size": batch_size, "repeats": repeats, "timer": timer, "torch": torch.__version__,
                         "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
                         "cpus": os.cpu_count()}
     return results
@@ -197,10 +215,13 @@ def run(num_images: int, batch_size: int, image_size: int, width: int, height: i
 def format_table(results: dict[str, Any]) -> str:
     setup = results["setup"]
     lines = [f"Input pipeline, one worker: {setup['num_images']} JPEGs {setup['jpeg_size']} -> "
-             f"{setup['image_size']} px, batches of {setup['batch_size']} (best of {setup['repeats']})", "",
+             f"{setup['image_size']} px, batches of {setup['batch_size']} (best of {setup['repeats']}, "
+             f"{setup['timer']} time)", "",
              "| pipeline | images/s per worker |", "|---|---:|"]
     pipelines = results["pipeline_images_per_second"]
     lines.append(f"| ours (robust decode + official augmentation + batched masks) | {pipelines['ours']:.0f} |")
+    lines.append(f"| ours, keyed (as in training: seeded augmentation, per-image seeded masks) | "
+                 f"{pipelines['ours_keyed']:.0f} |")
     lines.append(f"| transformers run_mim (same augmentation + per-image numpy masks) | "
                  f"{pipelines['transformers_run_mim']:.0f} |")
     lines += ["", "| stage | images/s |", "|---|---:|"]
@@ -222,10 +243,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--jpeg_height", type=int, default=375)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num_workers", type=int, default=0, help="Also time a DataLoader with this many workers.")
+    parser.add_argument("--timer", choices=["wall", "cpu"], default="wall",
+                        help="wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine).")
     parser.add_argument("--json", action="store_true", help="Print the results as JSON.")
     args = parser.parse_args(argv)
     results = run(args.num_images, args.batch_size, args.image_size, args.jpeg_width, args.jpeg_height,
-                  args.repeats, args.num_workers)
+                  args.repeats, args.num_workers, args.timer)
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     return results
 

@@ -6,7 +6,8 @@
   the shorter side to `image_size * 256 / 224` (bicubic) and a centre crop, as the official code does.
 - `MixupCollator`: timm's `Mixup` (mixup 0.8, cutmix 1.0, switch prob 0.5, per batch, label smoothing folded into
   the soft targets) applied to collated batches, producing float targets (B, num_labels) for soft-target
-  cross-entropy. Batches must have an even size (timm flips the batch to pair examples).
+  cross-entropy. Batches must have an even size (timm flips the batch to pair examples). When the examples carry
+  their keys (training, see `modeling_simmim.randomness`), a batch's lambda, mode and box are seeded from its keys.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from .images import to_rgb
+from .randomness import EXAMPLE_KEY_FIELD, batch_seed, seeded_global_rngs
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +116,10 @@ class MixupCollator:
     timm pairs each example with its mirror in the flipped batch, so a batch must be even: train with
     `dataloader_drop_last=True` and an even per-device batch size. A batch that turns odd because an unreadable
     image was skipped loses its last example (logged) instead of crashing the run.
+
+    timm draws from numpy's global RNG; when every example carries its `ExampleKey` (under "example_key"), the draw
+    runs seeded from the ordered keys of the batch (`batch_seed`), so the mixing of a micro-batch is a function of
+    its examples, not of the process's RNG history.
     """
 
     def __init__(
@@ -148,7 +154,12 @@ class MixupCollator:
             logger.warning("Mixup needs an even batch: dropping 1 of %d examples", len(examples))
             examples = examples[:-1]
         batch = collate_classification(examples)
-        batch["pixel_values"], batch["labels"] = self.mixup(batch["pixel_values"], batch["labels"])
+        keys = [example.get(EXAMPLE_KEY_FIELD) for example in examples]
+        if all(key is not None for key in keys):
+            with seeded_global_rngs(batch_seed(keys, "mixup")):
+                batch["pixel_values"], batch["labels"] = self.mixup(batch["pixel_values"], batch["labels"])
+        else:
+            batch["pixel_values"], batch["labels"] = self.mixup(batch["pixel_values"], batch["labels"])
         return batch
 
 

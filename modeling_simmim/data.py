@@ -23,6 +23,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from .images import UnreadableImageError, decode_image, to_rgb
+from .masking import SimMIMMaskGenerator
+from .randomness import EXAMPLE_KEY_FIELD, ExampleKey, keyed_rngs
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +137,15 @@ class RobustImageDataset(torch.utils.data.Dataset):
     `UnreadableImage`, which the batch collator drops and reports (see `SkipNoneCollator`); "error" raises
     `UnreadableImageError` naming the file. `extra_fn(index, example)` may add per-example entries (e.g.
     deterministic evaluation masks).
+
+    Keyed randomness: indexed with an `ExampleKey` (what `KeyedEpochSampler` yields in training), the transform runs
+    with the global RNGs seeded from the key (`modeling_simmim.randomness`), `keyed_fn(key, example)` may add keyed
+    entries (e.g. the training mask, see `KeyedMasks`), and the example carries its key under "example_key" for the
+    collator. Indexed with an int, nothing is keyed (evaluation transforms are deterministic anyway).
     """
+
+    # Tells the training dataloader that this dataset takes `ExampleKey`s as indices.
+    accepts_example_keys = True
 
     def __init__(
         self,
@@ -145,6 +155,7 @@ class RobustImageDataset(torch.utils.data.Dataset):
         label_column: str | None = None,
         extra_fn: Callable[[int, dict[str, Any]], dict[str, Any]] | None = None,
         on_bad_image: BadImagePolicy = "skip",
+        keyed_fn: Callable[[ExampleKey, dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         _check_bad_image_policy(on_bad_image)
         self.dataset = dataset
@@ -154,28 +165,36 @@ class RobustImageDataset(torch.utils.data.Dataset):
         self.extra_fn = extra_fn
         self.on_bad_image = on_bad_image
         self._warned: set[int] = set()
+        self.keyed_fn = keyed_fn
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | UnreadableImage:
-        row = self.dataset[int(index)]
+    def __getitem__(self, item: int | ExampleKey) -> dict[str, Any] | UnreadableImage:
+        key = item if isinstance(item, ExampleKey) else None
+        index = key.index if key is not None else int(item)
+        row = self.dataset[index]
         value = row[self.image_column]
         try:
-            pixel_values = self.transform(decode_image(value))
+            with keyed_rngs(key, "transform"):
+                pixel_values = self.transform(decode_image(value))
         except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable image"
             name = describe_image(value, index)
             if self.on_bad_image == "error":
                 raise _unreadable_error(name, error) from error
-            if int(index) not in self._warned:
-                self._warned.add(int(index))
+            if index not in self._warned:
+                self._warned.add(index)
                 logger.warning("Skipping unreadable image %s: %s: %s", name, type(error).__name__, error)
-            return UnreadableImage(int(index), name)
+            return UnreadableImage(index, name)
         example: dict[str, Any] = {"pixel_values": pixel_values}
         if self.label_column is not None:
             example["labels"] = row[self.label_column]
         if self.extra_fn is not None:
-            example.update(self.extra_fn(int(index), example))
+            example.update(self.extra_fn(index, example))
+        if key is not None:
+            if self.keyed_fn is not None:
+                example.update(self.keyed_fn(key, example))
+            example[EXAMPLE_KEY_FIELD] = key
         return example
 
 
@@ -207,8 +226,8 @@ class SkipNoneCollator:
 
 class PretrainCollator(SkipNoneCollator):
     """The pretraining collator: drops unreadable images (counted, see `SkipNoneCollator`); examples that carry their
-    own "bool_masked_pos" (evaluation, see `IndexSeededMasks`) keep it, other batches get fresh masks from
-    `mask_collator` (a `SimMIMDataCollator`)."""
+    own "bool_masked_pos" (evaluation, see `IndexSeededMasks`; training, see `KeyedMasks`) keep it, other batches get
+    fresh masks from `mask_collator` (a `SimMIMDataCollator`)."""
 
     def __init__(self, mask_collator: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> None:
         super().__init__(self._collate)
@@ -236,6 +255,18 @@ class IndexSeededMasks:
     def __call__(self, index: int, example: dict[str, Any]) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(self.seed + index)
         return {"bool_masked_pos": self.mask_generator(1, generator=generator)[0]}
+
+
+class KeyedMasks:
+    """`keyed_fn` for `RobustImageDataset` giving each training example the mask of its key (seed, epoch, index):
+    drawn from a `torch.Generator` seeded from the key, so the mask of an example in an epoch is the same whatever the
+    batch size, workers, processes or resumes, and differs between epochs."""
+
+    def __init__(self, mask_generator: SimMIMMaskGenerator) -> None:
+        self.mask_generator = mask_generator
+
+    def __call__(self, key: ExampleKey, example: dict[str, Any]) -> dict[str, Any]:
+        return {"bool_masked_pos": self.mask_generator.seeded_mask(key.seed_for("mask"))}
 
 
 def verify_image_files(paths: Sequence[str], on_bad_image: BadImagePolicy = "skip") -> list[bool]:
@@ -599,6 +630,7 @@ __all__ = [
     "SkipNoneCollator",
     "PretrainCollator",
     "IndexSeededMasks",
+    "KeyedMasks",
     "SKIPPED_KEY",
     "verify_image_files",
     "LoadedImageData",

@@ -80,6 +80,18 @@ class SimMIMMaskGenerator:
             mask = mask.repeat_interleave(self.scale, dim=1).repeat_interleave(self.scale, dim=2)
         return mask.to(device) if device is not None else mask
 
+    def seeded_mask(self, seed: int) -> torch.Tensor:
+        """One mask (H / model_patch_size, W / model_patch_size) drawn from a fresh `torch.Generator` seeded with
+        `seed`: a function of the seed alone, whichever process, worker or batch draws it (per-example masks, see
+        `modeling_simmim.randomness`)."""
+        # A permutation's first `num_masked` entries: a uniformly random subset, like the batched draw, with fewer
+        # small-tensor operations (this runs once per image in the data workers).
+        order = torch.randperm(self.num_mask_patches, generator=torch.Generator().manual_seed(seed))
+        mask = torch.zeros(self.num_mask_patches, dtype=torch.bool)
+        mask[order[: self.num_masked]] = True
+        (rows, cols), scale = self.grid, self.scale
+        return mask.view(rows, 1, cols, 1).expand(rows, scale, cols, scale).reshape(rows * scale, cols * scale)
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(input_size={self.input_size}, mask_patch_size={self.mask_patch_size}, "
@@ -90,7 +102,9 @@ class SimMIMMaskGenerator:
 class SimMIMDataCollator:
     """Stacks `pixel_values` and draws the masks of the whole batch in one vectorized call.
 
-    Examples are mappings with a "pixel_values" tensor (C, H, W) and optionally "labels". Examples whose
+    Examples are mappings with a "pixel_values" tensor (C, H, W) and optionally "labels". When every example carries
+    its own "bool_masked_pos" (masks keyed per example, see `modeling_simmim.randomness`), those are stacked instead of
+    drawing new ones. Examples whose
     "pixel_values" is None (an image that could not be decoded) are dropped with a warning and counted in
     `num_skipped`.
 
@@ -152,10 +166,17 @@ class SimMIMDataCollator:
                 f"Images are {tuple(pixel_values.shape[-2:])} but the mask generator expects {expected}: "
                 "make the transform's image size equal the mask generator's input_size."
             )
-        batch = {
-            "pixel_values": pixel_values,
-            "bool_masked_pos": self.mask_generator(len(kept), generator=self._generator(), device=self.device),
-        }
+        if all(example.get("bool_masked_pos") is not None for example in kept):
+            carried = [torch.as_tensor(example["bool_masked_pos"]) for example in kept]
+            wrong = {tuple(mask.shape) for mask in carried} - {self.mask_generator.model_grid}
+            if wrong:
+                raise ValueError(f"Examples carry masks of shape {sorted(wrong)} but the mask generator's "
+                                 f"model-patch grid is {self.mask_generator.model_grid}.")
+            masks = torch.stack(carried)
+            masks = masks.to(self.device) if self.device is not None else masks
+        else:
+            masks = self.mask_generator(len(kept), generator=self._generator(), device=self.device)
+        batch = {"pixel_values": pixel_values, "bool_masked_pos": masks}
         label_key = "labels" if "labels" in kept[0] else "label" if "label" in kept[0] else None
         if label_key is not None:
             labels = [example[label_key] for example in kept]

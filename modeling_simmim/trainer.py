@@ -5,7 +5,9 @@ Why a subclass: the stock `Trainer` (transformers 5.x) cannot express the offici
 0 (not from `warmup_lr`), have no multistep decay, give a min-lr floor relative to each group's lr; its optimizer
 groups know nothing of layer-wise decay or the SimMIM no-decay rules; `max_grad_norm` defaults to 1.0 (official
 5.0); it logs the lr of param group 0 (the most decayed group under layer decay) and no throughput. Everything
-else (loop, checkpointing, resuming, accelerate/DeepSpeed/FSDP, reporters) is the Trainer's.
+else (loop, checkpointing, resuming, accelerate/DeepSpeed/FSDP, reporters) is the Trainer's, except the training
+dataloader: its order and per-example randomness are keyed by (seed, epoch, index) (`modeling_simmim.randomness`), so
+that runs do not depend on the number of processes, workers or resumes.
 """
 
 from __future__ import annotations
@@ -18,16 +20,18 @@ import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, has_length, rotate_checkpoints, seed_worker
 from transformers.utils import ExplicitEnum
 
 from .cpu_bf16 import describe_cpu_bf16_path, fallback_context
 from .data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, SKIPPED_KEY
 from .optimization import create_optimizer, get_simmim_scheduler, scale_learning_rate
+from .randomness import KeyedEpochSampler, mix_seed
 from .step_guard import PREEMPTED_EXIT_CODE, StepGuardCallback, check_finite_weights
 from .training_checkpoints import STAGING_DIR, publish_checkpoint
 from .visualization import make_reconstruction_grid, reconstruct
@@ -286,6 +290,22 @@ class ThroughputCallback(TrainerCallback):
         return images / elapsed
 
 
+class SamplerEpochCallback(TrainerCallback):
+    """Sets the epoch of the keyed training sampler at the start of every epoch, from the step count.
+
+    The Trainer's own `set_epoch` calls do not reach a sampler wrapped in accelerate's `BatchSamplerShard` once
+    `skip_first_batches` has wrapped it again (a multi-process run resumed mid-epoch): without this, that epoch would
+    replay the order and augmentations of epoch 0."""
+
+    def __init__(self) -> None:
+        self.sampler: KeyedEpochSampler | None = None
+        self.num_update_steps_per_epoch: int | None = None
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.sampler is not None and self.num_update_steps_per_epoch:
+            self.sampler.set_epoch(state.global_step // self.num_update_steps_per_epoch)
+
+
 class ReconstructionCallback(TrainerCallback):
     """Saves `reconstructions/step_XXXXX.png` (see `visualization.make_reconstruction_grid`) for a fixed batch with
     fixed masks every `visualize_steps` optimizer steps and at the last step, and sends it to TensorBoard when
@@ -358,6 +378,11 @@ class SimMIMTrainer(Trainer):
     and counted, `max_nonfinite_steps` in a row stop the run; SIGTERM/SIGUSR1 save a checkpoint at the next step
     boundary and stop (`stop_signal` names the signal); checkpoints are written to a staging folder and renamed into
     place; a model with non-finite weights is never saved.
+
+    Training data (map-style datasets): a `KeyedEpochSampler` orders each epoch from (data seed, epoch) only and, with
+    `dataloader_drop_last`, keeps a multiple of the global batch (per-device batch x processes x accumulation): the
+    examples of optimizer step k are the same for any number of processes. Datasets with `accepts_example_keys`
+    (`RobustImageDataset`) receive `ExampleKey`s and key their augmentations and masks by them.
     """
 
     args: SimMIMTrainingArguments
@@ -375,6 +400,8 @@ class SimMIMTrainer(Trainer):
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, ReconstructionCallback):
                 callback.tensorboard = tensorboard
+        self.sampler_epoch = SamplerEpochCallback()
+        self.add_callback(self.sampler_epoch)
         self.model_card_info = dict(model_card_info or {})
         self.step_guard = StepGuardCallback(self.args.max_nonfinite_steps)
         self.add_callback(self.step_guard)
@@ -392,6 +419,7 @@ class SimMIMTrainer(Trainer):
         values = super().set_initial_training_values(args, dataloader)
         # (num_train_epochs, num_update_steps_per_epoch, ...): epochs of the recipe are counted in these steps.
         self._num_update_steps_per_epoch = values[1]
+        self.sampler_epoch.num_update_steps_per_epoch = values[1]
         if not hasattr(dataloader, "__len__"):
             logger.warning("The training data has no length: an 'epoch' of the lr schedule means the whole run.")
         return values
@@ -445,6 +473,51 @@ class SimMIMTrainer(Trainer):
         lrs = [float(lr) for lr in self.lr_scheduler.get_last_lr()]
         self._last_lr_min = min(lrs)
         return max(lrs)
+
+    # ---- training data --------------------------------------------------------------------------------------------
+    @property
+    def data_seed(self) -> int:
+        """Seed of the data order and augmentations: `--data_seed` when given, else `--seed`."""
+        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
+
+    def get_train_dataloader(self):
+        dataset = self.train_dataset
+        if dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not has_length(dataset):
+            return super().get_train_dataloader()
+        args = self.args
+        if args.remove_unused_columns:  # the Trainer's column filtering, with its own order
+            logger.warning("--remove_unused_columns true: the training order and augmentations are not keyed by seed "
+                           "and epoch (keep it false for reproducible, resumable runs).")
+            return super().get_train_dataloader()
+        sampler = KeyedEpochSampler(
+            len(dataset), seed=self.data_seed, global_batch_size=self.get_total_train_batch_size(args),
+            drop_last=args.dataloader_drop_last, yield_keys=getattr(dataset, "accepts_example_keys", False),
+        )
+        self.sampler_epoch.sampler = sampler
+        num_workers = args.dataloader_num_workers
+        options: dict[str, Any] = {}
+        if not getattr(args, "dataloader_in_order", True):  # TrainingArguments >= 5.x; out of order is not reproducible
+            options["in_order"] = False
+        dataloader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self._train_batch_size,
+            sampler=sampler,
+            drop_last=args.dataloader_drop_last,
+            collate_fn=self.data_collator,
+            num_workers=num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers,
+            multiprocessing_context=args.dataloader_multiprocessing_context,
+            prefetch_factor=args.dataloader_prefetch_factor,
+            worker_init_fn=partial(seed_worker, num_workers=num_workers, rank=args.process_index),
+            # Its own generator (for the workers' base seed): creating an iterator then draws nothing from torch's
+            # global RNG, which the model's dropout / drop path use.
+            generator=torch.Generator().manual_seed(mix_seed(self.data_seed, "dataloader")),
+            **options,
+        )
+        return self.accelerator.prepare(dataloader)
 
     # ---- inputs & logging -----------------------------------------------------------------------------------------
     def _record_skipped(self, inputs, seen: set[int]) -> None:
@@ -508,9 +581,15 @@ class SimMIMTrainer(Trainer):
         drop_last = self.args.dataloader_drop_last
         self.args.dataloader_drop_last = False
         try:
-            return super().get_eval_dataloader(eval_dataset)
+            dataloader = super().get_eval_dataloader(eval_dataset)
         finally:
             self.args.dataloader_drop_last = drop_last
+        # Each new iterator draws its workers' base seed from the loader's generator, by default torch's global RNG,
+        # which the model's dropout / drop path use: how often that happens depends on persistent workers (cached
+        # loaders) and on resumes. A generator of its own keeps evaluation out of the training's random stream.
+        getattr(dataloader, "base_dataloader", dataloader).generator = torch.Generator().manual_seed(
+            mix_seed(self.data_seed, "eval_dataloader"))
+        return dataloader
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Evaluation of masked image modeling is its loss. The stock step computes a loss only when the batch holds
@@ -630,18 +709,24 @@ def check_training_data_size(num_examples: int, args: SimMIMTrainingArguments, d
     batches, when something does (e.g. Mixup), so the message does not suggest turning it off."""
     if num_examples == 0:
         raise ValueError("The training split has no images: check the data arguments (and --max_train_samples).")
-    per_step = args.per_device_train_batch_size * args.world_size
+    # The keyed sampler keeps whole global batches per epoch (per-device batch x processes x accumulation steps).
+    per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
     if args.dataloader_drop_last and num_examples < per_step:
         processes = f" x {args.world_size} processes" if args.world_size > 1 else ""
-        advice = (f"lower --per_device_train_batch_size to at most {num_examples // args.world_size or 1}"
-                  + (" or run on fewer processes" if args.world_size > 1 else "") + ", or add images")
+        accumulation = (f" x {args.gradient_accumulation_steps} accumulation steps"
+                        if args.gradient_accumulation_steps > 1 else "")
+        largest = max(num_examples // (args.world_size * args.gradient_accumulation_steps), 1)
+        advice = (f"lower --per_device_train_batch_size to at most {largest}"
+                  + (" or run on fewer processes" if args.world_size > 1 else "")
+                  + (" or accumulate fewer steps" if accumulation else "") + ", or add images")
         if not drop_last_fixed_by:
             advice += ", or keep the last incomplete batch with --dataloader_drop_last false"
         else:
             advice += f" ({drop_last_fixed_by} needs full batches)"
         raise ValueError(
-            f"Only {num_examples} training images: fewer than one batch ({args.per_device_train_batch_size} per "
-            f"process{processes} = {per_step}), and incomplete batches are dropped, so no optimizer step would run. "
+            f"Only {num_examples} training images: fewer than one global batch ({args.per_device_train_batch_size} per "
+            f"process{processes}{accumulation} = {per_step}), and incomplete batches are dropped, so no optimizer step "
+            "would run. "
             f"{advice[0].upper()}{advice[1:]}."
         )
 
@@ -772,6 +857,7 @@ __all__ = [
     "SimMIMSchedule",
     "ThroughputCallback",
     "ReconstructionCallback",
+    "SamplerEpochCallback",
     "SimMIMTrainer",
     "render_model_card",
     "RECONSTRUCTIONS_DIR",

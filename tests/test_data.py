@@ -236,7 +236,7 @@ def test_data_throughput_benchmark_runs_and_reports_both_pipelines():
         results = module.run(num_images=4, batch_size=2, image_size=64, width=100, height=75, repeats=1, num_workers=0)
     finally:
         torch.set_num_threads(previous)
-    assert set(results["pipeline_images_per_second"]) == {"ours", "transformers_run_mim"}
+    assert set(results["pipeline_images_per_second"]) == {"ours", "ours_keyed", "transformers_run_mim"}
     assert all(value > 0 for value in results["pipeline_images_per_second"].values())
     assert "| ours" in module.format_table(results)
     # the baseline's masks are the example's: flattened, exactly ceil(0.6 * 4) of 4 blocks of 8 x 8 model patches

@@ -121,3 +121,26 @@ def test_soft_labels_are_stacked():
     collator = SimMIMDataCollator(SimMIMMaskGenerator(64, 16, 4, 0.6))
     batch = collator([{"pixel_values": torch.zeros(3, 64, 64), "labels": torch.tensor([0.9, 0.1])}] * 2)
     assert batch["labels"].shape == (2, 2)
+
+
+def test_seeded_masks_are_official_masks_and_a_function_of_the_seed():
+    generator = SimMIMMaskGenerator(input_size=(64, 96), mask_patch_size=16, model_patch_size=4, mask_ratio=0.6)
+    masks = [generator.seeded_mask(seed) for seed in range(200)]
+    assert all(mask.shape == (16, 24) and mask.dtype == torch.bool for mask in masks)
+    blocks = torch.stack(masks)[:, ::4, ::4]
+    assert (blocks.flatten(1).sum(1) == 15).all()  # ceil(0.6 * 24) of the 4 x 6 blocks
+    assert torch.equal(torch.stack(masks), torch.stack(masks)[:, ::4, ::4].repeat_interleave(4, 1).repeat_interleave(4, 2))
+    assert torch.equal(generator.seeded_mask(7), masks[7]) and not torch.equal(masks[7], masks[8])
+    frequency = blocks.float().mean(0)  # every block about equally likely (0.625)
+    assert (frequency - 0.625).abs().max() < 0.15
+
+
+def test_collator_keeps_the_masks_the_examples_carry():
+    generator = SimMIMMaskGenerator(input_size=64, mask_patch_size=16, model_patch_size=4)
+    collator = SimMIMDataCollator(generator)
+    examples = [{"pixel_values": torch.randn(3, 64, 64), "bool_masked_pos": generator.seeded_mask(i)} for i in range(3)]
+    batch = collator(examples)
+    assert torch.equal(batch["bool_masked_pos"], torch.stack([example["bool_masked_pos"] for example in examples]))
+    examples[1]["bool_masked_pos"] = torch.zeros(8, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match="model-patch grid is"):
+        collator(examples)

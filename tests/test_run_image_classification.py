@@ -138,7 +138,7 @@ def test_finetunes_that_cannot_learn_fail_before_training(pretrained, tmp_path):
     empty = _class_folders(tmp_path / "empty", ["cat", "dog"], unreadable=["owl"])
     with pytest.raises(ValueError, match=r"Class\(es\) \['owl'\] have no readable training image.*--drop_empty_classes"):
         ric.main([*common, "--train_dir", empty, "--output_dir", str(tmp_path / "o2")])
-    with pytest.raises(ValueError, match="Only 12 training images: fewer than one batch"):
+    with pytest.raises(ValueError, match="Only 12 training images: fewer than one global batch"):
         ric.main([*common, "--train_dir", _class_folders(tmp_path / "few", ["cat", "dog"]),
                   "--per_device_train_batch_size", "16", "--output_dir", str(tmp_path / "o3")])
 

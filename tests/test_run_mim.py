@@ -121,7 +121,7 @@ def test_runs_that_cannot_learn_fail_before_the_model_is_built(tmp_path, monkeyp
         raise AssertionError("the model was built before the check")
 
     monkeypatch.setattr(run_mim, "SimMIMForMaskedImageModeling", no_model)
-    with pytest.raises(ValueError, match=r"Only 12 training images: fewer than one batch \(16 per process"):
+    with pytest.raises(ValueError, match=r"Only 12 training images: fewer than one global batch \(16 per process"):
         _run(tmp_path, "--max_train_samples", "12", "--per_device_train_batch_size", "16")
     with pytest.raises(ValueError, match="--base_learning_rate must be > 0"):
         _run(tmp_path, "--base_learning_rate=-1e-4")

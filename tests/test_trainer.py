@@ -114,7 +114,7 @@ def test_too_few_images_for_one_optimizer_step_fail_with_what_to_change(tmp_path
     from modeling_simmim.trainer import check_training_data_size
 
     args = _args(tmp_path, per_device_train_batch_size=16)
-    with pytest.raises(ValueError, match=r"Only 12 training images: fewer than one batch \(16 per process = 16\).*"
+    with pytest.raises(ValueError, match=r"Only 12 training images: fewer than one global batch \(16 per process = 16\).*"
                                          r"Lower --per_device_train_batch_size to at most 12.*--dataloader_drop_last false"):
         check_training_data_size(12, args)
     with pytest.raises(ValueError, match=r"\(Mixup/CutMix needs full batches\)"):
@@ -123,6 +123,12 @@ def test_too_few_images_for_one_optimizer_step_fail_with_what_to_change(tmp_path
         check_training_data_size(0, args)
     check_training_data_size(16, args)  # one full batch: one step
     check_training_data_size(12, _args(tmp_path, per_device_train_batch_size=16, dataloader_drop_last=False))
+    # Gradient accumulation: the sampler keeps whole global batches (8 x 4 = 32 images per optimizer step).
+    accumulating = _args(tmp_path, per_device_train_batch_size=8, gradient_accumulation_steps=4)
+    with pytest.raises(ValueError, match=r"Only 20 training images: fewer than one global batch \(8 per process x 4 "
+                                         r"accumulation steps = 32\).*at most 5 or accumulate fewer steps"):
+        check_training_data_size(20, accumulating)
+    check_training_data_size(32, accumulating)
 
 
 def test_schedule_resolution_scales_lrs_by_total_batch_and_counts_epochs_in_steps(tmp_path):
