@@ -101,6 +101,9 @@ class SimMIMPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    # Our losses are batch means and ignore `num_items_in_batch`; without this the Trainer (seeing **kwargs) skips
+    # its division by the gradient-accumulation steps and multiplies the loss by the number of processes.
+    accepts_loss_kwargs = False
     # Buffers that current transformers recomputes instead of loading (older checkpoints carry them).
     _keys_to_ignore_on_load_unexpected = [r".*relative_position_index.*", r".*attn_mask.*"]
 
