@@ -116,6 +116,11 @@ class SimMIMPreTrainedModel(PreTrainedModel):
         """The transformers encoder (`self.swin`, `self.beit`, ...)."""
         return getattr(self, self.backbone_adapter.base_model_prefix)
 
+    def get_input_embeddings(self) -> nn.Module:
+        # The encoder's patch embedding. accelerate's FSDP2 wrapping asks for it, and transformers' default raises
+        # NotImplementedError for a model whose encoder sits under another attribute name.
+        return self.backbone.get_input_embeddings()
+
     def _init_weights(self, module: nn.Module) -> None:
         # The encoder's own modules are initialized by its own transformers class (composite-model dispatch);
         # this runs for our own modules (decoder, classifier).

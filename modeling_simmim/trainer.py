@@ -311,6 +311,25 @@ class ReconstructionCallback(TrainerCallback):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+def check_launch(accelerator: Any) -> None:
+    """Fail early when launched processes do not form one run, and say when a launch config's FSDP is not applied.
+
+    On a machine without GPUs, `accelerate launch` / `torchrun` without `--use_cpu` start processes that each train
+    alone (accelerate picks no distributed backend), all writing the same output folder; and accelerate applies FSDP
+    to GPU processes only: on CPUs an FSDP launch config trains with DDP."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but this one trains alone: no GPU backend "
+            "was found. On CPUs add --use_cpu true (gloo); with GPUs check that CUDA is visible to every process."
+        )
+    distributed_type = getattr(accelerator.distributed_type, "value", accelerator.distributed_type)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and distributed_type != "FSDP":
+        logger.warning("The launch config asks for FSDP, but accelerate applies it on GPUs only: these %d %s "
+                       "processes train with %s (every process holds the whole model).", accelerator.num_processes,
+                       accelerator.device.type, distributed_type)
+
+
 def per_example_reconstruction_loss(
     config: Any, pixel_values: torch.Tensor, reconstruction: torch.Tensor, bool_masked_pos: torch.Tensor
 ) -> torch.Tensor:
@@ -344,6 +363,7 @@ class SimMIMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, SimMIMTrainingArguments):
             raise TypeError("SimMIMTrainer needs SimMIMTrainingArguments (the official recipe fields).")
+        check_launch(self.accelerator)
         if self.args.torch_num_threads is not None:
             torch.set_num_threads(self.args.torch_num_threads)
         self.throughput = ThroughputCallback(num_processes=self.accelerator.num_processes)
@@ -626,6 +646,7 @@ def render_model_card(
 
 
 __all__ = [
+    "check_launch",
     "per_example_reconstruction_loss",
     "train_and_evaluate",
     "SimMIMSchedulerType",

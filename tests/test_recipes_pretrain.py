@@ -173,6 +173,6 @@ def test_accelerate_configs_are_valid_launch_configs(name):
     args = _validate_launch_command(args)[0]
     assert (args.multi_gpu, args.use_fsdp, args.use_deepspeed) == (name == "ddp", name == "fsdp", name == "deepspeed")
     if name == "fsdp":
-        assert args.fsdp_version == 2 and args.fsdp_auto_wrap_policy == "SIZE_BASED_WRAP"
+        assert args.fsdp_version == 2 and args.fsdp_auto_wrap_policy == "TRANSFORMER_BASED_WRAP"
     if name == "deepspeed":
         assert os.path.isfile(os.path.join(ROOT, args.deepspeed_config_file))
