@@ -32,6 +32,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -45,6 +46,19 @@ ADAMW_STATE_BYTES_PER_PARAMETER = 8  # exp_avg + exp_avg_sq, fp32
 
 
 # ---- measuring ------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_allocated_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak of the bytes that torch allocates while `fn()` runs, above what was allocated when it started."""
     if device.type == "cuda":
@@ -58,8 +72,14 @@ def peak_allocated_bytes(fn: Callable[[], Any], device: torch.device) -> int:
         raise ValueError(f"Memory is measured on 'cpu' or 'cuda' devices, not {device.type!r}.")
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _native_stderr_silenced():  # the profiler's C++ backend prints start/stop notices
+        profiler.start()
+    try:
         fn()
+    finally:
+        with _native_stderr_silenced():
+            profiler.stop()
     events = [event for event in profiler.profiler.kineto_results.events()
               if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU]
     live = peak = 0
