@@ -115,8 +115,11 @@ def recipes(args) -> list[dict]:
         start = time.time()
         base, recipe_model = plan(path, num_processes=args.num_processes, device="cpu")
         family = recipe_model.model.config.backbone_type
+        # FSDP changes the static part only: the activations measured for DDP apply
+        fsdp = estimate_memory(recipe_model.model, base.activation_profile, base.per_device_batch, fsdp=8,
+                               bf16=base.bf16, fsdp_layer_classes=[BLOCK_CLASSES[family]])
+        del recipe_model
         checkpointed, _ = plan(path, num_processes=args.num_processes, device="cpu", gradient_checkpointing=True)
-        fsdp, _ = plan(path, fsdp=8, device="cpu", fsdp_layer_classes=[BLOCK_CLASSES[family]])
         row = {"recipe": os.path.relpath(path, ROOT), "parameters_m": base.num_parameters / 1e6,
                "batch": base.per_device_batch, "bf16": base.bf16, "seconds": 0.0}
         for label, estimate in (("ddp", base), ("checkpointing", checkpointed), ("fsdp8", fsdp)):

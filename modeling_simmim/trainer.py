@@ -320,8 +320,9 @@ def check_launch(accelerator: Any) -> None:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes == 1:
         raise RuntimeError(
-            f"{launched} processes were launched (WORLD_SIZE={launched}) but this one trains alone: no GPU backend "
-            "was found. On CPUs add --use_cpu true (gloo); with GPUs check that CUDA is visible to every process."
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but this one trains alone: accelerate found "
+            "no GPU backend. On CPUs add --use_cpu true (gloo; FSDP and DeepSpeed launch configs then train with "
+            "DDP); with GPUs check that CUDA is visible to every process."
         )
     distributed_type = getattr(accelerator.distributed_type, "value", accelerator.distributed_type)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and distributed_type != "FSDP":

@@ -231,6 +231,53 @@ def test_launch_mistakes_fail_early_or_are_named(monkeypatch, caplog):
     assert not caplog.text
 
 
+def test_multinode_launch_config_is_valid_for_every_machine():
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    path = os.path.join(ROOT, "configs", "accelerate", "multinode_2x8.yaml")
+    for rank in ("0", "1"):
+        args = launch_command_parser().parse_args(["--config_file", path, "--machine_rank", rank,
+                                                   "--main_process_ip", "10.0.0.1", "run_mim.py"])
+        args = _validate_launch_command(args)[0]
+        assert args.multi_gpu and (args.num_machines, args.num_processes) == (2, 16)
+        assert args.machine_rank == int(rank) and args.main_process_ip == "10.0.0.1"
+
+
+def test_slurm_script_launches_one_accelerate_per_node_with_its_rank(tmp_path):
+    """configs/accelerate/slurm_2x8.sh with stand-ins for srun (runs the task once per node, SLURM_PROCID 0 and 1),
+    scontrol (the job's hosts) and accelerate (records its arguments)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "calls.jsonl"
+    stubs = {
+        "scontrol": '#!/bin/bash\nprintf "gpu-node-07\\ngpu-node-08\\n"\n',
+        # drop srun's own options, run the command as each node's task would
+        "srun": '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+                'for rank in 0 1; do SLURM_PROCID=$rank SLURM_NNODES=2 "$@" || exit 1; done\n',
+        "accelerate": f'#!/usr/bin/env python3\nimport json, sys\nopen("{record}", "a").write(json.dumps(sys.argv[1:]) + "\\n")\n',
+    }
+    for name, text in stubs.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-node-[07-08]",
+           "SLURM_SUBMIT_DIR": ROOT}
+    script = os.path.join(ROOT, "configs", "accelerate", "slurm_2x8.sh")
+    result = subprocess.run(["bash", script, "configs/pretrain/swin_base_192_w6_100ep.yaml", "--output_dir",
+                             "/shared/out dir"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert len(calls) == 2
+    for rank, call in enumerate(calls):
+        options = dict(zip(call[1::2], call[2::2]))
+        assert call[0] == "launch"
+        assert options["--config_file"] == os.path.join(ROOT, "configs", "accelerate", "multinode_2x8.yaml")
+        assert (options["--num_machines"], options["--num_processes"], options["--machine_rank"]) == ("2", "16",
+                                                                                                     str(rank))
+        assert options["--main_process_ip"] == "gpu-node-07" and options["--main_process_port"] == "29500"
+        assert call[-4:] == ["run_mim.py", "configs/pretrain/swin_base_192_w6_100ep.yaml", "--output_dir",
+                             "/shared/out dir"]
+
+
 # ---- launched ----------------------------------------------------------------------------------------------------------
 def test_accelerate_two_processes(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2 run_mim.py ... --use_cpu true`: two gloo processes; total
