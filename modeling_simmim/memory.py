@@ -318,6 +318,12 @@ def model_from_recipe(path: str, num_labels: int = 1000) -> RecipeModel:
                        bf16=bool(recipe.get("bf16", False)), num_labels=num_labels if task == "finetune" else 0)
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """What `--gradient_checkpointing` does (transformers >= 5.x renamed it; older 5.x only has the old name)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 def input_maker(recipe_model: RecipeModel, device: torch.device, seed: int = 0) -> Callable[[int], dict]:
     """Random inputs of the recipe's task and image size: images + masks (pretraining) or labels (finetuning)."""
     from .masking import SimMIMMaskGenerator
@@ -356,7 +362,7 @@ def plan(
     recipe_model = model_from_recipe(recipe)
     model = recipe_model.model.to(device)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     use_bf16 = recipe_model.bf16 if bf16 is None else bf16
     profile = measure_activations(model, input_maker(recipe_model, device), probe_batches, bf16=use_bf16)
     estimate = estimate_memory(model, profile, per_device_batch or recipe_model.per_device_batch, fsdp=fsdp,

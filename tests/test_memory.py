@@ -79,7 +79,7 @@ def test_estimate_is_within_25_percent_of_a_measured_training_step(overrides, ba
 def test_gradient_checkpointing_lowers_the_measured_activations():
     model, make_inputs = _swin(64, **TWO_STAGES_OF_TWO)
     plain = measure_activations(model, make_inputs, (1, 2))
-    model.gradient_checkpointing_enable()
+    memory.enable_activation_checkpointing(model)
     checkpointed = measure_activations(model, make_inputs, (1, 2))
     assert checkpointed.per_image_bytes < 0.8 * plain.per_image_bytes
 
