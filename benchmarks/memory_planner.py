@@ -8,9 +8,10 @@ at batches 1 and 2) next to the measured peak of a real training step at that ba
 profiler's allocation events, `memory.measure_training_step`) and, as a cross-check, the process's peak RSS (VmHWM,
 reset through /proc/self/clear_refs before the step) above its RSS before the model was built, in a fresh process.
 
-`recipes`: the planner for each recipe at its own settings (bf16, per-device batch), under DDP, with gradient
-checkpointing, and FSDP over 8 processes with one Swin/SwinV2 block per unit: total at the recipe's batch and the
-largest per-device batch on each GPU size (10% kept free). Prints a Markdown table (the README's).
+`recipes`: the planner for each recipe at its own settings (bf16, per-device batch), under DDP over 16 processes and
+FSDP over 8 with one block per unit (and with gradient checkpointing, `--gradient_checkpointing`): total at the
+recipe's batch and the largest per-device batch on each GPU size (10% kept free). Prints a Markdown table (the
+README's); recipes with the same model and settings are measured once.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from modeling_simmim.memory import (  # noqa: E402
     input_maker,
     measure_activations,
     measure_training_step,
+    model_from_recipe,
     plan,
 )
 
@@ -111,7 +113,15 @@ def check(args) -> list[dict]:
 
 def recipes(args) -> list[dict]:
     rows = []
+    measured: dict[str, dict] = {}  # recipes with the same model and settings (Swin-B 100 / 800 ep) share numbers
     for path in args.recipes:
+        with torch.device("meta"):
+            recipe_model = model_from_recipe(path)
+        key = json.dumps([recipe_model.model.config.to_json_string(), recipe_model.per_device_batch,
+                          recipe_model.bf16, recipe_model.task])
+        if key in measured:
+            rows.append({**measured[key], "recipe": os.path.relpath(path, ROOT)})
+            continue
         start = time.time()
         base, recipe_model = plan(path, num_processes=args.num_processes, device="cpu")
         family = recipe_model.model.config.backbone_type
@@ -119,34 +129,40 @@ def recipes(args) -> list[dict]:
         fsdp = estimate_memory(recipe_model.model, base.activation_profile, base.per_device_batch, fsdp=8,
                                bf16=base.bf16, fsdp_layer_classes=[BLOCK_CLASSES[family]])
         del recipe_model
-        checkpointed, _ = plan(path, num_processes=args.num_processes, device="cpu", gradient_checkpointing=True)
+        checkpointed = None
+        if args.gradient_checkpointing:
+            checkpointed, _ = plan(path, num_processes=args.num_processes, device="cpu", gradient_checkpointing=True)
         row = {"recipe": os.path.relpath(path, ROOT), "parameters_m": base.num_parameters / 1e6,
                "batch": base.per_device_batch, "bf16": base.bf16, "seconds": 0.0}
         for label, estimate in (("ddp", base), ("checkpointing", checkpointed), ("fsdp8", fsdp)):
+            if estimate is None:
+                continue
             row[label] = {"total_gb": estimate.total / GB, "static_gb": estimate.static / GB,
                           "per_image_mb": estimate.activation_profile.per_image_bytes / 1e6,
                           "max_batch": {f"{gb:g}": estimate.max_batch(gb * GB, args.reserve)
                                         for gb in args.gpu_memory_gb}}
         row["seconds"] = time.time() - start
         rows.append(row)
+        measured[key] = row
         print(json.dumps(row), file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(rows, indent=2))
         return rows
     sizes = [f"{gb:g}" for gb in args.gpu_memory_gb]
-    header = ("| recipe | parameters | batch | DDP: total at batch | per image | largest batch "
-              + " / ".join(f"{s} GB" for s in sizes) + " | + gradient checkpointing: per image | largest batch "
-              + " / ".join(f"{s} GB" for s in sizes) + " | FSDP x8 (block units): total at batch | largest batch "
-              + " / ".join(f"{s} GB" for s in sizes) + " |")
-    print(header)
-    print("|" + "---|" * 10)
+    largest = " / ".join(f"{size} GB" for size in sizes)
+    columns = [("ddp", "DDP"), ("checkpointing", "DDP + gradient checkpointing"), ("fsdp8", "FSDP x8, block units")]
+    columns = [(key, title) for key, title in columns if any(key in row for row in rows)]
+    print("| recipe | parameters | batch | " + " | ".join(
+        f"{title}: total at batch / per image / largest batch {largest}" for _, title in columns) + " |")
+    print("|" + "---|" * (3 + len(columns)))
     for row in rows:
-        ddp, ckpt, fsdp = row["ddp"], row["checkpointing"], row["fsdp8"]
+        cells = []
+        for key, _ in columns:
+            part = row[key]
+            cells.append(f"{part['total_gb']:.1f} GB / {part['per_image_mb']:.0f} MB / "
+                         + " / ".join(str(part["max_batch"][size]) for size in sizes))
         print(f"| `{os.path.basename(row['recipe'])}` | {row['parameters_m']:.1f}M | {row['batch']} | "
-              f"{ddp['total_gb']:.1f} GB | {ddp['per_image_mb']:.0f} MB | "
-              + " / ".join(str(ddp["max_batch"][s]) for s in sizes)
-              + f" | {ckpt['per_image_mb']:.0f} MB | " + " / ".join(str(ckpt["max_batch"][s]) for s in sizes)
-              + f" | {fsdp['total_gb']:.1f} GB | " + " / ".join(str(fsdp["max_batch"][s]) for s in sizes) + " |")
+              + " | ".join(cells) + " |")
     return rows
 
 
@@ -165,6 +181,9 @@ def main() -> None:
     recipes_parser.add_argument("--gpu_memory_gb", type=float, nargs="+", default=[80.0, 141.0])
     recipes_parser.add_argument("--reserve", type=float, default=0.1)
     recipes_parser.add_argument("--num_processes", type=int, default=16)
+    recipes_parser.add_argument("--gradient_checkpointing", action="store_true",
+                                help="Also measure with gradient checkpointing (on CPUs without native bf16 matmul "
+                                "its bf16 recomputation uses PyTorch's generic kernel: over 20x slower).")
     recipes_parser.add_argument("--json", action="store_true")
     child_parser = commands.add_parser("rss-child")
     child_parser.add_argument("name")

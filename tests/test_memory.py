@@ -145,7 +145,25 @@ def test_cli_on_the_demo_recipe(capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["per_device_batch"] == 4 and printed["max_per_device_batch"]["1"] == result["max_per_device_batch"]["1"]
     assert printed["total"] == pytest.approx(printed["static"] + printed["activations"])
-    assert printed["max_per_device_batch"]["1"] > 4
-    memory.main([path, "--per_device_batch", "4", "--device", "cpu", "--fsdp", "2"])
-    text = capsys.readouterr().out
-    assert "FSDP over 2 processes" in text and "largest per-device batch" in text and "activations" in text
+    assert printed["max_per_device_batch"]["1"] > 4 and printed["communication_buffers"] > 0  # DDP buckets
+    with pytest.raises(SystemExit, match="--reserve"):
+        memory.main([path, "--reserve", "1.5"])
+
+
+def test_the_printed_plan_names_every_part():
+    model, _ = _swin(64)
+    profile = ActivationProfile(intercept_bytes=1e6, per_image_bytes=2e6, batches=(1, 2), peaks_bytes=(3, 5),
+                                device="cpu")
+    text = memory.render(estimate_memory(model, profile, 16, fsdp=2, bf16=True), "recipe.yaml", [80, 0.01], 0.1)
+    for words in ("FSDP over 2 processes, bf16 autocast", "parameters", "gradients", "optimizer state",
+                  "FSDP gather/scatter buffers", "2.0 MB per image", "80 GB GPU (10% kept free): fits",
+                  "0.01 GB GPU (10% kept free): does NOT fit"):
+        assert words in text, words
+
+
+def test_finetuning_recipes_are_measured_as_classifiers():
+    estimate, recipe_model = memory.plan(os.path.join(ROOT, "configs", "finetune", "demo_swin_tiny_cpu.yaml"),
+                                         per_device_batch=4, num_processes=1, device="cpu")
+    assert recipe_model.task == "finetune" and recipe_model.num_labels == 1000
+    assert type(recipe_model.model).__name__ == "SimMIMForImageClassification"
+    assert estimate.activation_profile.per_image_bytes > 0 and estimate.per_device_batch == 4
