@@ -250,7 +250,8 @@ def test_slurm_script_launches_one_accelerate_per_node_with_its_rank(tmp_path):
     bin_dir.mkdir()
     record = tmp_path / "calls.jsonl"
     stubs = {
-        "scontrol": '#!/bin/bash\nprintf "gpu-node-07\\ngpu-node-08\\n"\n',
+        # a long host list: a reader that stops after the first line would make scontrol die of SIGPIPE
+        "scontrol": '#!/bin/bash\nprintf "gpu-node-07\\n"; for i in $(seq 8 20000); do echo "gpu-node-$i"; done\n',
         # drop srun's own options, run the command as each node's task would
         "srun": '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
                 'for rank in 0 1; do SLURM_PROCID=$rank SLURM_NNODES=2 "$@" || exit 1; done\n',

@@ -15,7 +15,8 @@ set -euo pipefail
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 SCRIPT=${SIMMIM_SCRIPT:-run_mim.py}
-MAIN_PROCESS_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# sed reads every line: `head -n 1` would close the pipe early, and pipefail turns scontrol's SIGPIPE into a failure
+MAIN_PROCESS_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 MAIN_PROCESS_PORT=${MAIN_PROCESS_PORT:-29500}
 # sbatch runs a copy of this file: find the launch config from the submission folder, not from the script
 LAUNCH_CONFIG=${SIMMIM_LAUNCH_CONFIG:-${SLURM_SUBMIT_DIR:-.}/configs/accelerate/multinode_2x8.yaml}
