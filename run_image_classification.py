@@ -385,6 +385,8 @@ class ImageClassificationTrainer(SimMIMTrainer):
     """`SimMIMTrainer` (official optimizer groups with layer decay, schedule, clipping, logging) for classification:
     evaluation batches are never mixed (their own collator), and evaluation returns logits for the metrics."""
 
+    eval_loss_per_example = False  # predictions are ranked class ids, not reconstruction losses
+
     def __init__(self, *args: Any, eval_data_collator=None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.eval_data_collator = eval_data_collator

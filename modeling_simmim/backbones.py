@@ -78,7 +78,9 @@ class BackboneAdapter(ABC):
     @staticmethod
     def _tokens_to_map(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
         batch_size, _, channels = tokens.shape
-        return tokens.transpose(1, 2).reshape(batch_size, channels, height, width)
+        # Without .contiguous() this is a channels-last view; the 1x1 decoder conv then returns a channels-last weight
+        # gradient whose strides differ from the weight's, and DDP warns and copies it into its bucket every step.
+        return tokens.transpose(1, 2).reshape(batch_size, channels, height, width).contiguous()
 
 
 class SwinAdapter(BackboneAdapter):

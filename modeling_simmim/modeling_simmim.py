@@ -108,6 +108,9 @@ class SimMIMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_attention_backend = True
+    # Our losses are batch means and ignore `num_items_in_batch`; without this the Trainer (seeing **kwargs) skips
+    # its division by the gradient-accumulation steps and multiplies the loss by the number of processes.
+    accepts_loss_kwargs = False
     # Buffers that current transformers recomputes instead of loading (older checkpoints carry them).
     _keys_to_ignore_on_load_unexpected = [r".*relative_position_index.*", r".*attn_mask.*"]
 
@@ -134,6 +137,11 @@ class SimMIMPreTrainedModel(PreTrainedModel):
         backbone = adapter.build(config.backbone_config, use_mask_token=use_mask_token,
                                  add_pooling_layer=add_pooling_layer, fast_window_attention=fast)
         setattr(self, adapter.base_model_prefix, backbone)
+
+    def get_input_embeddings(self) -> nn.Module:
+        # The encoder's patch embedding. accelerate's FSDP2 wrapping asks for it, and transformers' default raises
+        # NotImplementedError for a model whose encoder sits under another attribute name.
+        return self.backbone.get_input_embeddings()
 
     def _init_weights(self, module: nn.Module) -> None:
         # The encoder's own modules are initialized by its own transformers class (composite-model dispatch);

@@ -23,13 +23,22 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, has_length, rotate_checkpoints, seed_worker
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    EvalLoopOutput,
+    SaveStrategy,
+    has_length,
+    rotate_checkpoints,
+    seed_worker,
+)
 from transformers.utils import ExplicitEnum
 
 from .cpu_bf16 import describe_cpu_bf16_path, fallback_context
 from .data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, SKIPPED_KEY
+from .modeling_simmim import normalize_targets, simmim_loss
 from .optimization import create_optimizer, get_simmim_scheduler, scale_learning_rate
 from .randomness import KeyedEpochSampler, mix_seed
 from .step_guard import PREEMPTED_EXIT_CODE, StepGuardCallback, check_finite_weights
@@ -123,6 +132,12 @@ class SimMIMTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "No effect on the logs: non-finite steps are skipped and counted (nonfinite_steps); the "
                   "logged loss is the mean of the applied steps, NaN when there were none."},
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={"help": "DDP searches the graph for unused parameters every step (TrainingArguments: yes). Every "
+                  "parameter of the SimMIM models is used in every step, so no; set true for a model that leaves "
+                  "some out."},
     )
 
     def __post_init__(self) -> None:
@@ -364,6 +379,42 @@ class ReconstructionCallback(TrainerCallback):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+def check_launch(accelerator: Any) -> None:
+    """Fail early when launched processes do not form one run, and say when a launch config's FSDP is not applied.
+
+    On a machine without GPUs, `accelerate launch` / `torchrun` without `--use_cpu` start processes that each train
+    alone (accelerate picks no distributed backend), all writing the same output folder; and accelerate applies FSDP
+    to GPU processes only: on CPUs an FSDP launch config trains with DDP."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but this one trains alone: accelerate found "
+            "no GPU backend. On CPUs add --use_cpu true (gloo; FSDP and DeepSpeed launch configs then train with "
+            "DDP); with GPUs check that CUDA is visible to every process."
+        )
+    distributed_type = getattr(accelerator.distributed_type, "value", accelerator.distributed_type)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and distributed_type != "FSDP":
+        logger.warning("The launch config asks for FSDP, but accelerate applies it on GPUs only: these %d %s "
+                       "processes train with %s (every process holds the whole model).", accelerator.num_processes,
+                       accelerator.device.type, distributed_type)
+
+
+def per_example_reconstruction_loss(
+    config: Any, pixel_values: torch.Tensor, reconstruction: torch.Tensor, bool_masked_pos: torch.Tensor
+) -> torch.Tensor:
+    """The SimMIM loss of each image (B,): `simmim_loss` applied to one image at a time, on the model's target
+    (pixels, or locally normalized pixels when `config.norm_target_window` is set). Every image has the same number
+    of masked pixels, so their mean equals the batch loss up to the formula's 1e-5."""
+    target = pixel_values
+    if getattr(config, "norm_target_window", None):
+        target = normalize_targets(pixel_values, config.norm_target_window)
+    grid = bool_masked_pos.reshape(len(pixel_values), *config.mask_grid_size(tuple(pixel_values.shape[-2:])))
+    return torch.stack([
+        simmim_loss(target[i : i + 1], reconstruction[i : i + 1], grid[i : i + 1], config.model_patch_size)
+        for i in range(len(pixel_values))
+    ])
+
+
 class SimMIMTrainer(Trainer):
     """`Trainer` with the official SimMIM optimization: AdamW on `param_groups_layer_decay` groups (no decay for
     1-D params, biases, mask token, position embeddings, cls token, relative position bias tables), per-iteration
@@ -386,11 +437,14 @@ class SimMIMTrainer(Trainer):
     """
 
     args: SimMIMTrainingArguments
+    # `prediction_step` returns per-image reconstruction losses; subclasses that return logits set this to False.
+    eval_loss_per_example: bool = True
 
     def __init__(self, *args: Any, model_card_info: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, SimMIMTrainingArguments):
             raise TypeError("SimMIMTrainer needs SimMIMTrainingArguments (the official recipe fields).")
+        check_launch(self.accelerator)
         if self.args.torch_num_threads is not None:
             torch.set_num_threads(self.args.torch_num_threads)
         self.throughput = ThroughputCallback(num_processes=self.accelerator.num_processes)
@@ -594,10 +648,31 @@ class SimMIMTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Evaluation of masked image modeling is its loss. The stock step computes a loss only when the batch holds
         # the model's "label" arguments, and a SimMIM model has none (the mask plays that role): no eval_loss.
+        # The loss of each image comes back as the "predictions" (see `evaluation_loop`).
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            outputs = model(**inputs)
+        config = self.accelerator.unwrap_model(model).config
+        losses = per_example_reconstruction_loss(config, inputs["pixel_values"], outputs.reconstruction,
+                                                 inputs["bool_masked_pos"])
+        return losses.mean(), losses, None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        # With several processes, accelerate completes the last evaluation batch of a process with images from the
+        # start of the set, and the stock loop averages batch losses, so those images leak into eval_loss. The
+        # per-image losses are gathered with the padding dropped: eval_loss is the mean over the evaluation set,
+        # the same for any number of processes and any batch size.
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        if not self.eval_loss_per_example or output.predictions is None:
+            return output
+        losses = np.asarray(output.predictions, dtype=np.float64).reshape(-1)
+        losses = losses[np.isfinite(losses)]
+        metrics = dict(output.metrics)
+        if losses.size:
+            metrics[f"{metric_key_prefix}_loss"] = float(losses.mean())
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=output.num_samples)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "train_loss" in logs:  # the end-of-training summary: the mean over the applied steps
@@ -851,6 +926,8 @@ def render_model_card(
 
 __all__ = [
     "check_training_data_size",
+    "check_launch",
+    "per_example_reconstruction_loss",
     "train_and_evaluate",
     "SimMIMSchedulerType",
     "SimMIMTrainingArguments",

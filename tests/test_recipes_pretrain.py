@@ -170,9 +170,12 @@ def test_accelerate_configs_are_valid_launch_configs(name):
 
     path = os.path.join(ROOT, "configs", "accelerate", name + ".yaml")
     args = launch_command_parser().parse_args(["--config_file", path, "run_mim.py"])
-    args = _validate_launch_command(args)[0]
+    args, _, mixed_precision_from_file = _validate_launch_command(args)
     assert (args.multi_gpu, args.use_fsdp, args.use_deepspeed) == (name == "ddp", name == "fsdp", name == "deepspeed")
     if name == "fsdp":
-        assert args.fsdp_version == 2 and args.fsdp_auto_wrap_policy == "SIZE_BASED_WRAP"
+        assert args.fsdp_version == 2 and args.fsdp_auto_wrap_policy == "TRANSFORMER_BASED_WRAP"
     if name == "deepspeed":
         assert os.path.isfile(os.path.join(ROOT, args.deepspeed_config_file))
+        # with a DeepSpeed JSON, every process raises "the following accelerate config variables will be ignored"
+        # when the launch config sets mixed_precision
+        assert not mixed_precision_from_file
