@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--finetune", default="configs/finetune/demo_swin_tiny_cpu.yaml")
     parser.add_argument("--pretrain_args", default="", help="Extra run_mim.py flags (one string).")
     parser.add_argument("--finetune_args", default="", help="Extra run_image_classification.py flags (one string).")
+    parser.add_argument("--pretrained", default=None,
+                        help="Reuse this pretraining folder ('{seed}' is replaced by the seed) instead of pretraining: "
+                        "ablations of the finetuning recipe.")
     parser.add_argument("--no_scratch", action="store_true", help="Skip the from-scratch finetuning.")
     parser.add_argument("--no_probes", action="store_true", help="Skip kNN / linear probes / raw-pixel baselines.")
     parser.add_argument("--no_hflip", action="store_true",
@@ -148,7 +151,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "224/256; patches the finetuning's evaluation transform).")
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "outputs", "digits_demo_study"))
     parser.add_argument("--results_dir", default=os.path.join(ROOT, "benchmarks", "results", "digits_demo"))
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="Merge these studies (names in --results_dir) into --name instead of running.")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.name, args.results_dir)
 
     apply_experiment_patches(args)
     import run_mim
@@ -166,14 +173,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import transformers
 
         base = os.path.join(args.work_dir, args.name, f"seed{seed}")
-        pretrained = os.path.join(base, "pretrain")
-        transformers.set_seed(seed)
-        pre_results, pre_times = timed(run_mim.main, [
-            args.pretrain, *shlex.split(args.pretrain_args), "--seed", str(seed), "--output_dir", pretrained,
-            "--overwrite_output_dir", "true", "--report_to", "none", "--disable_tqdm", "true"])
-        run: dict[str, Any] = {"seed": seed, "pretrain": {"eval_loss": round(pre_results.get("eval_loss", float("nan")), 4),
-                                                          "train_loss": round(pre_results.get("train_loss", float("nan")), 4),
-                                                          **pre_times}}
+        run: dict[str, Any] = {"seed": seed}
+        if args.pretrained:
+            pretrained = args.pretrained.replace("{seed}", str(seed))
+            run["pretrained"] = pretrained
+        else:
+            pretrained = os.path.join(base, "pretrain")
+            transformers.set_seed(seed)
+            pre_results, pre_times = timed(run_mim.main, [
+                args.pretrain, *shlex.split(args.pretrain_args), "--seed", str(seed), "--output_dir", pretrained,
+                "--overwrite_output_dir", "true", "--report_to", "none", "--disable_tqdm", "true"])
+            run["pretrain"] = {"eval_loss": round(pre_results.get("eval_loss", float("nan")), 4),
+                               "train_loss": round(pre_results.get("train_loss", float("nan")), 4), **pre_times}
         run["finetune"] = finetune(args, seed, pretrained, os.path.join(base, "finetune"), scratch=False)
         if not args.no_scratch:
             run["scratch"] = finetune(args, seed, pretrained, os.path.join(base, "scratch"), scratch=True)
@@ -187,6 +198,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with open(results_path, "w") as handle:  # after every seed: a partial study is still readable
             json.dump(record, handle, indent=1)
 
+    finish(record, results_path)
+    return record
+
+
+def finish(record: dict[str, Any], results_path: str) -> None:
+    """Mean/std over the runs of `record` into record["summary"]; written to `results_path` and printed."""
     record["summary"] = {}
     for key in ("finetune", "scratch"):
         values = [run[key]["top1"] for run in record["runs"] if key in run]
@@ -200,6 +217,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with open(results_path, "w") as handle:
         json.dump(record, handle, indent=1)
     print(json.dumps(record["summary"], indent=1))
+
+
+def merge(names: list[str], name: str, results_dir: str) -> dict[str, Any]:
+    """One study from several (e.g. one seed per process): their runs, their commands, a new summary."""
+    records = []
+    for part in names:
+        with open(os.path.join(results_dir, f"{part}.json")) as handle:
+            records.append(json.load(handle))
+    record = {**records[0], "name": name, "command": [part["command"] for part in records],
+              "runs": [run for part in records for run in part["runs"]]}
+    finish(record, os.path.join(results_dir, f"{name}.json"))
     return record
 
 

@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--pretrain_args", default="", help="Extra run_mim.py flags (one string).")
     parser.add_argument("--finetune_args", default="", help="Extra run_image_classification.py flags (one string).")
     parser.add_argument("--batch_size", type=int, default=64, help="Finetuning batch size.")
-    parser.add_argument("--finetune_steps", type=int, default=500, help="Optimizer steps of a k-shot finetuning.")
+    parser.add_argument("--finetune_steps", type=int, default=400, help="Optimizer steps of a k-shot finetuning.")
     parser.add_argument("--all_epochs", type=float, default=1.0, help="Epochs of the finetuning on all images.")
     parser.add_argument("--knn_monitor_per_class", type=int, default=100,
                         help="Labelled training images per class for the pretraining's kNN monitor (bank and "
