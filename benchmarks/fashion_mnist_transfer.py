@@ -11,10 +11,10 @@ Protocol (one command, about an hour on a 2-core CPU with the defaults):
 
 1. The idx files are read (a tiny reader below) and written once as PNG image folders (`train/<class>/`,
    `test/<class>/`) under `--work_dir`.
-2. SimMIM pretraining (`run_mim.py configs/pretrain/fashion_mnist_swin_cpu.yaml`) on the 60,000 training images,
+2. SimMIM pretraining (`run_mim.py benchmarks/recipes/fashion_mnist_pretrain.yaml`) on the 60,000 training images,
    labels unused. Its kNN monitor (`--knn_eval_dir`) watches 100 + 100 labelled training images per class.
 3. For each k in `--shots` (labelled images per class; "all" = the 60,000) and each seed: a class-balanced subset
-   drawn with that seed; `run_image_classification.py configs/finetune/fashion_mnist_swin_cpu.yaml` finetunes the
+   drawn with that seed; `run_image_classification.py benchmarks/recipes/fashion_mnist_finetune.yaml` finetunes the
    pretrained encoder and, identically, the same architecture from scratch (`--from_scratch true`); both are
    evaluated once, after the last step, on the 10,000 test images (nothing is selected on the test set).
 4. Frozen encoders (the pretrained one and a random one of the same architecture): kNN (k=20, cosine, T=0.07) and a
@@ -281,10 +281,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "fashion_mnist_transfer.json"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--shots", nargs="+", default=["10", "100", "all"], help="Labelled images per class, or all.")
-    parser.add_argument("--pretrain_recipe", default=os.path.join(ROOT, "configs", "pretrain",
-                                                                  "fashion_mnist_swin_cpu.yaml"))
-    parser.add_argument("--finetune_recipe", default=os.path.join(ROOT, "configs", "finetune",
-                                                                  "fashion_mnist_swin_cpu.yaml"))
+    parser.add_argument("--pretrain_recipe", default=os.path.join(ROOT, "benchmarks", "recipes",
+                                                                  "fashion_mnist_pretrain.yaml"))
+    parser.add_argument("--finetune_recipe", default=os.path.join(ROOT, "benchmarks", "recipes",
+                                                                  "fashion_mnist_finetune.yaml"))
     parser.add_argument("--pretrain_seed", type=int, default=0)
     parser.add_argument("--pretrain_args", default="", help="Extra run_mim.py flags (one string).")
     parser.add_argument("--finetune_args", default="", help="Extra run_image_classification.py flags (one string).")
