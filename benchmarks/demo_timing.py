@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "--overwrite_output_dir", "true", "--report_to", "none", "--save_strategy", "no"]
                 if interval:  # evaluate as often (in steps) as the full recipe does
                     flags += ["--eval_strategy", "steps", "--eval_steps", str(interval)]
+                if script == "run_image_classification.py":  # no checkpoints to select from (a few ms each)
+                    flags += ["--load_best_model_at_end", "false"]
                 measured[name][f"{script}_{steps}"] = timed_run([script, recipe, *extra, *flags])
     estimate: dict[str, dict[str, float]] = {}
     for name, (pretrain, finetune) in recipes.items():
