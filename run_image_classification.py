@@ -52,6 +52,7 @@ from modeling_simmim.data import (
     SkipNoneCollator,
     load_image_datasets,
 )
+from modeling_simmim.evaluation import finish_linear_probe, prepare_linear_probe
 from modeling_simmim.export import build_image_processor, export_to_transformers
 from modeling_simmim.modeling_simmim import SimMIMForImageClassification
 from modeling_simmim.randomness import seed_everything
@@ -103,6 +104,16 @@ class ModelArguments:
     classifier_pooling: str | None = field(
         default=None, metadata={"help": "Plain ViT only: 'cls' (default, exportable) or 'mean'.",
                                 "choices": ["cls", "mean"]},
+    )
+    from_scratch: bool = field(
+        default=False,
+        metadata={"help": "The architecture of --model_name_or_path at the asked geometry, with fresh weights (none "
+                  "loaded): the no-pretraining baseline of the same recipe."},
+    )
+    linear_probe: bool = field(
+        default=False,
+        metadata={"help": "Train only a linear head on frozen, normalized pooled features (BatchNorm without affine + "
+                  "linear, as MAE's linear probe); the head is folded into one linear layer for the export."},
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for Hub models and datasets."})
     model_revision: str = field(default="main", metadata={"help": "Hub revision of --model_name_or_path."})
@@ -211,6 +222,9 @@ def check_arguments(model_args, aug_args, training_args) -> None:
     if model_args.model_name_or_path is None and model_args.model_type is None and model_args.model_preset is None:
         raise ValueError("Give --model_name_or_path (a pretrained checkpoint), or --model_type/--model_preset for a "
                          "from-scratch baseline (or a recipe from configs/finetune/ that sets one).")
+    if model_args.from_scratch and model_args.model_name_or_path is None:
+        raise ValueError("--from_scratch true takes its architecture from --model_name_or_path: give one (or drop "
+                         "--from_scratch and use --model_type/--model_preset).")
     if training_args.do_train and mixup_active(aug_args.mixup, aug_args.cutmix, aug_args.cutmix_minmax):
         if training_args.per_device_train_batch_size % 2:
             raise ValueError(f"Mixup/CutMix pairs each image with another one of its batch: "
@@ -333,11 +347,15 @@ def build_model(model_args, aug_args, id2label: dict[int, str] | None) -> SimMIM
                 f"backbone, not --model_type {model_args.model_type}: drop --model_type or pick a matching checkpoint."
             )
         drop_path_rate = overrides.pop("drop_path_rate", None)
-        return SimMIMForImageClassification.from_pretrained(
+        model = SimMIMForImageClassification.from_pretrained(
             model_args.model_name_or_path, **hub_kwargs(model_args), id2label=id2label, image_size=overrides.pop("image_size", None),
             window_size=overrides.pop("window_size", None), drop_path_rate=drop_path_rate,
             backbone_overrides=overrides, **extra,
         )
+        if model_args.from_scratch:  # same config (geometry, head, BEiT finetuning layout), fresh weights
+            logger.info("--from_scratch: %s's architecture, weights not loaded", model_args.model_name_or_path)
+            model = SimMIMForImageClassification(model.config)
+        return model
     if model_args.model_preset is not None:
         family = PRESETS[model_args.model_preset][0]
         _check_override_keys(family, overrides)
@@ -535,6 +553,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # training: the data's classes (a new head unless the checkpoint has the same ones); evaluation only: the
     # model's head, dataset labels matched to it by name
     model = build_model(model_args, aug_args, id2label if training_args.do_train else None)
+    if model_args.linear_probe:  # frozen encoder (eval mode), BatchNorm without affine + linear head (MAE)
+        prepare_linear_probe(model)
     label_map = label_mapping(loaded, names, {str(k): int(v) for k, v in model.config.label2id.items()})
     config = model.config
     image_size = config.image_size[0]
@@ -597,6 +617,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         # The output folder is a native transformers classifier (the best checkpoint when evaluated during training)
         if training_args.do_train:
+            finish_linear_probe(trainer.model)  # a linear probe's head folds into one linear layer (no-op otherwise)
             check_finite_weights(trainer.model)  # a diverged model is never exported
             export_to_transformers(trainer.model, training_args.output_dir, image_processor)
             if trainer.state.best_model_checkpoint:

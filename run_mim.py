@@ -39,6 +39,7 @@ from modeling_simmim.data import (
     build_pretrain_transform,
     load_image_datasets,
 )
+from modeling_simmim.evaluation import KNNMonitorCallback, knn_datasets_from_folder
 from modeling_simmim.randomness import seed_everything
 from modeling_simmim.trainer import (
     RECONSTRUCTIONS_DIR,
@@ -154,6 +155,14 @@ class DataArguments:
     )
     eval_mask_seed: int = field(
         default=0, metadata={"help": "Seed of the fixed evaluation (and visualization) masks."}
+    )
+    knn_eval_dir: str | None = field(
+        default=None,
+        metadata={"help": "Labelled images (one sub-folder per class, or train/ and val/ with class sub-folders) for a "
+                  "kNN monitor (k=20, cosine, weighted votes) of the pooled encoder features: logs knn_top1."},
+    )
+    knn_eval_steps: int = field(
+        default=0, metadata={"help": "Log knn_top1 every N optimizer steps (and always at the last step)."}
     )
 
 
@@ -405,6 +414,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                            on_bad_image=data_args.on_bad_image),
         training_args.num_visualize_images,
     )
+    knn_monitor = None
+    if data_args.knn_eval_dir is not None:  # labelled images for the kNN monitor of the encoder's features
+        knn_monitor = KNNMonitorCallback(
+            *knn_datasets_from_folder(data_args.knn_eval_dir, eval_transform, verify=data_args.verify_images),
+            every_n_steps=data_args.knn_eval_steps)
 
     # Seeded here, not only by the Trainer (which seeds after the model exists): the initial weights are a function
     # of --seed, the same in every process and every run.
@@ -424,6 +438,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if preview is not None:
         callbacks.append(ReconstructionCallback(preview["pixel_values"], preview["bool_masked_pos"],
                                                 training_args.output_dir, training_args.visualize_steps, mean, std))
+    if knn_monitor is not None:
+        callbacks.append(knn_monitor)
     trainer = SimMIMTrainer(
         model=model,
         args=training_args,
@@ -439,6 +455,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "dataset_id": data_args.dataset_name,
         },
     )
+    if knn_monitor is not None:
+        knn_monitor.attach(trainer)
 
     # save_model: the model (safetensors + config with auto_map + code) and preprocessor_config.json
     results = train_and_evaluate(trainer, train_dataset, eval_dataset, training_args.do_train, checkpoint,
