@@ -36,10 +36,20 @@ class BackboneAdapter(ABC):
     # `BeitForImageClassification.beit`, ...), so our state dicts load into transformers' classes and back.
     base_model_prefix: str = ""
     model_class: type[PreTrainedModel]
-    # Substrings of parameter names that the official recipe excludes from weight decay (besides 1-D tensors and
-    # biases, which every family excludes).
-    no_weight_decay_keywords: tuple[str, ...] = ("mask_token", "cls_token", "position_embeddings",
-                                                 "relative_position_bias_table")
+    # Substrings of parameter names that the official code excludes from weight decay, besides 1-D tensors and
+    # biases (excluded everywhere), per stage. The official ViT (plain and BEiT-style) excludes `pos_embed` and
+    # `cls_token` in both stages: its relative position bias tables are decayed, and so is its mask token (only the
+    # Swin SimMIM encoder adds `mask_token` to its exclusions).
+    pretraining_no_weight_decay_keywords: tuple[str, ...] = ("cls_token", "position_embeddings")
+    finetuning_no_weight_decay_keywords: tuple[str, ...] = ("cls_token", "position_embeddings")
+
+    def no_weight_decay_keywords(self, stage: str) -> tuple[str, ...]:
+        """The official exclusions of `stage` ("pretraining" or "finetuning")."""
+        if stage == "pretraining":
+            return self.pretraining_no_weight_decay_keywords
+        if stage == "finetuning":
+            return self.finetuning_no_weight_decay_keywords
+        raise ValueError(f"stage must be 'pretraining' or 'finetuning', got {stage!r}.")
 
     def build(
         self,
@@ -89,6 +99,10 @@ class SwinAdapter(BackboneAdapter):
     model_class = SwinModel
     _block = re.compile(r"^encoder\.layers\.(\d+)\.blocks\.(\d+)\.")
     _downsample = re.compile(r"^encoder\.layers\.(\d+)\.downsample\.")
+    # Official Swin: `absolute_pos_embed` in both stages, the SimMIM encoder's `mask_token` in pretraining, the
+    # relative position bias tables in finetuning only (pretraining's prefixed keyword never matches them).
+    pretraining_no_weight_decay_keywords = ("mask_token", "position_embeddings")
+    finetuning_no_weight_decay_keywords = ("position_embeddings", "relative_position_bias_table")
 
     def build(self, backbone_config, use_mask_token, add_pooling_layer, fast_window_attention=False):
         if fast_window_attention:
@@ -153,9 +167,10 @@ class Swinv2Adapter(SwinAdapter):
     family = "swinv2"
     base_model_prefix = "swinv2"
     model_class = Swinv2Model
-    # SwinV2 replaces the bias table by a continuous position bias MLP and a learned logit scale (official: no wd).
-    no_weight_decay_keywords = ("mask_token", "position_embeddings", "relative_position_bias_table",
-                                "continuous_position_bias_mlp", "logit_scale")
+    # SwinV2 replaces the bias table by a continuous position bias MLP and a learned logit scale; its finetuning
+    # excludes them (`cpb_mlp`, `logit_scale`), its pretraining decays them (the same prefix bug as Swin's tables).
+    finetuning_no_weight_decay_keywords = ("position_embeddings", "relative_position_bias_table",
+                                           "continuous_position_bias_mlp", "logit_scale")
 
     def build(self, backbone_config, use_mask_token, add_pooling_layer, fast_window_attention=False):
         # The fast window attention covers transformers' Swin only; SwinV2's cosine attention keeps its own.

@@ -23,7 +23,7 @@ LR_REFERENCE_BATCH_SIZE = 512
 
 
 def _no_weight_decay(name: str, param: torch.Tensor, keywords: Sequence[str]) -> bool:
-    # Official rule: 1-D tensors (norms, layer scale), biases, and named embeddings/tables are not decayed.
+    # Official rule: 1-D tensors (norms, layer scale), biases, and the family's named exclusions are not decayed.
     return param.ndim <= 1 or name.endswith(".bias") or any(keyword in name for keyword in keywords)
 
 
@@ -32,16 +32,26 @@ def param_groups_layer_decay(
     weight_decay: float = 0.05,
     layer_decay: float = 0.9,
     base_lr: float | None = None,
+    stage: str | None = None,
+    extra_no_weight_decay_keywords: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Parameter groups of a SimMIM model (or a transformers Swin/SwinV2/ViT/BEiT model) for AdamW.
 
-    Each group has `params`, `weight_decay` (0 for 1-D tensors, biases, mask/cls tokens, position embeddings,
-    relative position bias tables, SwinV2's position-bias MLP and logit scale), `lr_scale =
-    layer_decay ** (L + 1 - layer_id)` with the official layer ids (embeddings 0, block i -> its depth, head and final
-    norm L + 1), `layer_id`, and `lr = base_lr * lr_scale` when `base_lr` is given. With `layer_decay=1.0` there are
-    just two groups (decayed and not decayed).
+    Each group has `params`, `weight_decay`, `lr_scale = layer_decay ** (L + 1 - layer_id)` with the official layer
+    ids (embeddings 0, block i -> its depth, head and final norm L + 1), `layer_id`, and `lr = base_lr * lr_scale`
+    when `base_lr` is given. With `layer_decay=1.0` there are just two groups (decayed and not decayed).
+
+    Weight decay follows the official code of each family and `stage` ("pretraining" for a model with a SimMIM
+    decoder, else "finetuning", unless given): 1-D tensors and biases are never decayed; position embeddings and the
+    CLS token never; Swin's mask token is not decayed, ViT's is; relative position bias tables (and SwinV2's
+    position-bias MLP and logit scale) are decayed in pretraining for every family and in ViT/BEiT finetuning, and
+    excluded only in Swin/SwinV2 finetuning. `extra_no_weight_decay_keywords` excludes more parameters (substrings of
+    their names), e.g. `("relative_position_bias_table",)` to exclude the tables everywhere.
     """
     adapter = get_adapter(model.config)
+    if stage is None:
+        stage = "pretraining" if hasattr(model, "decoder") else "finetuning"
+    keywords = (*adapter.no_weight_decay_keywords(stage), *extra_no_weight_decay_keywords)
     backbone_config = getattr(model.config, "backbone_config", None) or model.config
     num_layers = adapter.num_layers(backbone_config)
     prefix = adapter.base_model_prefix + "."
@@ -51,7 +61,7 @@ def param_groups_layer_decay(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        no_decay = _no_weight_decay(name, param, adapter.no_weight_decay_keywords)
+        no_decay = _no_weight_decay(name, param, keywords)
         if name.startswith(prefix):
             layer_id = adapter.layer_id(name[len(prefix):], backbone_config)
         else:
@@ -83,10 +93,13 @@ def create_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     fused: bool | None = None,
+    stage: str | None = None,
+    extra_no_weight_decay_keywords: Sequence[str] = (),
 ) -> torch.optim.AdamW:
     """AdamW over `param_groups_layer_decay` (official betas, eps and weight decay). `fused=None` picks the fused
     kernel when every parameter is a floating tensor on CPU or CUDA (faster: one kernel instead of many)."""
-    groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay, base_lr=learning_rate)
+    groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay, base_lr=learning_rate,
+                                      stage=stage, extra_no_weight_decay_keywords=extra_no_weight_decay_keywords)
     params = [param for group in groups for param in group["params"]]
     if fused is None:
         fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)

@@ -95,6 +95,12 @@ class SimMIMTrainingArguments(TrainingArguments):
     layer_decay: float = field(
         default=1.0, metadata={"help": "Layer-wise lr decay (1.0 = off; official finetuning uses 0.65-0.9)."}
     )
+    no_weight_decay_keywords: list[str] = field(
+        default_factory=list,
+        metadata={"help": "More parameters to exclude from weight decay (substrings of their names), beyond the "
+                  "official exclusions of the family and stage, e.g. `relative_position_bias_table` (which the "
+                  "official code decays in pretraining and in ViT finetuning)."},
+    )
     visualize_steps: int = field(
         default=0,
         metadata={"help": "Save reconstructions/step_XXXXX.png every N optimizer steps (and at the last step); 0 = "
@@ -499,6 +505,7 @@ class SimMIMTrainer(Trainer):
                 layer_decay=self.args.layer_decay,
                 betas=(self.args.adam_beta1, self.args.adam_beta2),
                 eps=self.args.adam_epsilon,
+                extra_no_weight_decay_keywords=self.args.no_weight_decay_keywords,
             )
         return self.optimizer
 

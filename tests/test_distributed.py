@@ -302,10 +302,14 @@ def test_accelerate_two_processes(tmp_path):
     scale = 8 / 512
     assert logs[1]["learning_rate"] == pytest.approx(simmim_lr_at(1, 0.5 * scale, 3, 1, 1e-6 * scale, 1e-5 * scale))
 
-    rank0 = _under(records[0]["written"], output_dir)
-    rank1 = _under(records[1]["written"], output_dir)
-    for name in ("model.safetensors", "config.json", "trainer_state.json", "checkpoint-3/optimizer.pt", "all_results.json", "README.md", "reconstructions/step_00002.png",
-                 "reconstructions/step_00003.png", "checkpoint-3/trainer_state.json", "checkpoint-3/rng_state_0.pth"):
+    # Checkpoint files are written into the staging folder and published by a rename (atomic checkpoints).
+    assert not os.path.exists(os.path.join(output_dir, "_checkpoint-staging"))
+    assert os.path.isfile(os.path.join(output_dir, "checkpoint-3", "rng_state_1.pth"))
+    rank0 = [name.replace("_checkpoint-staging/", "") for name in _under(records[0]["written"], output_dir)]
+    rank1 = [name.replace("_checkpoint-staging/", "") for name in _under(records[1]["written"], output_dir)
+             if name != "_checkpoint-staging"]
+    for name in ("model.safetensors", "config.json", "trainer_state.json", "checkpoint-3/optimizer.pt", "all_results.json", "README.md",
+                 "reconstructions/step_00002.png", "reconstructions/step_00003.png", "checkpoint-3/trainer_state.json", "checkpoint-3/rng_state_0.pth"):
         assert name in rank0, name
     assert [name for name in rank1 if name != "checkpoint-3"] == ["checkpoint-3/rng_state_1.pth"], rank1
     assert sorted(os.listdir(os.path.join(output_dir, "reconstructions"))) == ["step_00002.png", "step_00003.png"]

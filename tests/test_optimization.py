@@ -5,6 +5,7 @@ import torch
 
 from modeling_simmim import (
     SimMIMConfig,
+    SimMIMForImageClassification,
     SimMIMForMaskedImageModeling,
     create_optimizer,
     get_simmim_scheduler,
@@ -18,22 +19,70 @@ def _names(groups, weight_decay):
     return {n for g in groups if g["weight_decay"] == weight_decay for n in g["param_names"]}
 
 
-@pytest.mark.parametrize("preset", ["swin_test", "swinv2_test", "vit_test", "beit_test"])
-def test_every_parameter_in_exactly_one_group_with_official_no_decay(preset):
-    model = SimMIMForMaskedImageModeling(SimMIMConfig.from_preset(preset, mask_patch_size=16))
+# The official exclusions beyond 1-D tensors and biases, per family and stage, written out from the official code
+# (SimMIM's optimizer.py + models): pretraining skips `encoder.<name>` exactly and `encoder.<keyword>` as a substring,
+# so the encoders' keyword exclusions (relative position bias tables, SwinV2's cpb_mlp/logit_scale) never match;
+# finetuning uses the encoder's own lists. Swin's SimMIM encoder adds `mask_token`, ViT's does not.
+OFFICIAL_NAMED_EXCLUSIONS = {
+    ("swin_test", "pretraining"): {"mask_token"},
+    ("swin_test", "finetuning"): {"relative_position_bias_table"},
+    ("swinv2_test", "pretraining"): {"mask_token"},
+    ("swinv2_test", "finetuning"): {"continuous_position_bias_mlp", "logit_scale"},
+    ("vit_test", "pretraining"): {"cls_token", "position_embeddings"},
+    ("vit_test", "finetuning"): {"cls_token", "position_embeddings"},
+    ("beit_test", "pretraining"): {"cls_token"},
+    ("beit_test", "finetuning"): {"cls_token"},
+}
+NAMED_CANDIDATES = ("mask_token", "cls_token", "position_embeddings", "relative_position_bias_table",
+                    "continuous_position_bias_mlp", "logit_scale")
+
+
+def _model(preset: str, stage: str):
+    if stage == "pretraining":
+        return SimMIMForMaskedImageModeling(SimMIMConfig.from_preset(preset, mask_patch_size=16))
+    config = SimMIMConfig.from_preset(preset)
+    config.num_labels = 3
+    return SimMIMForImageClassification(config)
+
+
+@pytest.mark.parametrize("preset,stage", sorted(OFFICIAL_NAMED_EXCLUSIONS))
+def test_weight_decay_groups_are_the_official_ones_per_family_and_stage(preset, stage):
+    model = _model(preset, stage)
     groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=1.0)
     grouped = [id(p) for g in groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters()) and len(grouped) == len(set(grouped))
     no_decay, decay = _names(groups, 0.0), _names(groups, 0.05)
-    prefix = model.backbone_adapter.base_model_prefix
-    assert f"{prefix}.embeddings.mask_token" in no_decay
+    excluded = OFFICIAL_NAMED_EXCLUSIONS[(preset, stage)]
+    seen = set()
     for name, param in model.named_parameters():
-        expected_no_decay = (param.ndim <= 1 or name.endswith(".bias") or "cls_token" in name or "mask_token" in name
-                             or "relative_position_bias_table" in name or "position_embeddings" in name
-                             or "logit_scale" in name or "continuous_position_bias_mlp" in name)
+        named = {keyword for keyword in NAMED_CANDIDATES if keyword in name}
+        seen |= named
+        expected_no_decay = param.ndim <= 1 or name.endswith(".bias") or bool(named & excluded)
         assert (name in no_decay) == expected_no_decay, name
-    assert "decoder.0.weight" in decay
+    # The table covers what the model really has (no vacuous expectations), decayed ones included.
+    assert excluded <= seen, excluded - seen
+    head = "decoder.0.weight" if stage == "pretraining" else "classifier.weight"
+    assert head in decay
     assert all(g["lr_scale"] == 1.0 for g in groups) and len(groups) == 2
+
+
+def test_relative_position_bias_tables_decayed_in_pretraining_excluded_in_swin_finetuning():
+    table = "relative_position_bias_table"
+    pretraining = _names(param_groups_layer_decay(_model("swin_test", "pretraining"), 0.05, 1.0), 0.05)
+    finetuning = _names(param_groups_layer_decay(_model("swin_test", "finetuning"), 0.05, 1.0), 0.0)
+    assert any(table in name for name in pretraining) and any(table in name for name in finetuning)
+    beit = _names(param_groups_layer_decay(_model("beit_test", "finetuning"), 0.05, 1.0), 0.05)
+    assert any(table in name for name in beit)
+
+
+def test_stage_override_and_extra_exclusions():
+    model = _model("swin_test", "pretraining")
+    as_finetuning = _names(param_groups_layer_decay(model, 0.05, 1.0, stage="finetuning"), 0.0)
+    assert any("relative_position_bias_table" in name for name in as_finetuning)
+    extra = param_groups_layer_decay(model, 0.05, 1.0, extra_no_weight_decay_keywords=("relative_position_bias",))
+    assert not any("relative_position_bias" in name for name in _names(extra, 0.05))
+    with pytest.raises(ValueError, match="stage must be"):
+        param_groups_layer_decay(model, 0.05, 1.0, stage="pretrain")
 
 
 def test_layer_decay_scales_and_group_lr():

@@ -211,6 +211,18 @@ def test_layer_decay_groups_and_logged_lrs(tmp_path):
     assert group["weight_decay"] == 0.0
 
 
+def test_extra_weight_decay_exclusions_reach_the_optimizer(tmp_path):
+    def table_decay(trainer):
+        trainer.create_optimizer()
+        tables = [p for n, p in trainer.model.named_parameters() if "relative_position_bias_table" in n]
+        return {g["weight_decay"] for g in trainer.optimizer.param_groups
+                for p in g["params"] if any(p is table for table in tables)}
+
+    assert table_decay(_trainer(tmp_path, max_steps=1)) == {0.05}  # official pretraining decays the tables
+    excluded = _trainer(tmp_path, max_steps=1, no_weight_decay_keywords=["relative_position_bias_table"])
+    assert table_decay(excluded) == {0.0}
+
+
 def test_evaluation_loss_is_reported_and_deterministic(tmp_path):
     trainer = _trainer(tmp_path, eval_images=6, max_steps=1, warmup_steps=1)
     first, second = trainer.evaluate(), trainer.evaluate()
