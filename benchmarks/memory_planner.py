@@ -41,7 +41,7 @@ from modeling_simmim.memory import (  # noqa: E402
     plan,
 )
 
-BLOCK_CLASSES = {"swin": "FastSwinLayer", "swinv2": "Swinv2Layer", "beit": "BeitLayer", "vit": "ViTLayer"}
+BLOCK_CLASSES = {"swin": "SwinLayer", "swinv2": "Swinv2Layer", "beit": "BeitLayer", "vit": "ViTLayer"}
 
 
 def _preset_model(name: str, image_size: int) -> tuple[torch.nn.Module, object]:

@@ -92,7 +92,7 @@ def test_fsdp_units_follow_the_launch_config_wrapping():
     stages = [sum(p.numel() for p in stage.parameters()) for stage in model.swin.encoder.layers]
     assert units[:2] == stages[::-1]  # innermost and last first, as accelerate wraps
     assert units[2] == sum(p.numel() for p in model.swin.embeddings.patch_embeddings.parameters())
-    blocks = fsdp_units(model, ["FastSwinLayer"])  # --fsdp_transformer_layer_cls_to_wrap FastSwinLayer
+    blocks = fsdp_units(model, ["SwinLayer"])  # --fsdp_transformer_layer_cls_to_wrap SwinLayer
     assert len(blocks) == 6 and sum(blocks) == total and max(blocks[:4]) < max(stages)
 
 

@@ -149,6 +149,7 @@ def test_swinv2_recipe_finetunes_a_192_w12_checkpoint_at_tiny_scale(tmp_path, na
                   "--max_steps", "1", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
                   "--max_train_samples", "4", "--max_eval_samples", "2", "--dataloader_num_workers", "0",
                   "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
+                  "--drop_empty_classes", "true",
                   "--report_to", "none"])
     finally:
         torch.set_num_threads(previous)
