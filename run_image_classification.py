@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +35,14 @@ from modeling_simmim.augmentation import (
     build_classification_transform,
     collate_classification,
     mixup_active,
+)
+from modeling_simmim.cli import (
+    FAMILY_DEFAULTS,
+    check_output_dir,
+    check_override_keys,
+    parse_backbone_overrides,
+    parse_recipe_and_flags,
+    setup_logging,
 )
 from modeling_simmim.configuration_simmim import (
     BEIT_SIMMIM_FINETUNE,
@@ -62,13 +69,6 @@ from modeling_simmim.trainer import (
     SimMIMTrainingArguments,
     check_training_data_size,
     train_and_evaluate,
-)
-from run_mim import (
-    FAMILY_DEFAULTS,
-    _check_override_keys,
-    check_output_dir,
-    parse_backbone_overrides,
-    parse_recipe_and_flags,
 )
 
 logger = logging.getLogger("run_image_classification")
@@ -358,13 +358,13 @@ def build_model(model_args, aug_args, id2label: dict[int, str] | None) -> SimMIM
         return model
     if model_args.model_preset is not None:
         family = PRESETS[model_args.model_preset][0]
-        _check_override_keys(family, overrides)
+        check_override_keys(family, overrides)
         if family == "beit":
             overrides = {**BEIT_SIMMIM_FINETUNE, **overrides}
         config = SimMIMConfig.from_preset(model_args.model_preset, **overrides)
     else:
         family = model_args.model_type
-        _check_override_keys(family, overrides)
+        check_override_keys(family, overrides)
         defaults = {**FAMILY_DEFAULTS[family], **(BEIT_SIMMIM_FINETUNE if family == "beit" else {})}
         config = SimMIMConfig(backbone_config=build_backbone_config(family, **{**defaults, **overrides}))
     config.id2label = dict(id2label)
@@ -509,14 +509,7 @@ def push_to_hub(output_dir: str, repo_id: str, token: str | None = None, private
 # --------------------------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model_args, data_args, aug_args, training_args, explicit = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
-                        handlers=[logging.StreamHandler(sys.stdout)])
-    log_level = training_args.get_process_log_level()
-    if training_args.should_log:
-        log_level = min(log_level, logging.INFO)
-    for name in ("run_image_classification", "modeling_simmim"):
-        logging.getLogger(name).setLevel(log_level)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    setup_logging(training_args, "run_image_classification")
 
     # Fail early: arguments, output folder, data columns and labels, then the weights.
     check_arguments(model_args, aug_args, training_args)

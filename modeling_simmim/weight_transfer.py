@@ -181,9 +181,20 @@ def finetuning_config(
             f"{config.backbone_type}: use a {source_config.backbone_type} config (or drop `config`)."
         )
     config = copy.deepcopy(config if config is not None else source_config)
+    overrides = _finetuning_overrides(config, from_mim, dict(overrides or {}))
+    if overrides:
+        config.set_backbone_fields(**overrides)
+    _set_labels(config, num_labels, id2label, label2id)
+    for key, value in (fields or {}).items():
+        setattr(config, key, value)
+    config.architectures = [architecture]
+    return config
+
+
+def _finetuning_overrides(config: SimMIMConfig, from_mim: bool, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The backbone fields to set: the asked ones, checked, plus the official finetuning layout of the family."""
     backbone_config = config.backbone_config
     family = config.backbone_type
-    overrides = dict(overrides or {})
     if family == "beit" and from_mim:
         for key, value in BEIT_SIMMIM_FINETUNE.items():
             overrides.setdefault(key, value)
@@ -200,9 +211,15 @@ def finetuning_config(
     unknown = sorted(key for key in overrides if not hasattr(backbone_config, key) and key != "drop_path_rate")
     if unknown:
         raise ValueError(f"{type(backbone_config).__name__} has no fields {unknown} to override")
-    if overrides:
-        config.set_backbone_fields(**overrides)
+    return overrides
 
+
+def _set_labels(
+    config: SimMIMConfig,
+    num_labels: int | None,
+    id2label: Mapping[int, str] | None,
+    label2id: Mapping[str, int] | None,
+) -> None:
     if id2label is not None:
         config.id2label = {int(k): str(v) for k, v in dict(id2label).items()}
         config.label2id = {v: k for k, v in config.id2label.items()}
@@ -214,10 +231,6 @@ def finetuning_config(
         config.label2id = {name: index for index, name in config.id2label.items()}
     if getattr(config, "problem_type", None) == "multi_label_classification":
         config.problem_type = None  # soft targets are trained with cross-entropy, never BCE
-    for key, value in (fields or {}).items():
-        setattr(config, key, value)
-    config.architectures = [architecture]
-    return config
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -345,6 +358,27 @@ def adapt_state_dict(
     checkpoint of another backbone family raises `ValueError` naming both. Shape mismatches that no rule explains raise
     too, except for the classification head, which is left out (newly initialized) when the number of labels differs.
     """
+    _check_backbone_family(state_dict, backbone_prefix, source)
+    target = {key: tuple(shape) for key, shape in target_shapes.items()}
+    report = LoadingReport(source=source)
+    weights = _drop_pretraining_only(state_dict, target, report)
+    _unshare_position_bias(weights, target, backbone_prefix, report)
+    for key in list(weights):
+        if key in target and tuple(weights[key].shape) != target[key]:
+            _reshape_mismatch(key, weights, target[key], backbone_prefix, source_backbone_config,
+                              target_backbone_config, report, source)
+    for key in list(weights):
+        if key not in target:
+            pooled_norm = backbone_prefix == "beit" and key.startswith("beit.layernorm.")
+            report.unused[key] = ("final norm: the classifier pools with mean + fc_norm instead (official)"
+                                  if pooled_norm else "not in this model")
+            del weights[key]
+    report.loaded = sorted(weights)
+    report.newly_initialized = sorted(k for k in target if k not in weights)
+    return weights, report
+
+
+def _check_backbone_family(state_dict: Mapping[str, torch.Tensor], backbone_prefix: str, source: str) -> None:
     source_prefix = detect_backbone_prefix(state_dict.keys())
     if source_prefix is None:
         raise ValueError(
@@ -356,8 +390,11 @@ def adapt_state_dict(
             f"{source or 'the checkpoint'} holds a {source_prefix} backbone but the model is {backbone_prefix}: "
             f"load it with a {source_prefix} config (or pick a {backbone_prefix} checkpoint)."
         )
-    target = {key: tuple(shape) for key, shape in target_shapes.items()}
-    report = LoadingReport(source=source)
+
+
+def _drop_pretraining_only(
+    state_dict: Mapping[str, torch.Tensor], target: Mapping[str, tuple[int, ...]], report: LoadingReport
+) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if key.startswith("decoder."):
@@ -368,57 +405,54 @@ def adapt_state_dict(
             report.unused[key] = "buffer recomputed from the config"
         else:
             weights[key] = value
+    return weights
 
+
+def _unshare_position_bias(
+    weights: dict[str, torch.Tensor], target: Mapping[str, tuple[int, ...]], backbone_prefix: str,
+    report: LoadingReport,
+) -> None:
     # BEiT-style ViT: pretraining shares one table, finetuning gives every block its own copy (official recipe)
     shared_key = f"{backbone_prefix}.shared_position_bias.relative_position_bias_table"
-    if shared_key in weights and shared_key not in target:
-        shared = weights.pop(shared_key)
-        block_keys = [k for k in target if re.fullmatch(
-            rf"{re.escape(backbone_prefix)}\.layers\.\d+\.relative_position_bias\.relative_position_bias_table", k)]
-        if block_keys:
-            for key in block_keys:
-                if key not in weights:
-                    weights[key] = shared.clone()
-                    report.resized[key] = COPIED_FROM_SHARED
-        else:
-            report.unused[shared_key] = "the model has no relative position bias"
+    if shared_key not in weights or shared_key in target:
+        return
+    shared = weights.pop(shared_key)
+    block_keys = [k for k in target if re.fullmatch(
+        rf"{re.escape(backbone_prefix)}\.layers\.\d+\.relative_position_bias\.relative_position_bias_table", k)]
+    if not block_keys:
+        report.unused[shared_key] = "the model has no relative position bias"
+    for key in block_keys:
+        if key not in weights:
+            weights[key] = shared.clone()
+            report.resized[key] = COPIED_FROM_SHARED
 
-    for key in list(weights):
-        if key not in target:
-            continue
-        source_shape, target_shape = tuple(weights[key].shape), target[key]
-        if source_shape == target_shape:
-            continue
-        if key.endswith("relative_position_bias_table"):
-            weights[key], how = _resize_table(key, weights[key], target_shape, backbone_prefix,
-                                              source_backbone_config, target_backbone_config)
-            previous = report.resized.get(key)
-            report.resized[key] = f"{previous}, {how}" if previous else how
-        elif key.endswith("embeddings.position_embeddings"):
-            prefix_tokens = 1
-            source_grid = _grid(source_backbone_config) or _square_grid(source_shape[1] - prefix_tokens, key)
-            target_grid = _grid(target_backbone_config) or _square_grid(target_shape[1] - prefix_tokens, key)
-            weights[key] = interpolate_position_embeddings(weights[key], source_grid, target_grid, prefix_tokens)
-            report.resized[key] = f"{source_grid[0]}x{source_grid[1]} -> {target_grid[0]}x{target_grid[1]} (bicubic)"
-        elif key.startswith("classifier."):
-            report.unused[key] = f"classification head of another size {source_shape} (model: {target_shape})"
-            del weights[key]
-        else:
-            raise ValueError(
-                f"{key}: shape {source_shape} in {source or 'the checkpoint'} but {target_shape} in the model. "
-                "Only image size, window size, drop path rate and the number of labels may differ from the "
-                "checkpoint's architecture."
-            )
 
-    for key in list(weights):
-        if key not in target:
-            pooled_norm = backbone_prefix == "beit" and key.startswith("beit.layernorm.")
-            report.unused[key] = ("final norm: the classifier pools with mean + fc_norm instead (official)"
-                                  if pooled_norm else "not in this model")
-            del weights[key]
-    report.loaded = sorted(weights)
-    report.newly_initialized = sorted(k for k in target if k not in weights)
-    return weights, report
+def _reshape_mismatch(
+    key: str, weights: dict[str, torch.Tensor], target_shape: tuple[int, ...], backbone_prefix: str,
+    source_backbone_config, target_backbone_config, report: LoadingReport, source: str,
+) -> None:
+    """Resize a tensor whose shape differs from the model's by the rule of its kind, or raise."""
+    source_shape = tuple(weights[key].shape)
+    if key.endswith("relative_position_bias_table"):
+        weights[key], how = _resize_table(key, weights[key], target_shape, backbone_prefix,
+                                          source_backbone_config, target_backbone_config)
+        previous = report.resized.get(key)
+        report.resized[key] = f"{previous}, {how}" if previous else how
+    elif key.endswith("embeddings.position_embeddings"):
+        prefix_tokens = 1
+        source_grid = _grid(source_backbone_config) or _square_grid(source_shape[1] - prefix_tokens, key)
+        target_grid = _grid(target_backbone_config) or _square_grid(target_shape[1] - prefix_tokens, key)
+        weights[key] = interpolate_position_embeddings(weights[key], source_grid, target_grid, prefix_tokens)
+        report.resized[key] = f"{source_grid[0]}x{source_grid[1]} -> {target_grid[0]}x{target_grid[1]} (bicubic)"
+    elif key.startswith("classifier."):
+        report.unused[key] = f"classification head of another size {source_shape} (model: {target_shape})"
+        del weights[key]
+    else:
+        raise ValueError(
+            f"{key}: shape {source_shape} in {source or 'the checkpoint'} but {target_shape} in the model. "
+            "Only image size, window size, drop path rate and the number of labels may differ from the "
+            "checkpoint's architecture."
+        )
 
 
 __all__ = [
