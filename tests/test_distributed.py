@@ -28,6 +28,7 @@ from modeling_simmim import SimMIMConfig, SimMIMForImageClassification, SimMIMFo
 from modeling_simmim.data import IndexSeededMasks
 from modeling_simmim.masking import SimMIMMaskGenerator
 from modeling_simmim.trainer import per_example_reconstruction_loss
+from modeling_simmim.training_checkpoints import STAGING_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = os.path.join(ROOT, "tests", "launch_probe.py")
@@ -58,7 +59,10 @@ def launch_command(launcher: str, num_processes: int, script: str, config_file: 
         head = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
                 "--num_machines", "1", "--main_process_port", port, "--mixed_precision", "no",
                 "--dynamo_backend", "no"]
-        head += ["--config_file", config_file] if config_file else ["--multi_gpu"]
+        if config_file:
+            head += ["--config_file", config_file]
+        elif num_processes > 1:  # accelerate refuses --multi_gpu for one process
+            head.append("--multi_gpu")
     elif launcher == "torchrun":
         head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes),
                 "--master_addr", "127.0.0.1", "--master_port", port]
@@ -95,8 +99,12 @@ def _train_logs(output_dir):
 
 
 def _under(paths, folder):
+    """The paths under `folder`, relative to it; a checkpoint's files written in the staging folder (then renamed
+    into place) under their published name."""
     folder = os.path.abspath(folder)
-    return sorted(os.path.relpath(path, folder) for path in paths if path.startswith(folder + os.sep))
+    relative = (os.path.relpath(path, folder) for path in paths if path.startswith(folder + os.sep))
+    staged = STAGING_DIR + os.sep
+    return sorted({name[len(staged):] if name.startswith(staged) else name for name in relative} - {STAGING_DIR})
 
 
 def _single_process_eval_loss(model_dir, eval_args, output_dir) -> float:
@@ -109,6 +117,22 @@ def _single_process_eval_loss(model_dir, eval_args, output_dir) -> float:
     finally:
         torch.set_num_threads(previous)
     return results["eval_loss"]
+
+
+def _single_process_run(args: list[str]) -> None:
+    """run_mim.py in this process, one thread (the launched runs' thread count changes sums at the 1e-7 level)."""
+    previous = torch.get_num_threads()
+    try:
+        run_mim.main([*args, "--torch_num_threads", "1"])
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _max_weight_difference(dir_a: str, dir_b: str) -> float:
+    weights_a = load_file(os.path.join(dir_a, "model.safetensors"))
+    weights_b = load_file(os.path.join(dir_b, "model.safetensors"))
+    assert set(weights_a) == set(weights_b)
+    return max(float((weights_a[name] - weights_b[name]).abs().max()) for name in weights_a)
 
 
 # ---- in-process ------------------------------------------------------------------------------------------------------
@@ -315,6 +339,16 @@ def test_accelerate_two_processes(tmp_path):
                                       abs=1e-6)
     assert DDP_STRIDE_WARNING not in output and UNUSED_PARAMETERS_WARNING not in output
 
+    # World-size invariance: one process x 8 images trains the same model (initial weights, order, crops, flips,
+    # masks and the loss mean all independent of the number of processes).
+    one = str(tmp_path / "one_process")
+    _single_process_run([*TINY_MIM, "--per_device_train_batch_size", "8", "--max_train_samples", "32", "--max_steps",
+                         "3", "--warmup_steps", "1", "--base_learning_rate", "0.5", "--save_strategy", "no",
+                         "--do_eval", "false", "--output_dir", one])
+    assert _max_weight_difference(output_dir, one) <= 1e-5
+    np.testing.assert_allclose([entry["loss"] for entry in logs], [entry["loss"] for entry in _train_logs(one)],
+                               rtol=1e-5)
+
 
 @pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
@@ -413,24 +447,57 @@ def test_fsdp2_on_cpu_processes_trains_like_one_process_and_saves_plain_checkpoi
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs issue 11's sampler: per-example randomness keyed by (seed, epoch, index) "
-                   "and seeding before the model is built")
-def test_two_processes_train_the_same_model_as_one_process(tmp_path):
-    """World-size invariance: 2 processes x 4 images and 1 process x 8 images, same --seed, fp32, 3 steps, from a
-    fresh model: the same final weights (1e-5)."""
-    common = [*TINY_MIM, "--max_train_samples", "32", "--max_steps", "3", "--warmup_steps", "1",
+@pytest.mark.parametrize("two_process_flags,one_process_flags", [
+    (["--dataloader_num_workers", "2"], ["--per_device_train_batch_size", "8"]),
+    ([], ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--dataloader_num_workers", "2"]),
+], ids=["workers", "accumulation"])
+def test_two_processes_train_the_same_model_as_one_process(tmp_path, two_process_flags, one_process_flags):
+    """World-size invariance: 2 processes x 4 images (2 DataLoader workers each) and 1 process x 8 images (no
+    workers), or 2 x 4 (no workers) and 1 process x 4 x 2 accumulation steps (2 workers): same --seed, fp32, 4 steps
+    over 24 images (a second epoch starts at step 4), from a fresh model: the same final weights (1e-5) and logged
+    losses."""
+    common = [*TINY_MIM, "--max_train_samples", "24", "--max_steps", "4", "--warmup_steps", "1",
               "--base_learning_rate", "0.05", "--do_eval", "false", "--save_strategy", "no"]
     two = str(tmp_path / "two")
-    launch("accelerate", 2, "run_mim.py", [*common, "--per_device_train_batch_size", "4", "--output_dir", two],
-           tmp_path / "probe2")
+    launch("accelerate", 2, "run_mim.py", [*common, "--per_device_train_batch_size", "4", *two_process_flags,
+                                           "--output_dir", two], tmp_path / "probe2")
     one = str(tmp_path / "one")
-    launch("accelerate", 1, "run_mim.py", [*common, "--per_device_train_batch_size", "8", "--output_dir", one],
+    launch("accelerate", 1, "run_mim.py", [*common, *one_process_flags, "--output_dir", one], tmp_path / "probe1")
+    assert _max_weight_difference(two, one) <= 1e-5
+    logs_two, logs_one = _train_logs(two), _train_logs(one)
+    assert [entry["epoch"] for entry in logs_two] == [entry["epoch"] for entry in logs_one]
+    np.testing.assert_allclose([entry["loss"] for entry in logs_two], [entry["loss"] for entry in logs_one],
+                               rtol=1e-5)
+
+
+FINETUNE_TINY = ["--image_size", "32", "--max_train_samples", "32", "--max_steps", "3", "--warmup_steps", "1",
+                 "--base_learning_rate", "1e-3", "--rand_augment", "rand-m9-mstd0.5-inc1", "--random_erasing", "0.25",
+                 "--label_smoothing", "0.1", "--drop_path_rate", "0", "--logging_steps", "1", "--do_train", "true",
+                 "--do_eval", "false", "--save_strategy", "no",
+                 "--load_best_model_at_end", "false", "--use_cpu", "true", "--report_to", "none", "--disable_tqdm",
+                 "true", "--seed", "0", "--dataloader_num_workers", "0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mix,one_process_flags", [
+    (["--mixup", "0", "--cutmix", "0"], ["--per_device_train_batch_size", "8"]),
+    ([], ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"]),
+], ids=["no_mixing", "mixup_cutmix"])
+def test_finetuning_two_processes_trains_the_same_model_as_one_process(tmp_path, mix, one_process_flags):
+    """Finetuning (RandAugment, random erasing, label smoothing): 2 processes x 4 images equal 1 process x 8 images;
+    with Mixup/CutMix, which pair the images of one micro-batch (as official), they equal 1 process x 4 images x 2
+    accumulation steps (the same micro-batches). Stochastic depth is off: it draws from each process's own RNG."""
+    pretrained = str(tmp_path / "pretrained")
+    torch.manual_seed(0)
+    SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("swin_test", image_size=32, mask_patch_size=16)
+                                 ).save_pretrained(pretrained)
+    common = ["--model_name_or_path", pretrained, *FINETUNE_TINY, *mix]
+    two = str(tmp_path / "two")
+    launch("accelerate", 2, "run_image_classification.py",
+           [*common, "--per_device_train_batch_size", "4", "--output_dir", two], tmp_path / "probe2")
+    one = str(tmp_path / "one")
+    launch("accelerate", 1, "run_image_classification.py", [*common, *one_process_flags, "--output_dir", one],
            tmp_path / "probe1")
-    weights_two = load_file(os.path.join(two, "model.safetensors"))
-    weights_one = load_file(os.path.join(one, "model.safetensors"))
-    assert set(weights_two) == set(weights_one)
-    difference = max(float((weights_two[name] - weights_one[name]).abs().max()) for name in weights_one)
-    assert difference <= 1e-5, difference
-    losses_two = [entry["loss"] for entry in _train_logs(two)]
-    losses_one = [entry["loss"] for entry in _train_logs(one)]
-    np.testing.assert_allclose(losses_two, losses_one, rtol=1e-5)
+    assert _max_weight_difference(two, one) <= 1e-5
+    np.testing.assert_allclose([entry["loss"] for entry in _train_logs(two)],
+                               [entry["loss"] for entry in _train_logs(one)], rtol=1e-5)
