@@ -372,7 +372,8 @@ def test_finetuning_two_processes_keeps_the_loss_a_mean(tmp_path):
     SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("swin_test", image_size=32, mask_patch_size=16)
                                  ).save_pretrained(pretrained)
     output_dir = str(tmp_path / "ft")
-    args = ["--model_name_or_path", pretrained, "--image_size", "32", "--per_device_train_batch_size", "8",
+    args = ["--model_name_or_path", pretrained, "--image_size", "32", "--drop_empty_classes", "true",
+            "--per_device_train_batch_size", "8",
             "--per_device_eval_batch_size", "8", "--max_train_samples", "32", "--max_eval_samples", "12",
             "--max_steps", "2", "--warmup_steps", "1", "--base_learning_rate", "1e-4", "--mixup", "0", "--cutmix",
             "0", "--rand_augment", "none", "--random_erasing", "0", "--label_smoothing", "0", "--logging_steps", "1",
@@ -470,7 +471,7 @@ def test_two_processes_train_the_same_model_as_one_process(tmp_path, two_process
                                rtol=1e-5)
 
 
-FINETUNE_TINY = ["--image_size", "32", "--max_train_samples", "32", "--max_steps", "3", "--warmup_steps", "1",
+FINETUNE_TINY = ["--image_size", "32", "--max_train_samples", "32", "--drop_empty_classes", "true", "--max_steps", "3", "--warmup_steps", "1",
                  "--base_learning_rate", "1e-3", "--rand_augment", "rand-m9-mstd0.5-inc1", "--random_erasing", "0.25",
                  "--label_smoothing", "0.1", "--drop_path_rate", "0", "--logging_steps", "1", "--do_train", "true",
                  "--do_eval", "false", "--save_strategy", "no",
