@@ -183,3 +183,23 @@ def test_two_processes_stream_tar_shards_each_example_once_per_epoch(tmp_path):
     assert seen[0, 1] or seen[1, 1]  # the second epoch started
     all_results = run_mim.json.load(open(os.path.join(out, "all_results.json"), encoding="utf-8"))
     assert all_results["num_skipped_images"] == 1
+
+
+def test_streamed_validation_split_is_its_first_examples_in_memory():
+    import datasets
+
+    from modeling_simmim.data import LoadedImageData
+
+    rows = datasets.Dataset.from_dict({"image": [f"img{i}.png" for i in range(5)]})
+    streams = datasets.IterableDatasetDict({"validation": rows.to_iterable_dataset(),
+                                            "extra": rows.to_iterable_dataset()})
+    loaded = LoadedImageData(streams, "image", None, "test")
+    args = run_mim.parse_args(["--output_dir", "unused", "--max_eval_samples", "3"])
+    run_mim.materialize_streamed_splits(loaded, args[1], args[2])
+    assert list(loaded.datasets) == ["validation"] and loaded.datasets["validation"]["image"] == ["img0.png",
+                                                                                              "img1.png", "img2.png"]
+    loaded = LoadedImageData(datasets.IterableDatasetDict({"validation": rows.to_iterable_dataset()}), "image", None,
+                             "test")
+    args = run_mim.parse_args(["--output_dir", "unused"])
+    with pytest.raises(ValueError, match="--max_eval_samples"):
+        run_mim.materialize_streamed_splits(loaded, args[1], args[2])
