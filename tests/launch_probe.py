@@ -43,6 +43,7 @@ def _record_streamed_examples(record_dir: str) -> None:
     from modeling_simmim.data import StreamingImageDataset
 
     example_id = StreamingImageDataset.example_id
+    os.makedirs(record_dir, exist_ok=True)
 
     def recording_example_id(self, row):
         name = example_id(self, row)
