@@ -6,8 +6,8 @@ DDP needs, gradient accumulation and the per-image evaluation loss.
 
 Launched runs take 30-120 s each on a 2-core machine: one accelerate run is in the default suite, the others are
 `slow`. accelerate runs FSDP on GPUs only, so FSDP2 on gloo is exercised with accelerate's own wrapping function
-(tests/fsdp_probe.py). World-size invariance of the trained weights waits for the (seed, epoch, index)-keyed sampler
-(xfail)."""
+(tests/fsdp_probe.py). World-size invariance: 2 processes x B end with the weights and losses of 1 process x 2B
+(default suite: inside the accelerate test; `slow`: DataLoader workers, gradient accumulation, finetuning)."""
 
 from __future__ import annotations
 
