@@ -39,6 +39,7 @@ from modeling_simmim.data import (
     KeyedMasks,
     PretrainCollator,
     RobustImageDataset,
+    StreamingImageDataset,
     build_pretrain_transform,
     load_image_datasets,
 )
@@ -107,6 +108,21 @@ class DataArguments:
         default=None, metadata={"help": "datasets id or packaged builder (e.g. 'cifar10', 'imagefolder')."}
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Config name of --dataset_name."})
+    data_files: list[str] | None = field(
+        default=None,
+        metadata={"help": "Training files of --dataset_name (globs allowed), e.g. --dataset_name webdataset "
+                  "--data_files 'shards/train-*.tar' for WebDataset-style tar shards."},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read --dataset_name as a stream (data larger than the disk): split across processes and "
+                  "DataLoader workers by shard; needs --max_steps and --warmup_steps (a stream has no epoch length)."},
+    )
+    shuffle_buffer_size: int = field(
+        default=10000,
+        metadata={"help": "With --streaming: shuffle the shard order and a buffer of this many examples (0 = the "
+                  "stream's order)."},
+    )
     train_dir: str | None = field(default=None, metadata={"help": "Folder of training images (any nesting)."})
     validation_dir: str | None = field(default=None, metadata={"help": "Folder of evaluation images (any nesting)."})
     image_column_name: str | None = field(
@@ -151,6 +167,31 @@ def parse_args(argv: Sequence[str] | None = None):
     """`[RECIPE] [--flags]` -> (model_args, data_args, training_args, explicit); see `parse_recipe_and_flags`."""
     (model_args, data_args, training_args), explicit = parse_recipe_and_flags(build_parser(), argv)
     return model_args, data_args, training_args, explicit
+
+
+def check_streaming_arguments(data_args: DataArguments, training_args: SimMIMTrainingArguments) -> None:
+    """What a stream (no length, no index) cannot do, refused before anything is loaded."""
+    if not data_args.streaming:
+        return
+    if data_args.dataset_name is None:
+        raise ValueError("--streaming reads --dataset_name (a Hub id, or e.g. 'webdataset' with --data_files): give "
+                         "one, or drop --streaming for --train_dir.")
+    if not training_args.do_train:
+        return
+    if training_args.max_steps <= 0:
+        raise ValueError("--streaming needs --max_steps: a stream has no length, so --num_train_epochs cannot be "
+                         "turned into optimizer steps.")
+    if training_args.warmup_steps <= 0 and training_args.warmup_epochs > 0:
+        raise ValueError("--streaming needs the warmup in steps: give --warmup_steps (steps, or a fraction of "
+                         "--max_steps below 1) or --warmup_epochs 0.")
+    if training_args.lr_milestones:
+        raise ValueError("--lr_milestones are epochs, which a stream does not have: use the cosine schedule with "
+                         "--streaming.")
+    for flag, strategy in (("--save_strategy", training_args.save_strategy),
+                           ("--eval_strategy", training_args.eval_strategy)):
+        if str(getattr(strategy, "value", strategy)) == "epoch":
+            raise ValueError(f"{flag} epoch: processes reach the end of their part of a stream at different steps; "
+                             "use steps with --streaming.")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -204,6 +245,23 @@ def build_image_processor(config: SimMIMConfig, mean=IMAGENET_DEFAULT_MEAN, std=
     )
 
 
+def materialize_streamed_splits(loaded: Any, data_args: DataArguments, training_args: SimMIMTrainingArguments) -> None:
+    """With --streaming, evaluation reads a fixed list: the first --max_eval_samples examples of the stream's
+    validation split (kept in memory, undecoded), so that its loss is comparable across evaluations and processes."""
+    import datasets
+
+    validation = loaded.datasets.pop("validation", None)
+    for split in list(loaded.datasets):  # other streamed splits are not used
+        loaded.datasets.pop(split)
+    if validation is None or not training_args.do_eval:
+        return
+    if data_args.max_eval_samples is None:
+        raise ValueError("--streaming with a validation split: give --max_eval_samples (the number of its first "
+                         "examples to evaluate on), or --do_eval false.")
+    rows = list(validation.take(data_args.max_eval_samples))
+    loaded.datasets["validation"] = datasets.Dataset.from_list(rows, features=validation.features)
+
+
 def visualization_batch(dataset: RobustImageDataset, count: int) -> dict[str, torch.Tensor] | None:
     """The first `count` readable examples (fixed transform and masks) as a batch."""
     examples = []
@@ -225,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     setup_logging(training_args, "run_mim")
 
     # Fail early: everything that can be checked without training.
+    check_streaming_arguments(data_args, training_args)
     checkpoint = check_output_dir(training_args)
     config = build_config(model_args)
     image_size = config.image_size
@@ -235,13 +294,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples,
         demo_dataset=data_args.demo_dataset, verify_images=data_args.verify_images,
         on_bad_image=data_args.on_bad_image, seed=training_args.seed, cache_dir=model_args.cache_dir,
+        data_files=data_args.data_files, streaming=data_args.streaming,
     )
     if training_args.do_train and "train" not in loaded.datasets:
         raise ValueError(f"No training split in {loaded.source}; splits: {list(loaded.datasets)}.")
-    if training_args.do_train:
+    stream = None
+    if data_args.streaming:
+        stream = loaded.datasets.pop("train", None)
+        materialize_streamed_splits(loaded, data_args, training_args)
+    elif training_args.do_train:
         check_training_data_size(len(loaded.datasets["train"]), training_args)
     logger.info("Data: %s; image column %r; %s", loaded.source, loaded.image_column,
-                {split: len(ds) for split, ds in loaded.datasets.items()})
+                {**({"train": "stream"} if stream is not None else {}),
+                 **{split: len(ds) for split, ds in loaded.datasets.items()}})
     if loaded.num_skipped:
         logger.warning("%d unreadable image file(s) skipped at load time.", loaded.num_skipped)
 
@@ -250,7 +315,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     eval_transform = build_pretrain_transform(image_size, mean, std, train=False)
     train_dataset = eval_dataset = None
-    if "train" in loaded.datasets:
+    if stream is not None:
+        train_dataset = StreamingImageDataset(stream, loaded.image_column,
+                                              build_pretrain_transform(image_size, mean, std, train=True),
+                                              on_bad_image=data_args.on_bad_image, keyed_fn=KeyedMasks(mask_generator),
+                                              shuffle_buffer_size=data_args.shuffle_buffer_size)
+    elif "train" in loaded.datasets:
         # masks keyed by (seed, epoch, index), like the crops and flips (see modeling_simmim.randomness)
         train_dataset = RobustImageDataset(loaded.datasets["train"], loaded.image_column,
                                            build_pretrain_transform(image_size, mean, std, train=True),
@@ -260,8 +330,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                           extra_fn=eval_masks, on_bad_image=data_args.on_bad_image)
     # Reconstruction grids: evaluation images when there are some, else training images (fixed transform either way).
     preview_split = "validation" if "validation" in loaded.datasets else "train"
-    preview = visualization_batch(
-        RobustImageDataset(loaded.datasets[preview_split], loaded.image_column, eval_transform, extra_fn=eval_masks,
+    preview_rows = loaded.datasets.get(preview_split)
+    if preview_rows is None and stream is not None:  # the first images of the stream
+        preview_rows = list(stream.take(training_args.num_visualize_images))
+    preview = None if preview_rows is None else visualization_batch(
+        RobustImageDataset(preview_rows, loaded.image_column, eval_transform, extra_fn=eval_masks,
                            on_bad_image=data_args.on_bad_image),
         training_args.num_visualize_images,
     )
@@ -301,7 +374,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         callbacks=callbacks,
         model_card_info={
             "recipe": explicit,
-            "data": f"{loaded.source}, {len(train_dataset) if train_dataset is not None else 0} training images",
+            "data": f"{loaded.source}, " + ("streamed" if stream is not None else
+                                             f"{len(train_dataset) if train_dataset is not None else 0} training images"),
             "base_model": model_args.model_name_or_path,
             "dataset_id": data_args.dataset_name,
         },

@@ -8,12 +8,15 @@ one corrupt file is skipped with a warning naming it and counted, rather than ra
 
 from __future__ import annotations
 
+import copy
 import functools
+import glob
+import hashlib
 import io
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -24,7 +27,7 @@ from torchvision import transforms as T
 
 from .images import UnreadableImageError, decode_image, to_rgb
 from .masking import SimMIMMaskGenerator
-from .randomness import EXAMPLE_KEY_FIELD, ExampleKey, keyed_rngs
+from .randomness import EXAMPLE_KEY_FIELD, ExampleKey, keyed_rngs, mix_seed
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +176,11 @@ class RobustImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, item: int | ExampleKey) -> dict[str, Any] | UnreadableImage:
         key = item if isinstance(item, ExampleKey) else None
         index = key.index if key is not None else int(item)
-        row = self.dataset[index]
+        return self.example_from_row(self.dataset[index], index, key)
+
+    def example_from_row(self, row: dict[str, Any], index: int,
+                         key: ExampleKey | None = None) -> dict[str, Any] | UnreadableImage:
+        """The example of one row (decoded, transformed, keyed by `key` when given), or an `UnreadableImage`."""
         value = row[self.image_column]
         try:
             with keyed_rngs(key, "transform"):
@@ -196,6 +203,93 @@ class RobustImageDataset(torch.utils.data.Dataset):
                 example.update(self.keyed_fn(key, example))
             example[EXAMPLE_KEY_FIELD] = key
         return example
+
+
+def stream_example_id(row: dict[str, Any], image_column: str) -> str:
+    """A name of a streamed example that does not depend on where it is read (process, worker, position): the shard
+    file name and sample key of WebDataset-style tar shards (`__url__`, `__key__`), else the image's path, else a
+    hash of its bytes."""
+    if row.get("__key__") is not None:
+        url = row.get("__url__")
+        return f"{os.path.basename(str(url))}/{row['__key__']}" if url else str(row["__key__"])
+    value = row.get(image_column)
+    path = describe_image(value)
+    if path != "<in-memory image>":
+        return path
+    data = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, bytes) else None
+    if data is None:
+        raise ValueError(f"Cannot name a streamed example without a path or bytes in column {image_column!r}.")
+    return "blake2b:" + hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+class StreamingImageDataset(torch.utils.data.IterableDataset):
+    """An image stream (a `datasets.IterableDataset`, e.g. `load_dataset(..., streaming=True)` or WebDataset tar
+    shards) decoded and transformed like `RobustImageDataset` (same `on_bad_image` policy, keyed augmentations and
+    masks).
+
+    The trainer calls `for_process(seed, rank, world_size)`: the stream is shuffled with the data seed (shard order +
+    a buffer of `shuffle_buffer_size` examples, 0 = no shuffle; the same on every process, so shards are not read
+    twice) and split with `datasets.distributed.split_dataset_by_node` (whole shards per process when their number is
+    a multiple of the processes, else every `world_size`-th example); DataLoader workers then read disjoint shards.
+
+    Per-example randomness is keyed by (seed, epoch, `stream_example_id`): an example gets the same crop, flip and
+    mask in an epoch whatever process or worker reads it. Which examples share a batch depends on the number of
+    processes and workers (the shard split), so a streamed run is reproducible for a fixed launch, not world-size
+    invariant. `set_epoch` (called by the trainer's DataLoader) reshuffles (seed + epoch) and re-keys.
+    """
+
+    accepts_example_keys = True
+
+    def __init__(
+        self,
+        stream: Any,
+        image_column: str,
+        transform: Callable[[Image.Image], torch.Tensor],
+        label_column: str | None = None,
+        on_bad_image: BadImagePolicy = "skip",
+        keyed_fn: Callable[[ExampleKey, dict[str, Any]], dict[str, Any]] | None = None,
+        shuffle_buffer_size: int = 0,
+    ) -> None:
+        if shuffle_buffer_size < 0:
+            raise ValueError(f"--shuffle_buffer_size must be >= 0, got {shuffle_buffer_size}.")
+        self.stream = stream
+        self.image_column = image_column
+        self.shuffle_buffer_size = int(shuffle_buffer_size)
+        self.decoder = RobustImageDataset([], image_column, transform, label_column, on_bad_image=on_bad_image,
+                                          keyed_fn=keyed_fn)
+        self.seed = 0
+        self.epoch = 0
+
+    def for_process(self, seed: int, rank: int, world_size: int) -> StreamingImageDataset:
+        """This process's part of the stream, shuffled with `seed` (see the class docstring)."""
+        from datasets.distributed import split_dataset_by_node
+
+        stream = self.stream
+        if self.shuffle_buffer_size:
+            stream = stream.shuffle(seed=seed, buffer_size=self.shuffle_buffer_size)
+        if world_size > 1:
+            stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+        part = copy.copy(self)
+        part.stream, part.seed, part.epoch = stream, int(seed), 0
+        return part
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.stream, "set_epoch"):
+            self.stream.set_epoch(self.epoch)
+
+    def example_id(self, row: dict[str, Any]) -> str:
+        return stream_example_id(row, self.image_column)
+
+    def __iter__(self) -> Iterator[dict[str, Any] | UnreadableImage]:
+        for row in self.stream:
+            name = self.example_id(row)
+            key = ExampleKey(self.seed, self.epoch, mix_seed("example", name))
+            value = row.get(self.image_column)
+            if isinstance(value, dict):  # warnings and errors name "shard.tar/key", not the member name alone
+                row = {**row, self.image_column: {**value, "path": name}}
+            # the key's index names the example (63 bits): unreadable ones are counted once by it
+            yield self.decoder.example_from_row(row, key.index, key)
 
 
 SKIPPED_KEY = "skipped_image_indices"
@@ -376,12 +470,12 @@ def resolve_image_column(dataset: Any, requested: str | None = None) -> str:
     else a conventional name. Raises `ValueError` listing the columns when none fits."""
     import datasets
 
-    columns = list(dataset.column_names)
+    columns = list(dataset.column_names or [])
     if requested is not None:
         if requested not in columns:
             raise ValueError(f"--image_column_name {requested!r} is not a column of the dataset; columns: {columns}.")
         return requested
-    for name, feature in dataset.features.items():
+    for name, feature in (dataset.features or {}).items():
         if isinstance(feature, datasets.Image):
             return name
     for name in _IMAGE_COLUMN_GUESSES:
@@ -394,12 +488,12 @@ def resolve_label_column(dataset: Any, requested: str | None = None, required: b
     """The label column: `requested` if given (must exist), else a ClassLabel column, else a conventional name."""
     import datasets
 
-    columns = list(dataset.column_names)
+    columns = list(dataset.column_names or [])
     if requested is not None:
         if requested not in columns:
             raise ValueError(f"--label_column_name {requested!r} is not a column of the dataset; columns: {columns}.")
         return requested
-    for name, feature in dataset.features.items():
+    for name, feature in (dataset.features or {}).items():
         if isinstance(feature, datasets.ClassLabel):
             return name
     for name in _LABEL_COLUMN_GUESSES:
@@ -427,12 +521,19 @@ def load_image_datasets(
     seed: int = 42,
     cache_dir: str | None = None,
     require_labels: bool = False,
+    data_files: str | Sequence[str] | None = None,
+    streaming: bool = False,
 ) -> LoadedImageData:
     """Load the data a run trains on, from exactly one source:
 
     - `dataset_name` (+ `dataset_config_name`): `datasets.load_dataset` (Hub id, local script or packaged builder);
     - `train_dir` / `validation_dir`: image folders of any nesting (see `load_image_folders`);
     - neither: the bundled demo dataset `demo_dataset` (no network, see `load_demo_dataset`).
+
+    `data_files` (with `dataset_name`, e.g. "webdataset", "imagefolder", "parquet"): the training files (globs
+    allowed). `streaming=True` (with `dataset_name`): the splits are `datasets.IterableDataset`s read as they are
+    consumed (see `StreamingImageDataset`); `max_*_samples` then keep the first examples of the stream, and
+    `train_val_split` is refused.
 
     The image column is cast to undecoded images so that `RobustImageDataset` decodes them (and skips bad ones).
     A split named "validation" (or "val"/"test"/"valid") becomes the evaluation split; otherwise `train_val_split`
@@ -445,12 +546,25 @@ def load_image_datasets(
     if train_val_split is not None and not 0.0 <= train_val_split < 1.0:
         raise ValueError(f"--train_val_split must be a fraction in [0, 1), got {train_val_split}.")
 
+    if dataset_name is None and (streaming or data_files):
+        raise ValueError("--streaming and --data_files read a datasets source: give --dataset_name too (e.g. "
+                         "'webdataset' with --data_files 'shards/train-*.tar').")
+    if streaming and train_val_split:
+        raise ValueError("--train_val_split needs the whole training split: not with --streaming (give a dataset "
+                         "with a validation split).")
+
     skipped: list[str] = []
     if dataset_name is not None:
         source = f"{dataset_name}" + (f" ({dataset_config_name})" if dataset_config_name else "")
-        loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
-        if not isinstance(loaded, datasets.DatasetDict):
-            loaded = datasets.DatasetDict({"train": loaded})
+        files = None
+        if data_files:
+            files = {"train": [data_files] if isinstance(data_files, str) else list(data_files)}
+            source += f" files {files['train']}"
+            _check_local_data_files(files["train"])
+        loaded = datasets.load_dataset(dataset_name, dataset_config_name, data_files=files, cache_dir=cache_dir,
+                                       streaming=streaming)
+        if not isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+            loaded = (datasets.IterableDatasetDict if streaming else datasets.DatasetDict)({"train": loaded})
         loaded = _rename_eval_split(loaded)
     elif train_dir is not None or validation_dir is not None:
         source = f"image folders train={train_dir} validation={validation_dir}"
@@ -465,7 +579,7 @@ def load_image_datasets(
     image_column = resolve_image_column(loaded[reference_split], image_column_name)
     label_column = resolve_label_column(loaded[reference_split], label_column_name, required=require_labels)
     for split in loaded:
-        if image_column not in loaded[split].column_names:
+        if image_column not in (loaded[split].column_names or []):
             raise ValueError(f"Split {split!r} has no column {image_column!r}; columns: {loaded[split].column_names}.")
         feature = loaded[split].features[image_column]
         if isinstance(feature, datasets.Image) and feature.decode:
@@ -475,9 +589,19 @@ def load_image_datasets(
         parts = loaded["train"].train_test_split(test_size=train_val_split, seed=seed)
         loaded["train"], loaded["validation"] = parts["train"], parts["test"]
     for split, limit in (("train", max_train_samples), ("validation", max_eval_samples)):
-        if limit is not None and split in loaded and limit < len(loaded[split]):
+        if limit is not None and split in loaded and streaming:
+            loaded[split] = loaded[split].take(limit)
+        elif limit is not None and split in loaded and limit < len(loaded[split]):
             loaded[split] = loaded[split].shuffle(seed=seed).select(range(limit))
     return LoadedImageData(loaded, image_column, label_column, source, skipped)
+
+
+def _check_local_data_files(patterns: Sequence[str]) -> None:
+    # datasets' webdataset builder fails with an IndexError on an empty shard list: name the pattern instead.
+    # Remote patterns (hf://, https://, s3://) are left to datasets.
+    for pattern in patterns:
+        if "://" not in pattern and not glob.glob(os.path.expanduser(pattern), recursive=True):
+            raise FileNotFoundError(f"--data_files {pattern!r} matches no file.")
 
 
 def _rename_eval_split(loaded: Any) -> Any:
@@ -627,6 +751,8 @@ __all__ = [
     "UnreadableImage",
     "UnreadableImageError",
     "RobustImageDataset",
+    "StreamingImageDataset",
+    "stream_example_id",
     "SkipNoneCollator",
     "PretrainCollator",
     "IndexSeededMasks",

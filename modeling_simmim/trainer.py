@@ -37,7 +37,7 @@ from transformers.trainer_utils import (
 from transformers.utils import ExplicitEnum
 
 from .cpu_bf16 import describe_cpu_bf16_path, fallback_context
-from .data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, SKIPPED_KEY
+from .data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, SKIPPED_KEY, StreamingImageDataset
 from .modeling_simmim import normalize_targets, simmim_loss
 from .optimization import create_optimizer, get_simmim_scheduler, scale_learning_rate
 from .randomness import KeyedEpochSampler, mix_seed
@@ -545,6 +545,8 @@ class SimMIMTrainer(Trainer):
         dataset = self.train_dataset
         if dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
+        if isinstance(dataset, StreamingImageDataset):
+            return self._streaming_train_dataloader(dataset)
         if isinstance(dataset, torch.utils.data.IterableDataset) or not has_length(dataset):
             return super().get_train_dataloader()
         args = self.args
@@ -579,6 +581,27 @@ class SimMIMTrainer(Trainer):
             **options,
         )
         return self.accelerator.prepare(dataloader)
+
+    def _streaming_train_dataloader(self, dataset: StreamingImageDataset) -> torch.utils.data.DataLoader:
+        # Each process reads its own part of the stream (`for_process`), so the loader is not handed to accelerate,
+        # which would either read everything on rank 0 and send batches out, or shard the part again.
+        args = self.args
+        if args.dataloader_persistent_workers:
+            raise ValueError("--dataloader_persistent_workers keeps each worker's copy of the stream at epoch 0 "
+                             "(same shuffle and augmentations every epoch): leave it off with --streaming.")
+        num_workers = args.dataloader_num_workers
+        return _EpochDataLoader(
+            dataset.for_process(self.data_seed, args.process_index, args.world_size),
+            batch_size=self._train_batch_size,
+            drop_last=args.dataloader_drop_last,
+            collate_fn=self.data_collator,
+            num_workers=num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            multiprocessing_context=args.dataloader_multiprocessing_context,
+            prefetch_factor=args.dataloader_prefetch_factor,
+            worker_init_fn=partial(seed_worker, num_workers=num_workers, rank=args.process_index),
+            generator=torch.Generator().manual_seed(mix_seed(self.data_seed, "dataloader")),
+        )
 
     # ---- inputs & logging -----------------------------------------------------------------------------------------
     def _record_skipped(self, inputs, seen: set[int]) -> None:
@@ -785,6 +808,13 @@ class SimMIMTrainer(Trainer):
             handle.write(card)
 
 
+class _EpochDataLoader(torch.utils.data.DataLoader):
+    """A DataLoader that passes the Trainer's `set_epoch` on to its dataset (a stream: reshuffle and re-key)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+
 def check_training_data_size(num_examples: int, args: SimMIMTrainingArguments, drop_last_fixed_by: str = "") -> None:
     """Refuse, before the model is built, a training set too small for one optimizer step: no images, or (with
     `dataloader_drop_last`) fewer than one batch on every process. `drop_last_fixed_by` names what requires full
@@ -844,7 +874,8 @@ def train_and_evaluate(
         if save_model:
             trainer.save_model()
         metrics = dict(train_result.metrics)
-        metrics["train_samples"] = len(train_dataset)
+        if has_length(train_dataset):  # a stream has no length
+            metrics["train_samples"] = len(train_dataset)
         metrics["num_skipped_images"] = num_skipped_at_load + trainer.total_skipped_images()
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)

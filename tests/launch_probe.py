@@ -1,7 +1,7 @@
 """Runs `run_mim.py` or `run_image_classification.py` inside a launched process (accelerate launch, torchrun) and
 records what tests/test_distributed.py checks about that process: its rank and world size, how the Trainer wrapped
 the model, and every file it opened, created, copied or renamed for writing (Python's audit events, plus the paths
-given to `torch.save` and safetensors' `save_file`).
+given to `torch.save` and safetensors' `save_file`), and the examples a streamed training set hands out.
 
     accelerate launch ... tests/launch_probe.py run_mim.py [flags]     (SIMMIM_PROBE_DIR=folder for the records)
 
@@ -35,6 +35,24 @@ def _written_path(event: str, args: tuple) -> str | None:
     if event in ("os.rename", "shutil.copyfile", "shutil.copytree", "shutil.move"):
         return _as_path(args[1])
     return None
+
+
+def _record_streamed_examples(record_dir: str) -> None:
+    """Every example a stream hands out (in DataLoader workers too): one line "epoch<TAB>example id" in
+    `stream_rank{RANK}_pid{PID}.txt`."""
+    from modeling_simmim.data import StreamingImageDataset
+
+    example_id = StreamingImageDataset.example_id
+    os.makedirs(record_dir, exist_ok=True)
+
+    def recording_example_id(self, row):
+        name = example_id(self, row)
+        path = os.path.join(record_dir, f"stream_rank{os.environ.get('RANK', '0')}_pid{os.getpid()}.txt")
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(f"{self.epoch}\t{name}\n")
+        return name
+
+    StreamingImageDataset.example_id = recording_example_id
 
 
 def main() -> None:
@@ -85,6 +103,7 @@ def main() -> None:
         return result
 
     SimMIMTrainer.train = recording_train
+    _record_streamed_examples(record_dir)
     sys.addaudithook(audit)
     module.main(argv)
     rank = int(os.environ.get("RANK", "0"))

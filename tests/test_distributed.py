@@ -6,8 +6,8 @@ DDP needs, gradient accumulation and the per-image evaluation loss.
 
 Launched runs take 30-120 s each on a 2-core machine: one accelerate run is in the default suite, the others are
 `slow`. accelerate runs FSDP on GPUs only, so FSDP2 on gloo is exercised with accelerate's own wrapping function
-(tests/fsdp_probe.py). World-size invariance of the trained weights waits for the (seed, epoch, index)-keyed sampler
-(xfail)."""
+(tests/fsdp_probe.py). World-size invariance: 2 processes x B end with the weights and losses of 1 process x 2B
+(default suite: inside the accelerate test; `slow`: DataLoader workers, gradient accumulation, finetuning)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from modeling_simmim import SimMIMConfig, SimMIMForImageClassification, SimMIMFo
 from modeling_simmim.data import IndexSeededMasks
 from modeling_simmim.masking import SimMIMMaskGenerator
 from modeling_simmim.trainer import per_example_reconstruction_loss
+from modeling_simmim.training_checkpoints import STAGING_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = os.path.join(ROOT, "tests", "launch_probe.py")
@@ -58,7 +59,10 @@ def launch_command(launcher: str, num_processes: int, script: str, config_file: 
         head = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
                 "--num_machines", "1", "--main_process_port", port, "--mixed_precision", "no",
                 "--dynamo_backend", "no"]
-        head += ["--config_file", config_file] if config_file else ["--multi_gpu"]
+        if config_file:
+            head += ["--config_file", config_file]
+        elif num_processes > 1:  # accelerate refuses --multi_gpu for one process
+            head.append("--multi_gpu")
     elif launcher == "torchrun":
         head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes),
                 "--master_addr", "127.0.0.1", "--master_port", port]
@@ -95,8 +99,12 @@ def _train_logs(output_dir):
 
 
 def _under(paths, folder):
+    """The paths under `folder`, relative to it; a checkpoint's files written in the staging folder (then renamed
+    into place) under their published name."""
     folder = os.path.abspath(folder)
-    return sorted(os.path.relpath(path, folder) for path in paths if path.startswith(folder + os.sep))
+    relative = (os.path.relpath(path, folder) for path in paths if path.startswith(folder + os.sep))
+    staged = STAGING_DIR + os.sep
+    return sorted({name[len(staged):] if name.startswith(staged) else name for name in relative} - {STAGING_DIR})
 
 
 def _single_process_eval_loss(model_dir, eval_args, output_dir) -> float:
@@ -109,6 +117,22 @@ def _single_process_eval_loss(model_dir, eval_args, output_dir) -> float:
     finally:
         torch.set_num_threads(previous)
     return results["eval_loss"]
+
+
+def _single_process_run(args: list[str]) -> None:
+    """run_mim.py in this process, one thread (the launched runs' thread count changes sums at the 1e-7 level)."""
+    previous = torch.get_num_threads()
+    try:
+        run_mim.main([*args, "--torch_num_threads", "1"])
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _max_weight_difference(dir_a: str, dir_b: str) -> float:
+    weights_a = load_file(os.path.join(dir_a, "model.safetensors"))
+    weights_b = load_file(os.path.join(dir_b, "model.safetensors"))
+    assert set(weights_a) == set(weights_b)
+    return max(float((weights_a[name] - weights_b[name]).abs().max()) for name in weights_a)
 
 
 # ---- in-process ------------------------------------------------------------------------------------------------------
@@ -302,14 +326,11 @@ def test_accelerate_two_processes(tmp_path):
     scale = 8 / 512
     assert logs[1]["learning_rate"] == pytest.approx(simmim_lr_at(1, 0.5 * scale, 3, 1, 1e-6 * scale, 1e-5 * scale))
 
-    # Checkpoint files are written into the staging folder and published by a rename (atomic checkpoints).
-    assert not os.path.exists(os.path.join(output_dir, "_checkpoint-staging"))
-    assert os.path.isfile(os.path.join(output_dir, "checkpoint-3", "rng_state_1.pth"))
-    rank0 = [name.replace("_checkpoint-staging/", "") for name in _under(records[0]["written"], output_dir)]
-    rank1 = [name.replace("_checkpoint-staging/", "") for name in _under(records[1]["written"], output_dir)
-             if name != "_checkpoint-staging"]
-    for name in ("model.safetensors", "config.json", "trainer_state.json", "checkpoint-3/optimizer.pt", "all_results.json", "README.md",
-                 "reconstructions/step_00002.png", "reconstructions/step_00003.png", "checkpoint-3/trainer_state.json", "checkpoint-3/rng_state_0.pth"):
+    assert not os.path.exists(os.path.join(output_dir, "_checkpoint-staging"))  # published by a rename
+    rank0 = _under(records[0]["written"], output_dir)
+    rank1 = _under(records[1]["written"], output_dir)
+    for name in ("model.safetensors", "config.json", "trainer_state.json", "checkpoint-3/optimizer.pt", "all_results.json", "README.md", "reconstructions/step_00002.png",
+                 "reconstructions/step_00003.png", "checkpoint-3/trainer_state.json", "checkpoint-3/rng_state_0.pth"):
         assert name in rank0, name
     assert [name for name in rank1 if name != "checkpoint-3"] == ["checkpoint-3/rng_state_1.pth"], rank1
     assert sorted(os.listdir(os.path.join(output_dir, "reconstructions"))) == ["step_00002.png", "step_00003.png"]
@@ -318,6 +339,16 @@ def test_accelerate_two_processes(tmp_path):
     assert eval_loss == pytest.approx(_single_process_eval_loss(output_dir, eval_args, str(tmp_path / "one")),
                                       abs=1e-6)
     assert DDP_STRIDE_WARNING not in output and UNUSED_PARAMETERS_WARNING not in output
+
+    # World-size invariance: one process x 8 images trains the same model (initial weights, order, crops, flips,
+    # masks and the loss mean all independent of the number of processes).
+    one = str(tmp_path / "one_process")
+    _single_process_run([*TINY_MIM, "--per_device_train_batch_size", "8", "--max_train_samples", "32", "--max_steps",
+                         "3", "--warmup_steps", "1", "--base_learning_rate", "0.5", "--save_strategy", "no",
+                         "--do_eval", "false", "--output_dir", one])
+    assert _max_weight_difference(output_dir, one) <= 1e-5
+    np.testing.assert_allclose([entry["loss"] for entry in logs], [entry["loss"] for entry in _train_logs(one)],
+                               rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -342,7 +373,8 @@ def test_finetuning_two_processes_keeps_the_loss_a_mean(tmp_path):
     SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("swin_test", image_size=32, mask_patch_size=16)
                                  ).save_pretrained(pretrained)
     output_dir = str(tmp_path / "ft")
-    args = ["--model_name_or_path", pretrained, "--image_size", "32", "--per_device_train_batch_size", "8",
+    args = ["--model_name_or_path", pretrained, "--image_size", "32", "--drop_empty_classes", "true",
+            "--per_device_train_batch_size", "8",
             "--per_device_eval_batch_size", "8", "--max_train_samples", "32", "--max_eval_samples", "12",
             "--max_steps", "2", "--warmup_steps", "1", "--base_learning_rate", "1e-4", "--mixup", "0", "--cutmix",
             "0", "--rand_augment", "none", "--random_erasing", "0", "--label_smoothing", "0", "--logging_steps", "1",
@@ -417,24 +449,57 @@ def test_fsdp2_on_cpu_processes_trains_like_one_process_and_saves_plain_checkpoi
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs issue 11's sampler: per-example randomness keyed by (seed, epoch, index) "
-                   "and seeding before the model is built")
-def test_two_processes_train_the_same_model_as_one_process(tmp_path):
-    """World-size invariance: 2 processes x 4 images and 1 process x 8 images, same --seed, fp32, 3 steps, from a
-    fresh model: the same final weights (1e-5)."""
-    common = [*TINY_MIM, "--max_train_samples", "32", "--max_steps", "3", "--warmup_steps", "1",
+@pytest.mark.parametrize("two_process_flags,one_process_flags", [
+    (["--dataloader_num_workers", "2"], ["--per_device_train_batch_size", "8"]),
+    ([], ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--dataloader_num_workers", "2"]),
+], ids=["workers", "accumulation"])
+def test_two_processes_train_the_same_model_as_one_process(tmp_path, two_process_flags, one_process_flags):
+    """World-size invariance: 2 processes x 4 images (2 DataLoader workers each) and 1 process x 8 images (no
+    workers), or 2 x 4 (no workers) and 1 process x 4 x 2 accumulation steps (2 workers): same --seed, fp32, 4 steps
+    over 24 images (a second epoch starts at step 4), from a fresh model: the same final weights (1e-5) and logged
+    losses."""
+    common = [*TINY_MIM, "--max_train_samples", "24", "--max_steps", "4", "--warmup_steps", "1",
               "--base_learning_rate", "0.05", "--do_eval", "false", "--save_strategy", "no"]
     two = str(tmp_path / "two")
-    launch("accelerate", 2, "run_mim.py", [*common, "--per_device_train_batch_size", "4", "--output_dir", two],
-           tmp_path / "probe2")
+    launch("accelerate", 2, "run_mim.py", [*common, "--per_device_train_batch_size", "4", *two_process_flags,
+                                           "--output_dir", two], tmp_path / "probe2")
     one = str(tmp_path / "one")
-    launch("accelerate", 1, "run_mim.py", [*common, "--per_device_train_batch_size", "8", "--output_dir", one],
+    launch("accelerate", 1, "run_mim.py", [*common, *one_process_flags, "--output_dir", one], tmp_path / "probe1")
+    assert _max_weight_difference(two, one) <= 1e-5
+    logs_two, logs_one = _train_logs(two), _train_logs(one)
+    assert [entry["epoch"] for entry in logs_two] == [entry["epoch"] for entry in logs_one]
+    np.testing.assert_allclose([entry["loss"] for entry in logs_two], [entry["loss"] for entry in logs_one],
+                               rtol=1e-5)
+
+
+FINETUNE_TINY = ["--image_size", "32", "--max_train_samples", "32", "--drop_empty_classes", "true", "--max_steps", "3", "--warmup_steps", "1",
+                 "--base_learning_rate", "1e-3", "--rand_augment", "rand-m9-mstd0.5-inc1", "--random_erasing", "0.25",
+                 "--label_smoothing", "0.1", "--drop_path_rate", "0", "--logging_steps", "1", "--do_train", "true",
+                 "--do_eval", "false", "--save_strategy", "no",
+                 "--load_best_model_at_end", "false", "--use_cpu", "true", "--report_to", "none", "--disable_tqdm",
+                 "true", "--seed", "0", "--dataloader_num_workers", "0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mix,one_process_flags", [
+    (["--mixup", "0", "--cutmix", "0"], ["--per_device_train_batch_size", "8"]),
+    ([], ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"]),
+], ids=["no_mixing", "mixup_cutmix"])
+def test_finetuning_two_processes_trains_the_same_model_as_one_process(tmp_path, mix, one_process_flags):
+    """Finetuning (RandAugment, random erasing, label smoothing): 2 processes x 4 images equal 1 process x 8 images;
+    with Mixup/CutMix, which pair the images of one micro-batch (as official), they equal 1 process x 4 images x 2
+    accumulation steps (the same micro-batches). Stochastic depth is off: it draws from each process's own RNG."""
+    pretrained = str(tmp_path / "pretrained")
+    torch.manual_seed(0)
+    SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("swin_test", image_size=32, mask_patch_size=16)
+                                 ).save_pretrained(pretrained)
+    common = ["--model_name_or_path", pretrained, *FINETUNE_TINY, *mix]
+    two = str(tmp_path / "two")
+    launch("accelerate", 2, "run_image_classification.py",
+           [*common, "--per_device_train_batch_size", "4", "--output_dir", two], tmp_path / "probe2")
+    one = str(tmp_path / "one")
+    launch("accelerate", 1, "run_image_classification.py", [*common, *one_process_flags, "--output_dir", one],
            tmp_path / "probe1")
-    weights_two = load_file(os.path.join(two, "model.safetensors"))
-    weights_one = load_file(os.path.join(one, "model.safetensors"))
-    assert set(weights_two) == set(weights_one)
-    difference = max(float((weights_two[name] - weights_one[name]).abs().max()) for name in weights_one)
-    assert difference <= 1e-5, difference
-    losses_two = [entry["loss"] for entry in _train_logs(two)]
-    losses_one = [entry["loss"] for entry in _train_logs(one)]
-    np.testing.assert_allclose(losses_two, losses_one, rtol=1e-5)
+    assert _max_weight_difference(two, one) <= 1e-5
+    np.testing.assert_allclose([entry["loss"] for entry in _train_logs(two)],
+                               [entry["loss"] for entry in _train_logs(one)], rtol=1e-5)
