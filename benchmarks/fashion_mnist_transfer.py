@@ -296,8 +296,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         "queries each; 0 = no monitor).")
     parser.add_argument("--no_probes", action="store_true", help="Skip the frozen-encoder and raw-pixel probes.")
     parser.add_argument("--max_pretrain_images", type=int, default=None, help="Tiny runs: fewer pretraining images.")
+    parser.add_argument("--pretrained", default=None,
+                        help="Skip step 1: reuse this pretraining output folder (e.g. to run seeds in parallel "
+                             "processes, each with its own --seeds and --results, then --merge).")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="Only combine results files of the same protocol (other seeds) into --results.")
     args = parser.parse_args(argv)
     shots = parse_shots(args.shots)
+    if args.merge:
+        return merge_results(args.merge, args.results)
 
     import run_mim
 
@@ -319,27 +326,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
 
     # 1. pretraining (labels unused), kNN monitor on held-out labelled training images
-    pretrained = os.path.join(args.work_dir, "pretrain")
-    pretrain_argv = [args.pretrain_recipe, "--train_dir", folders["train"], "--validation_dir", folders["test"],
-                     "--seed", str(args.pretrain_seed), "--output_dir", pretrained, "--overwrite_output_dir", "true",
-                     "--report_to", "none", "--disable_tqdm", "true", "--verify_images", "false"]
-    if args.knn_monitor_per_class:
-        bank = balanced_subset(train_labels, args.knn_monitor_per_class, seed=10_000)
-        queries = balanced_subset(train_labels, args.knn_monitor_per_class, seed=10_001, exclude=bank)
-        knn_dir = os.path.join(args.work_dir, f"knn_monitor_{args.knn_monitor_per_class}")
-        link_subset(folders["train"], train_labels, bank, os.path.join(knn_dir, "train"))
-        link_subset(folders["train"], train_labels, queries, os.path.join(knn_dir, "val"))
-        pretrain_argv += ["--knn_eval_dir", knn_dir]
-    import transformers
+    if args.pretrained is not None:
+        pretrained = args.pretrained
+        record["pretrain"] = reused_pretraining(pretrained)
+    else:
+        pretrained = os.path.join(args.work_dir, "pretrain")
+        pretrain_argv = [args.pretrain_recipe, "--train_dir", folders["train"], "--validation_dir", folders["test"],
+                         "--seed", str(args.pretrain_seed), "--output_dir", pretrained, "--overwrite_output_dir", "true",
+                         "--report_to", "none", "--disable_tqdm", "true", "--verify_images", "false"]
+        if args.knn_monitor_per_class:
+            bank = balanced_subset(train_labels, args.knn_monitor_per_class, seed=10_000)
+            queries = balanced_subset(train_labels, args.knn_monitor_per_class, seed=10_001, exclude=bank)
+            knn_dir = os.path.join(args.work_dir, f"knn_monitor_{args.knn_monitor_per_class}")
+            link_subset(folders["train"], train_labels, bank, os.path.join(knn_dir, "train"))
+            link_subset(folders["train"], train_labels, queries, os.path.join(knn_dir, "val"))
+            pretrain_argv += ["--knn_eval_dir", knn_dir]
+        import transformers
 
-    transformers.set_seed(args.pretrain_seed)
-    pretrain_results, pretrain_times = timed(run_mim.main, pretrain_argv + shlex.split(args.pretrain_args))
-    with open(os.path.join(pretrained, "trainer_state.json")) as handle:
-        history = json.load(handle)["log_history"]
-    record["pretrain"] = {"eval_loss": pretrain_results.get("eval_loss"), **pretrain_times,
-                          "knn_top1_curve": [(entry["step"], entry["knn_top1"]) for entry in history
-                                             if "knn_top1" in entry]}
-    print(json.dumps({"pretrain": record["pretrain"]}), flush=True)
+        transformers.set_seed(args.pretrain_seed)
+        pretrain_results, pretrain_times = timed(run_mim.main, pretrain_argv + shlex.split(args.pretrain_args))
+        with open(os.path.join(pretrained, "trainer_state.json")) as handle:
+            history = json.load(handle)["log_history"]
+        record["pretrain"] = {"eval_loss": pretrain_results.get("eval_loss"), **pretrain_times,
+                              "knn_top1_curve": [(entry["step"], entry["knn_top1"]) for entry in history
+                                                 if "knn_top1" in entry]}
+        print(json.dumps({"pretrain": record["pretrain"]}), flush=True)
 
     # 2. finetuning, pretrained and from scratch, per shot and seed
     subsets: dict[str, dict[int, np.ndarray]] = {}
@@ -363,15 +374,49 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.no_probes:
         probe_results, record["probe_times"] = timed(run_probes, pretrained, data, subsets, args.seeds,
                                                      args.pretrain_seed)
+    record["probes"] = probe_results
+    return summarize_and_save(record, args.results)
+
+
+def summarize_and_save(record: dict[str, Any], path: str) -> dict[str, Any]:
+    """Mean and std over seeds of every finetuning and probe, the Markdown table; written to `path`, printed."""
     summary: dict[str, dict[str, dict[str, float]]] = {}
-    for name in subsets:
-        summary[name] = {key: mean_std([run["top1"] for run in runs]) for key, runs in record["runs"][name].items()}
-        summary[name].update({key: mean_std(values) for key, values in probe_results.get(name, {}).items()})
+    for name, runs_by_kind in record["runs"].items():
+        summary[name] = {key: mean_std([run["top1"] for run in runs]) for key, runs in runs_by_kind.items()}
+        summary[name].update({key: mean_std(values) for key, values in record.get("probes", {}).get(name, {}).items()})
     record["summary"] = summary
-    record["table"] = markdown_table(summary, list(subsets))
-    save(record, args.results)
+    record["table"] = markdown_table(summary, list(record["runs"]))
+    save(record, path)
     print(record["table"])
     return record
+
+
+def reused_pretraining(folder: str) -> dict[str, Any]:
+    """What step 1 records, read back from a finished pretraining folder."""
+    with open(os.path.join(folder, "trainer_state.json")) as handle:
+        history = json.load(handle)["log_history"]
+    with open(os.path.join(folder, "all_results.json")) as handle:
+        results = json.load(handle)
+    return {"eval_loss": results.get("eval_loss"), "reused": os.path.abspath(folder),
+            "knn_top1_curve": [(entry["step"], entry["knn_top1"]) for entry in history if "knn_top1" in entry]}
+
+
+def merge_results(paths: Sequence[str], output: str) -> dict[str, Any]:
+    """One record from several (the same protocol, other seeds): runs and probe values concatenated per shot."""
+    records = []
+    for path in paths:
+        with open(path) as handle:
+            records.append(json.load(handle))
+    merged = {key: value for key, value in records[0].items() if key not in ("summary", "table", "runs", "probes")}
+    merged["merged_from"] = [os.path.relpath(path, ROOT) for path in paths]
+    merged["commands"] = [record["command"] for record in records]
+    merged["runs"], merged["probes"] = {}, {}
+    for record in records:
+        for field in ("runs", "probes"):
+            for shot, by_kind in record.get(field, {}).items():
+                for kind, values in by_kind.items():
+                    merged[field].setdefault(shot, {}).setdefault(kind, []).extend(values)
+    return summarize_and_save(merged, output)
 
 
 def save(record: dict[str, Any], path: str) -> None:

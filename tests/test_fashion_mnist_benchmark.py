@@ -100,6 +100,20 @@ def test_the_whole_protocol_at_tiny_scale(tmp_path):
     assert all(len(os.listdir(subset / name)) == 2 for name in fmt.CLASS_NAMES)
     assert "| finetuned, SimMIM-pretrained |" in record["table"] and "k = 2 / class" in record["table"]
 
+    # Another seed in a separate process reusing the pretraining, then both merged: per-seed values side by side.
+    other = str(tmp_path / "seed2.json")
+    fmt.main(["--data_dir", data_dir, "--work_dir", str(tmp_path / "work"), "--results", other, "--seeds", "2",
+              "--shots", "2", "--batch_size", "8", "--finetune_steps", "2", "--knn_monitor_per_class", "1",
+              "--pretrained", str(tmp_path / "work" / "pretrain"), "--finetune_args", "--per_device_eval_batch_size 16"])
+    with open(other) as handle:
+        assert json.load(handle)["pretrain"]["knn_top1_curve"] == saved["pretrain"]["knn_top1_curve"]
+    merged = fmt.main(["--merge", results, other, "--results", str(tmp_path / "merged.json")])
+    pretrained = merged["summary"]["2"]["finetune_pretrained"]["values"]
+    assert pretrained == [saved["summary"]["2"]["finetune_pretrained"]["values"][0],
+                          json.load(open(other))["summary"]["2"]["finetune_pretrained"]["values"][0]]
+    assert len(merged["summary"]["2"]["knn_pixels"]["values"]) == 2
+    assert len(merged["summary"]["all"]["finetune_pretrained"]["values"]) == 1  # only the first run had "all"
+
 
 def test_summary_table():
     summary = {"10": {"finetune_pretrained": fmt.mean_std([80.0, 82.0, 84.0]),
