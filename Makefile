@@ -7,7 +7,7 @@ GPU_PYTHON ?= python3
 
 .PHONY: setup demo test test-slow test-minimum lint bench bench-gpu gpu-wheels clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -e ".[dev]"
