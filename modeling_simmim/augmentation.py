@@ -12,18 +12,18 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from transformers.utils import logging
 
 from .images import to_rgb
 from .randomness import EXAMPLE_KEY_FIELD, batch_seed, seeded_global_rngs
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)

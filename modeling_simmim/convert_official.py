@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
+import logging as std_logging
 import math
 import os
 import re
@@ -31,11 +31,12 @@ from typing import Any
 
 import torch
 import yaml
+from transformers.utils import logging
 
 from .backbones import get_adapter
 from .safe_load import UnsafeCheckpointError, safe_load_checkpoint, to_plain_data
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 PRETRAINING = "pretraining"
 CLASSIFICATION = "classification"
@@ -756,7 +757,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    std_logging.basicConfig(level=std_logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
         convert_official_checkpoint(args.checkpoint, args.output_dir, args.config, args.push_to_hub, log=print)
     except (ValueError, OSError, UnsafeCheckpointError) as err:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import io
-import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -21,12 +20,14 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from transformers.utils import logging
 
+from .configuration_simmim import size_pair
 from .images import UnreadableImageError, decode_image, to_rgb
 from .masking import SimMIMMaskGenerator
 from .randomness import EXAMPLE_KEY_FIELD, ExampleKey, keyed_rngs
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -43,12 +44,6 @@ DEMO_DATASETS = ("digits", "photos")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Transforms
-def _size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(image_size, (list, tuple)):
-        return int(image_size[0]), int(image_size[1])
-    return int(image_size), int(image_size)
-
-
 def build_pretrain_transform(
     image_size: int | Sequence[int],
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
@@ -61,7 +56,7 @@ def build_pretrain_transform(
     `train=False` gives the deterministic evaluation transform: resize the shorter side to the crop size, center crop.
     `image_size` is an int or (height, width).
     """
-    size = _size_pair(image_size)
+    size = size_pair(image_size)
     normalize = T.Normalize(mean=list(mean), std=list(std))
     if train:
         steps = [

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -19,7 +18,9 @@ import struct
 import zipfile
 from dataclasses import dataclass
 
-logger = logging.getLogger(__name__)
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # Not matched by the Trainer's `checkpoint-*` globs (rotation, `get_last_checkpoint`); "_" also keeps it out of the
 # Trainer's Hub uploads of the output folder (ignore pattern "_*").
