@@ -19,6 +19,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 from transformers.utils import logging
 
@@ -28,9 +29,6 @@ from .masking import SimMIMMaskGenerator
 from .randomness import EXAMPLE_KEY_FIELD, ExampleKey, keyed_rngs
 
 logger = logging.get_logger(__name__)
-
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 # torchvision's ImageFolder list plus a few formats PIL reads.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")

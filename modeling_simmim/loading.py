@@ -16,7 +16,6 @@ A checkpoint that needs no transfer (a classifier with the same geometry and hea
 from __future__ import annotations
 
 import contextlib
-import json
 import logging as std_logging
 import os
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from transformers.utils import logging
 from .backbones import get_adapter
 from .configuration_simmim import HEAD_FIELDS, RUNTIME_FIELDS, SUPPORTED_BACKBONES, SimMIMConfig
 from .modeling_simmim import SimMIMForImageClassification, SimMIMForMaskedImageModeling, SimMIMPreTrainedModel
+from .training_checkpoints import shard_names
 from .weight_transfer import LoadingReport, adapt_state_dict, finetuning_config
 
 logger = logging.get_logger(__name__)
@@ -84,9 +84,8 @@ def check_weight_files(folder: str) -> list[str]:
             continue
         if name.endswith(".index.json"):
             try:
-                with open(path) as handle:
-                    files = [os.path.join(folder, f) for f in sorted(set(json.load(handle)["weight_map"].values()))]
-            except (OSError, ValueError, KeyError) as error:
+                files = [os.path.join(folder, shard) for shard in shard_names(path)]
+            except (OSError, ValueError) as error:
                 raise OSError(f"cannot read the shard index {path}: {error}") from error
         else:
             files = [path]

@@ -13,10 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-COLUMN_TITLES = ("input", "masked", "reconstruction", "pasted")
 MASK_FILL = (0.5, 0.5, 0.5)  # grey for masked pixels in the "masked input" column
 
 
@@ -103,7 +101,6 @@ def reconstruct(model: torch.nn.Module, pixel_values: torch.Tensor, bool_masked_
 
 
 __all__ = [
-    "COLUMN_TITLES",
     "mask_to_pixels",
     "denormalize",
     "reconstruction_panels",
