@@ -73,7 +73,7 @@ class _ResizeToCover:
         width, height = image.size
         scale = max(self.size[0] / height, self.size[1] / width)
         new_size = (max(self.size[1], round(width * scale)), max(self.size[0], round(height * scale)))
-        return image.resize(new_size, Image.BILINEAR)
+        return image.resize(new_size, Image.Resampling.BILINEAR)
 
     def __repr__(self) -> str:
         return f"ResizeToCover(size={self.size})"

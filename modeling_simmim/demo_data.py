@@ -25,7 +25,7 @@ def _digits_images(image_size: int) -> tuple[list[Image.Image], list[int]]:
     images = []
     for array in digits.images:  # 8x8, values 0..16
         gray = Image.fromarray(np.uint8(np.round(array * (255.0 / 16.0))), mode="L")
-        images.append(gray.resize((image_size, image_size), Image.BICUBIC).convert("RGB"))
+        images.append(gray.resize((image_size, image_size), Image.Resampling.BICUBIC).convert("RGB"))
     return images, [int(t) for t in digits.target]
 
 
@@ -59,7 +59,7 @@ def _photo_crops(image_size: int, crops_per_photo: int, seed: int) -> tuple[list
             side = int(rng.uniform(0.25, 0.6) * min(width, height))
             left = int(rng.integers(0, width - side + 1))
             top = int(rng.integers(0, height - side + 1))
-            crop = photo.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.BICUBIC)
+            crop = photo.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.Resampling.BICUBIC)
             images.append(crop.convert("RGB"))
             labels.append(label)
         names.append(name)

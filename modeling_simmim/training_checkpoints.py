@@ -151,7 +151,7 @@ def find_resumable_checkpoint(
     output_dir: str, require_optimizer: bool = True
 ) -> tuple[str | None, list[SkippedCheckpoint]]:
     """(the newest complete checkpoint of `output_dir` or None, the newer incomplete ones that were skipped)."""
-    skipped = []
+    skipped: list[SkippedCheckpoint] = []
     for path in list_checkpoints(output_dir):
         problems = checkpoint_problems(path, require_optimizer)
         if not problems:

@@ -52,7 +52,7 @@ def reconstruction_panels(
         raise ValueError(f"pixel_values {tuple(pixel_values.shape)} and reconstruction {tuple(reconstruction.shape)} differ")
     image = denormalize(pixel_values.detach().cpu(), mean, std)
     recon = denormalize(reconstruction.detach().cpu(), mean, std)
-    mask = mask_to_pixels(bool_masked_pos.detach().cpu(), tuple(image.shape[-2:]))
+    mask = mask_to_pixels(bool_masked_pos.detach().cpu(), (image.shape[-2], image.shape[-1]))
     fill = torch.tensor(MASK_FILL).view(1, 3, 1, 1)
     masked = image * (1 - mask) + fill * mask
     pasted = image * (1 - mask) + recon * mask
