@@ -569,7 +569,8 @@ class SimMIMTrainer(Trainer):
             num_workers=num_workers,
             pin_memory=args.dataloader_pin_memory,
             persistent_workers=args.dataloader_persistent_workers,
-            multiprocessing_context=args.dataloader_multiprocessing_context,
+            # transformers 5.9.0's TrainingArguments has no such field.
+            multiprocessing_context=getattr(args, "dataloader_multiprocessing_context", None),
             prefetch_factor=args.dataloader_prefetch_factor,
             worker_init_fn=partial(seed_worker, num_workers=num_workers, rank=args.process_index),
             # Its own generator (for the workers' base seed): creating an iterator then draws nothing from torch's
