@@ -43,10 +43,10 @@ from modeling_simmim.data import (  # noqa: E402
     KeyedMasks,
     PretrainCollator,
     RobustImageDataset,
-    _bundled_photos,
     build_pretrain_transform,
     load_image_folders,
 )
+from modeling_simmim.demo_data import _bundled_photos  # noqa: E402
 from modeling_simmim.randomness import ExampleKey  # noqa: E402
 
 CLOCK = time.perf_counter  # set by `run(timer=...)`

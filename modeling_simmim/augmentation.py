@@ -12,23 +12,19 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
+from transformers.utils import logging
 
 from .images import to_rgb
 from .randomness import EXAMPLE_KEY_FIELD, batch_seed, seeded_global_rngs
 
-logger = logging.getLogger(__name__)
-
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
-# Ratio of the resize before the centre crop at evaluation (the classic 256 -> 224 ImageNet protocol).
-EVAL_CROP_RATIO = 224 / 256
+logger = logging.get_logger(__name__)
 
 
 def eval_resize_size(image_size: int) -> int:
@@ -169,7 +165,6 @@ def mixup_active(mixup: float, cutmix: float, cutmix_minmax: Sequence[float] | N
 
 
 __all__ = [
-    "EVAL_CROP_RATIO",
     "build_classification_transform",
     "collate_classification",
     "eval_resize_size",

@@ -17,15 +17,11 @@ from transformers import BeitModel, PretrainedConfig, PreTrainedModel, SwinModel
 from transformers import initialization as init
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .configuration_simmim import size_pair
+
 # Name of the window attention function that `modeling_simmim.swin_attention` registers with transformers'
 # attention interface; `fast_window_attention=True` selects it for transformers' Swin.
 FAST_WINDOW_ATTENTION = "simmim_window"
-
-
-def _pair(value) -> tuple[int, int]:
-    if isinstance(value, (list, tuple)):
-        return int(value[0]), int(value[1])
-    return int(value), int(value)
 
 
 class BackboneAdapter(ABC):
@@ -185,14 +181,14 @@ class ViTAdapter(BackboneAdapter):
     _block = re.compile(r"^(?:layers|encoder\.layer)\.(\d+)\.")
 
     def _encode(self, backbone, pixel_values, bool_masked_pos, output_hidden_states):
-        config_size = _pair(backbone.config.image_size)
+        config_size = size_pair(backbone.config.image_size)
         interpolate = tuple(pixel_values.shape[-2:]) != config_size
         return backbone(pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate,
                         output_hidden_states=output_hidden_states)
 
     def feature_map(self, backbone, pixel_values, bool_masked_pos=None, output_hidden_states=False):
         outputs = self._encode(backbone, pixel_values, bool_masked_pos, output_hidden_states)
-        patch = _pair(backbone.config.patch_size)[0]
+        patch = size_pair(backbone.config.patch_size)[0]
         height, width = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
         tokens = outputs.last_hidden_state[:, 1:]  # drop CLS
         hidden_states = outputs.hidden_states if output_hidden_states else None

@@ -22,7 +22,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from .configuration_simmim import BEIT_SIMMIM_PRETRAIN, SUPPORTED_BACKBONES
 from .training_checkpoints import checkpoint_problems, find_resumable_checkpoint, holds_only_run_artifacts
 
-logger = logging.getLogger(__name__)
+logger = transformers.utils.logging.get_logger(__name__)
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
 

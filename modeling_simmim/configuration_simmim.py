@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from transformers import AutoConfig, BeitConfig, PretrainedConfig, SwinConfig, Swinv2Config, ViTConfig
@@ -97,10 +98,19 @@ NATIVE_ARCHITECTURES: dict[tuple[str, str], str] = {
 }
 
 
-def _pair(value: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
-    if isinstance(value, (list, tuple)):
+def size_pair(value: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of a size given as one int (square) or as a (height, width) pair, as transformers' configs
+    store `image_size` and `patch_size`."""
+    if isinstance(value, Sequence):
         return int(value[0]), int(value[1])
     return int(value), int(value)
+
+
+def patch_grid(backbone_config: PretrainedConfig) -> tuple[int, int]:
+    """(rows, columns) of the patch grid of `backbone_config` at its `image_size`."""
+    height, width = size_pair(backbone_config.image_size)
+    patch_height, patch_width = size_pair(backbone_config.patch_size)
+    return height // patch_height, width // patch_width
 
 
 def build_backbone_config(backbone_type: str, **kwargs: Any) -> PretrainedConfig:
@@ -141,7 +151,7 @@ def _derived_fields(config_class: type[PretrainedConfig]) -> frozenset[str]:
 
 def stage_resolutions(backbone_config: PretrainedConfig) -> list[int]:
     """Side of the (square part of the) feature map of each Swin stage at `backbone_config.image_size`."""
-    first = min(_pair(backbone_config.image_size)) // _pair(backbone_config.patch_size)[0]
+    first = min(size_pair(backbone_config.image_size)) // size_pair(backbone_config.patch_size)[0]
     return [first // 2**i for i in range(len(backbone_config.depths))]
 
 
@@ -284,7 +294,7 @@ class SimMIMConfig(PretrainedConfig):
 
     @property
     def model_patch_size(self) -> int:
-        patch = _pair(self.backbone_config.patch_size)
+        patch = size_pair(self.backbone_config.patch_size)
         if patch[0] != patch[1]:
             raise ValueError(f"Only square model patches are supported, got patch_size={patch}.")
         return patch[0]
@@ -296,11 +306,11 @@ class SimMIMConfig(PretrainedConfig):
     @property
     def image_size(self) -> tuple[int, int]:
         """(height, width) of the backbone's configured input."""
-        return _pair(self.backbone_config.image_size)
+        return size_pair(self.backbone_config.image_size)
 
     @image_size.setter
     def image_size(self, value: int | list[int] | tuple[int, int]) -> None:
-        height, width = _pair(value)
+        height, width = size_pair(value)
         self.set_backbone_fields(image_size=height if height == width else [height, width])
 
     def _derived_encoder_stride(self) -> int:
@@ -317,7 +327,7 @@ class SimMIMConfig(PretrainedConfig):
     def validate_geometry(self, image_size: int | tuple[int, int] | None = None) -> None:
         """Raise `ValueError` naming the numbers if `image_size` (default: the backbone's) cannot be masked and
         reconstructed with this config."""
-        height, width = _pair(image_size) if image_size is not None else self.image_size
+        height, width = size_pair(image_size) if image_size is not None else self.image_size
         patch, mask_patch, stride = self.model_patch_size, self.mask_patch_size, self.encoder_stride
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}.")
@@ -341,7 +351,7 @@ class SimMIMConfig(PretrainedConfig):
 
     def mask_grid_size(self, image_size: int | tuple[int, int] | None = None) -> tuple[int, int]:
         """Shape (H/p, W/p) of the model-patch grid that `bool_masked_pos` describes."""
-        height, width = _pair(image_size) if image_size is not None else self.image_size
+        height, width = size_pair(image_size) if image_size is not None else self.image_size
         return height // self.model_patch_size, width // self.model_patch_size
 
     def native_architecture(self, class_name: str) -> str | None:

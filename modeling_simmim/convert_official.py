@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
+import logging as std_logging
 import math
 import os
 import re
@@ -31,11 +31,12 @@ from typing import Any
 
 import torch
 import yaml
+from transformers.utils import logging
 
 from .backbones import get_adapter
 from .safe_load import UnsafeCheckpointError, safe_load_checkpoint, to_plain_data
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 PRETRAINING = "pretraining"
 CLASSIFICATION = "classification"
@@ -601,7 +602,6 @@ def build_converted_model(
     # The backbone's attribute name ("swin", "beit") is the same in our models and in transformers' own classes.
     prefix = get_adapter(model.config).base_model_prefix
     converted = {f"{prefix}.{k}": v for k, v in backbone_tensors.items()} | extra
-    _check_swin_window_clamping(arch, converted, model)
     _check_against_model(converted, model, arch.source)
     model.load_state_dict(converted, strict=True)
     model.eval()
@@ -647,26 +647,6 @@ def _build_classification_model(arch: OfficialArchitecture) -> torch.nn.Module:
     return SimMIMForImageClassification(config)
 
 
-def _check_swin_window_clamping(arch: OfficialArchitecture, converted: Mapping[str, torch.Tensor], model) -> None:
-    """Official Swin shrinks the window of a stage smaller than it (and its bias table: Swin-L 192/w12 and
-    224/w14 in the last stage); transformers 5.x keeps the configured window there and fails in forward."""
-    if arch.family != "swin":
-        return
-    expected = model.state_dict()
-    resolution = arch.image_size // arch.patch_size
-    for stage in range(len(arch.depths)):
-        key = f"swin.encoder.layers.{stage}.blocks.0.attention.relative_position_bias.relative_position_bias_table"
-        stage_resolution = resolution // 2**stage
-        if stage_resolution < arch.window_size and key in expected and converted[key].shape != expected[key].shape:
-            raise ValueError(
-                f"Stage {stage} of this Swin runs at {stage_resolution}x{stage_resolution} tokens, smaller than its "
-                f"window {arch.window_size}: the official model shrinks the window there to {stage_resolution} "
-                f"(bias table {tuple(converted[key].shape)}), but the installed transformers Swin keeps the full "
-                f"window (table {tuple(expected[key].shape)}) and cannot run such a stage. The swin backbone adapter "
-                f"must clamp these windows at build time (see the README, 'Using the published SimMIM weights')."
-            )
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # End to end + CLI
 # ----------------------------------------------------------------------------------------------------------------
@@ -678,17 +658,10 @@ def _image_processor(arch: OfficialArchitecture, task: str):
     Finetuned models resize to ``img * 256 / 224`` first, like the official finetuning's evaluation transform;
     pretrained ones resize straight to ``img`` (their training crops were random).
     """
-    from transformers import BitImageProcessor
+    from .export import build_image_processor
 
-    resize = int(arch.image_size * 256 / 224) if task == CLASSIFICATION else arch.image_size
-    return BitImageProcessor(
-        size={"shortest_edge": resize},
-        resample=3,  # PIL bicubic
-        do_center_crop=True,
-        crop_size={"height": arch.image_size, "width": arch.image_size},
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    )
+    resize_size = None if task == CLASSIFICATION else arch.image_size
+    return build_image_processor(arch.image_size, interpolation="bicubic", resize_size=resize_size)
 
 
 def convert_official_checkpoint(
@@ -756,7 +729,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    std_logging.basicConfig(level=std_logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
         convert_official_checkpoint(args.checkpoint, args.output_dir, args.config, args.push_to_hub, log=print)
     except (ValueError, OSError, UnsafeCheckpointError) as err:

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -27,8 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.utils import logging
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 KNN_K = 20
 KNN_TEMPERATURE = 0.07

@@ -34,19 +34,26 @@ NATIVE_CLASSIFIERS = {
 }
 
 
-def build_image_processor(image_size: int, mean=None, std=None, interpolation: str = "bicubic"):
-    """The evaluation preprocessing as a transformers image processor: shorter side resized to
-    int(image_size * 256 / 224) (bicubic), centre crop to image_size, ImageNet mean/std (`BitImageProcessor`, which
-    plain transformers loads by name)."""
+def build_image_processor(
+    image_size: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str = "bicubic",
+    resize_size: int | None = None,
+):
+    """The evaluation preprocessing as a transformers image processor: shorter side resized to `resize_size`
+    (default int(image_size * 256 / 224), the finetuning's evaluation), centre crop to image_size, ImageNet mean/std
+    (`BitImageProcessor`, which plain transformers loads by name)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from transformers import BitImageProcessor
     from transformers.image_utils import PILImageResampling
 
-    from .augmentation import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, eval_resize_size
+    from .augmentation import eval_resize_size
 
     resample = {"bicubic": PILImageResampling.BICUBIC, "bilinear": PILImageResampling.BILINEAR}[interpolation]
     return BitImageProcessor(
         do_resize=True,
-        size={"shortest_edge": eval_resize_size(image_size)},
+        size={"shortest_edge": resize_size or eval_resize_size(image_size)},
         resample=resample,
         do_center_crop=True,
         crop_size={"height": image_size, "width": image_size},

@@ -16,21 +16,22 @@ A checkpoint that needs no transfer (a classifier with the same geometry and hea
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
+import logging as std_logging
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
+from transformers.utils import logging
 
 from .backbones import get_adapter
 from .configuration_simmim import HEAD_FIELDS, RUNTIME_FIELDS, SUPPORTED_BACKBONES, SimMIMConfig
 from .modeling_simmim import SimMIMForImageClassification, SimMIMForMaskedImageModeling, SimMIMPreTrainedModel
+from .training_checkpoints import shard_names
 from .weight_transfer import LoadingReport, adapt_state_dict, finetuning_config
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # from_pretrained keyword arguments that locate the checkpoint (download) ...
@@ -83,9 +84,8 @@ def check_weight_files(folder: str) -> list[str]:
             continue
         if name.endswith(".index.json"):
             try:
-                with open(path) as handle:
-                    files = [os.path.join(folder, f) for f in sorted(set(json.load(handle)["weight_map"].values()))]
-            except (OSError, ValueError, KeyError) as error:
+                files = [os.path.join(folder, shard) for shard in shard_names(path)]
+            except (OSError, ValueError) as error:
                 raise OSError(f"cannot read the shard index {path}: {error}") from error
         else:
             files = [path]
@@ -150,8 +150,8 @@ def source_state_dict(name_or_path, source_config: SimMIMConfig, **load_kwargs: 
 # --------------------------------------------------------------------------------------------------------------------
 # Stage 2 and the entry point
 # --------------------------------------------------------------------------------------------------------------------
-class _DropLoadReport(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
+class _DropLoadReport(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
         return "LOAD REPORT" not in str(record.msg)
 
 
@@ -159,7 +159,7 @@ class _DropLoadReport(logging.Filter):
 def _without_transformers_report() -> Iterator[None]:
     """Drop transformers' own loading report of the adapted load: ours replaces it (one table, not two). Its
     content (missing keys, i.e. newly initialized weights) is merged into ours."""
-    report_logger = logging.getLogger("transformers.modeling_utils")
+    report_logger = logging.get_logger("transformers.modeling_utils")
     report_filter = _DropLoadReport()
     report_logger.addFilter(report_filter)
     try:

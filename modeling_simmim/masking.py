@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from transformers.utils import logging
 
+from .configuration_simmim import size_pair
 
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(value, (list, tuple)):
-        return int(value[0]), int(value[1])
-    return int(value), int(value)
+logger = logging.get_logger(__name__)
 
 
 class SimMIMMaskGenerator:
@@ -37,7 +35,7 @@ class SimMIMMaskGenerator:
         model_patch_size: int = 4,
         mask_ratio: float = 0.6,
     ) -> None:
-        height, width = _pair(input_size)
+        height, width = size_pair(input_size)
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must lie in (0, 1), got {mask_ratio}.")
         if mask_patch_size <= 0 or mask_patch_size % model_patch_size != 0:
@@ -155,8 +153,8 @@ class SimMIMDataCollator:
         if len(kept) < len(examples):
             skipped = len(examples) - len(kept)
             self.num_skipped += skipped
-            warnings.warn(f"SimMIMDataCollator: dropped {skipped} example(s) without pixel_values (unreadable images).",
-                          stacklevel=2)
+            logger.warning("SimMIMDataCollator: dropped %d example(s) without pixel_values (unreadable images).",
+                           skipped)
         if not kept:
             raise ValueError("Every example in this batch lacks pixel_values: no image could be read.")
         pixel_values = torch.stack([torch.as_tensor(example["pixel_values"]) for example in kept])

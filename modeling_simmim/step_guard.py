@@ -14,7 +14,6 @@ cleanly when a scheduler asks it to.
 
 from __future__ import annotations
 
-import logging
 import math
 import signal
 import threading
@@ -23,8 +22,9 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.utils import logging
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 # 128 + SIGTERM: what a shell reports for a process ended by SIGTERM, which schedulers (SLURM, Kubernetes) already read
 # as "terminated on request", not as a crash. Used for SIGUSR1 too, so one code means "checkpoint saved, relaunch".

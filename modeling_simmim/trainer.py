@@ -13,7 +13,6 @@ that runs do not depend on the number of processes, workers or resumes.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import shutil
@@ -34,7 +33,7 @@ from transformers.trainer_utils import (
     rotate_checkpoints,
     seed_worker,
 )
-from transformers.utils import ExplicitEnum
+from transformers.utils import ExplicitEnum, logging
 
 from .cpu_bf16 import describe_cpu_bf16_path, fallback_context
 from .data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, SKIPPED_KEY, StreamingImageDataset
@@ -45,7 +44,7 @@ from .step_guard import PREEMPTED_EXIT_CODE, StepGuardCallback, check_finite_wei
 from .training_checkpoints import STAGING_DIR, publish_checkpoint
 from .visualization import make_reconstruction_grid, reconstruct
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 RECONSTRUCTIONS_DIR = "reconstructions"
 
@@ -572,7 +571,8 @@ class SimMIMTrainer(Trainer):
             num_workers=num_workers,
             pin_memory=args.dataloader_pin_memory,
             persistent_workers=args.dataloader_persistent_workers,
-            multiprocessing_context=args.dataloader_multiprocessing_context,
+            # transformers 5.9.0's TrainingArguments has no such field.
+            multiprocessing_context=getattr(args, "dataloader_multiprocessing_context", None),
             prefetch_factor=args.dataloader_prefetch_factor,
             worker_init_fn=partial(seed_worker, num_workers=num_workers, rank=args.process_index),
             # Its own generator (for the workers' base seed): creating an iterator then draws nothing from torch's

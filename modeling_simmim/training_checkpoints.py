@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -19,7 +18,9 @@ import struct
 import zipfile
 from dataclasses import dataclass
 
-logger = logging.getLogger(__name__)
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # Not matched by the Trainer's `checkpoint-*` globs (rotation, `get_last_checkpoint`); "_" also keeps it out of the
 # Trainer's Hub uploads of the output folder (ignore pattern "_*").
@@ -36,6 +37,16 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 _WEIGHT_PREFIXES = ("pytorch_model_fsdp_", "global_step")
 _OPTIMIZER_PREFIXES = ("optimizer", "global_step")
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def shard_names(index_path: str) -> list[str]:
+    """The shard files that a sharded checkpoint's index (`model.safetensors.index.json`, ...) lists, sorted.
+    Raises `OSError` or `ValueError` (a JSON error, or no `weight_map`) when the index cannot be used."""
+    with open(index_path, encoding="utf-8") as handle:
+        weight_map = json.load(handle).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError("no weight_map")
+    return sorted(set(weight_map.values()))
 
 
 @dataclass(frozen=True)
@@ -113,9 +124,12 @@ def checkpoint_problems(folder: str, require_optimizer: bool = True) -> list[str
     for index in sorted(names & {"model.safetensors.index.json", "pytorch_model.bin.index.json"}):
         if any(problem.startswith(index) for problem in problems):
             continue
-        with open(os.path.join(folder, index), encoding="utf-8") as handle:
-            shards = set(json.load(handle).get("weight_map", {}).values())
-        problems.extend(f"no {shard} (listed in {index})" for shard in sorted(shards - names))
+        try:
+            shards = shard_names(os.path.join(folder, index))
+        except (OSError, ValueError) as error:
+            problems.append(f"{index} is unreadable ({error})")
+            continue
+        problems.extend(f"no {shard} (listed in {index})" for shard in shards if shard not in names)
     if require_optimizer:
         if not any(name.startswith(_OPTIMIZER_PREFIXES) for name in names):
             problems.append("no optimizer state (optimizer.pt)")
@@ -137,7 +151,7 @@ def find_resumable_checkpoint(
     output_dir: str, require_optimizer: bool = True
 ) -> tuple[str | None, list[SkippedCheckpoint]]:
     """(the newest complete checkpoint of `output_dir` or None, the newer incomplete ones that were skipped)."""
-    skipped = []
+    skipped: list[SkippedCheckpoint] = []
     for path in list_checkpoints(output_dir):
         problems = checkpoint_problems(path, require_optimizer)
         if not problems:
@@ -190,4 +204,5 @@ __all__ = [
     "find_resumable_checkpoint",
     "holds_only_run_artifacts",
     "publish_checkpoint",
+    "shard_names",
 ]

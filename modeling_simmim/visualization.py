@@ -13,10 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-COLUMN_TITLES = ("input", "masked", "reconstruction", "pasted")
 MASK_FILL = (0.5, 0.5, 0.5)  # grey for masked pixels in the "masked input" column
 
 
@@ -54,7 +52,7 @@ def reconstruction_panels(
         raise ValueError(f"pixel_values {tuple(pixel_values.shape)} and reconstruction {tuple(reconstruction.shape)} differ")
     image = denormalize(pixel_values.detach().cpu(), mean, std)
     recon = denormalize(reconstruction.detach().cpu(), mean, std)
-    mask = mask_to_pixels(bool_masked_pos.detach().cpu(), tuple(image.shape[-2:]))
+    mask = mask_to_pixels(bool_masked_pos.detach().cpu(), (image.shape[-2], image.shape[-1]))
     fill = torch.tensor(MASK_FILL).view(1, 3, 1, 1)
     masked = image * (1 - mask) + fill * mask
     pasted = image * (1 - mask) + recon * mask
@@ -103,7 +101,6 @@ def reconstruct(model: torch.nn.Module, pixel_values: torch.Tensor, bool_masked_
 
 
 __all__ = [
-    "COLUMN_TITLES",
     "mask_to_pixels",
     "denormalize",
     "reconstruction_panels",

@@ -17,7 +17,6 @@ pretraining learned. This module does the official transfer, written against tra
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import re
 from collections import Counter
@@ -28,10 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.interpolate import RectBivariateSpline
+from transformers.utils import logging
 
-from .configuration_simmim import BEIT_SIMMIM_FINETUNE, SimMIMConfig, stage_resolutions
+from .configuration_simmim import BEIT_SIMMIM_FINETUNE, SimMIMConfig, patch_grid, stage_resolutions
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 # Buffers that older checkpoints (official code, transformers 4.x) saved but that current models recompute.
 _RECOMPUTED_BUFFER_SUFFIXES = ("relative_position_index", "relative_coords_table", "attn_mask")
@@ -312,9 +312,7 @@ def _grid(config) -> tuple[int, int] | None:
     """Patch grid of a ViT/BEiT config (image_size // patch_size), None when the config has no such fields."""
     if config is None or not hasattr(config, "patch_size") or not hasattr(config, "image_size"):
         return None
-    size = config.image_size if isinstance(config.image_size, (tuple, list)) else (config.image_size,) * 2
-    patch = config.patch_size if isinstance(config.patch_size, (tuple, list)) else (config.patch_size,) * 2
-    return (size[0] // patch[0], size[1] // patch[1])
+    return patch_grid(config)
 
 
 def _square_grid(num_positions: int, what: str) -> tuple[int, int]:

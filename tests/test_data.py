@@ -21,12 +21,12 @@ from modeling_simmim.data import (
     RobustImageDataset,
     build_pretrain_transform,
     decode_image,
-    load_demo_dataset,
     load_image_datasets,
     load_image_folders,
     resolve_image_column,
     scan_image_folder,
 )
+from modeling_simmim.demo_data import load_demo_dataset
 
 
 def _save_image(path, size=(40, 30), mode="RGB", seed=0):
