@@ -20,6 +20,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from .configuration_simmim import BEIT_SIMMIM_PRETRAIN, SUPPORTED_BACKBONES
+from .trainer import SimMIMTrainingArguments
 from .training_checkpoints import checkpoint_problems, find_resumable_checkpoint, holds_only_run_artifacts
 
 logger = transformers.utils.logging.get_logger(__name__)
@@ -139,7 +140,7 @@ def check_override_keys(family: str, overrides: dict[str, Any]) -> None:
         raise ValueError(f"Unknown {config_class.__name__} keys {unknown} in the backbone overrides. {hints_text}")
 
 
-def check_output_dir(training_args: TrainingArguments) -> str | None:
+def check_output_dir(training_args: SimMIMTrainingArguments) -> str | None:
     """The checkpoint to resume from: `--resume_from_checkpoint` (which must be complete), else the newest complete
     checkpoint of the output folder; newer incomplete ones are skipped with the reason logged, and a folder with only
     incomplete checkpoints (or an interrupted run's other files) starts from scratch with a warning. Raises if the
@@ -156,7 +157,7 @@ def check_output_dir(training_args: TrainingArguments) -> str | None:
                              "of --output_dir.")
         return resume
     output_dir = training_args.output_dir
-    if not os.path.isdir(output_dir) or training_args.overwrite_output_dir:
+    if output_dir is None or not os.path.isdir(output_dir) or training_args.overwrite_output_dir:
         return None
     checkpoint, skipped = find_resumable_checkpoint(output_dir, require_optimizer)
     for incomplete in skipped:
