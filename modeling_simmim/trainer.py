@@ -440,7 +440,9 @@ class SimMIMTrainer(Trainer):
     Training data (map-style datasets): a `KeyedEpochSampler` orders each epoch from (data seed, epoch) only and, with
     `dataloader_drop_last`, keeps a multiple of the global batch (per-device batch x processes x accumulation): the
     examples of optimizer step k are the same for any number of processes. Datasets with `accepts_example_keys`
-    (`RobustImageDataset`) receive `ExampleKey`s and key their augmentations and masks by them.
+    (`RobustImageDataset`) receive `ExampleKey`s and key their augmentations and masks by them. Streams
+    (`StreamingImageDataset`): each process reads its own part; its position is saved with every checkpoint
+    (`stream_state_{rank}.json`) and a resume starts there (`modeling_simmim.streaming`).
     """
 
     args: SimMIMTrainingArguments

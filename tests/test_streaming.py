@@ -314,3 +314,33 @@ def test_streamed_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupt
         _assert_bitwise_equal(load_file(os.path.join(reference, "model.safetensors")),
                               load_file(os.path.join(killed, "model.safetensors")))
         assert _run_logs(killed) == _run_logs(reference) and len(_run_logs(reference)) == 10
+
+
+@pytest.mark.slow
+def test_two_processes_resume_a_stream_exactly(tmp_path):
+    """`accelerate launch` with 2 processes x 2 DataLoader workers over 10 shards of 3 samples (5 shards per process:
+    its workers read 3 and 2 of them, 4 and 3 batches of 2), 7 optimizer steps per pass, 12 steps. The run's output
+    folder, cut back to checkpoint-10 (3 batches into the second pass, worker 0 one batch ahead), resumes with the
+    same command and ends with the weights and losses of the whole run, bitwise."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from test_distributed import launch
+    from test_reproducibility import _assert_bitwise_equal
+
+    write_shards(tmp_path / "shards", 10, 3)
+    whole = str(tmp_path / "whole")
+    args = [*TINY_STREAM, "--data_files", str(tmp_path / "shards" / "*.tar"), "--max_steps", "12", "--warmup_steps",
+            "2", "--per_device_train_batch_size", "2", "--dataloader_num_workers", "2", "--shuffle_buffer_size", "4",
+            "--save_strategy", "steps", "--save_steps", "5", "--base_learning_rate", "0.05"]
+    launch("accelerate", 2, "run_mim.py", [*args, "--output_dir", whole], tmp_path / "probe_whole")
+    for rank in (0, 1):
+        position = json.load(open(os.path.join(whole, "checkpoint-10", f"stream_state_{rank}.json"), encoding="utf-8"))
+        assert position["epoch"] == 1 and position["batches"] == [2, 1] and position["last_worker"] == 0
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(whole, "checkpoint-10"), os.path.join(resumed, "checkpoint-10"))
+    launch("accelerate", 2, "run_mim.py", [*args, "--output_dir", resumed], tmp_path / "probe_resumed")
+    _assert_bitwise_equal(load_file(os.path.join(whole, "model.safetensors")),
+                          load_file(os.path.join(resumed, "model.safetensors")))
+    assert _run_logs(resumed) == _run_logs(whole) and len(_run_logs(whole)) == 12
