@@ -28,6 +28,7 @@ from .demo_data import DEMO_DATASETS, load_demo_dataset
 from .images import UnreadableImageError, decode_image, to_rgb
 from .masking import SimMIMMaskGenerator
 from .randomness import EXAMPLE_KEY_FIELD, ExampleKey, keyed_rngs, mix_seed
+from .streaming import StreamFiller
 
 logger = logging.get_logger(__name__)
 
@@ -223,7 +224,8 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
     Per-example randomness is keyed by (seed, epoch, `stream_example_id`): an example gets the same crop, flip and
     mask in an epoch whatever process or worker reads it. Which examples share a batch depends on the number of
     processes and workers (the shard split), so a streamed run is reproducible for a fixed launch, not world-size
-    invariant. `set_epoch` (called by the trainer's DataLoader) reshuffles (seed + epoch) and re-keys.
+    invariant. `set_epoch` (called by the trainer's DataLoader) reshuffles (seed + epoch) and re-keys; `start_at`
+    fast-forwards each worker to a saved position (`streaming.StreamDataLoader`, for exact resume).
     """
 
     accepts_example_keys = True
@@ -247,6 +249,9 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
                                           keyed_fn=keyed_fn)
         self.seed = 0
         self.epoch = 0
+        self._rows_to_skip: dict[int, int] = {}
+        self._filler_workers: tuple[int, ...] = ()
+        self._filler_size = 0
 
     def for_process(self, seed: int, rank: int, world_size: int) -> StreamingImageDataset:
         """This process's part of the stream, shuffled with `seed` (see the class docstring)."""
@@ -266,11 +271,26 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
         if hasattr(self.stream, "set_epoch"):
             self.stream.set_epoch(self.epoch)
 
+    def start_at(self, rows_to_skip: dict[int, int], filler_workers: Sequence[int] = (), filler_size: int = 0) -> None:
+        """Make the next pass start, in DataLoader worker w (0 without workers), after its first `rows_to_skip[w]`
+        rows (read, not decoded), and in the `filler_workers` with `filler_size` `StreamFiller`s (one batch, which the
+        loader drops). `start_at({})` starts every worker at the beginning."""
+        self._rows_to_skip = {int(worker): int(rows) for worker, rows in rows_to_skip.items()}
+        self._filler_workers, self._filler_size = tuple(int(w) for w in filler_workers), int(filler_size)
+
     def example_id(self, row: dict[str, Any]) -> str:
         return stream_example_id(row, self.image_column)
 
-    def __iter__(self) -> Iterator[dict[str, Any] | UnreadableImage]:
-        for row in self.stream:
+    def __iter__(self) -> Iterator[dict[str, Any] | UnreadableImage | StreamFiller]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        if worker in self._filler_workers:
+            yield from (StreamFiller(worker) for _ in range(self._filler_size))
+        rows = iter(self.stream)
+        for _ in range(self._rows_to_skip.get(worker, 0)):
+            if next(rows, None) is None:
+                return
+        for row in rows:
             name = self.example_id(row)
             key = ExampleKey(self.seed, self.epoch, mix_seed("example", name))
             value = row.get(self.image_column)

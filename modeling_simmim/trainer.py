@@ -41,6 +41,7 @@ from .modeling_simmim import normalize_targets, simmim_loss
 from .optimization import create_optimizer, get_simmim_scheduler, scale_learning_rate
 from .randomness import KeyedEpochSampler, mix_seed
 from .step_guard import PREEMPTED_EXIT_CODE, StepGuardCallback, check_finite_weights
+from .streaming import StreamDataLoader, StreamPosition
 from .training_checkpoints import STAGING_DIR, publish_checkpoint
 from .visualization import make_reconstruction_grid, reconstruct
 
@@ -438,7 +439,9 @@ class SimMIMTrainer(Trainer):
     Training data (map-style datasets): a `KeyedEpochSampler` orders each epoch from (data seed, epoch) only and, with
     `dataloader_drop_last`, keeps a multiple of the global batch (per-device batch x processes x accumulation): the
     examples of optimizer step k are the same for any number of processes. Datasets with `accepts_example_keys`
-    (`RobustImageDataset`) receive `ExampleKey`s and key their augmentations and masks by them.
+    (`RobustImageDataset`) receive `ExampleKey`s and key their augmentations and masks by them. Streams
+    (`StreamingImageDataset`): each process reads its own part; its position is saved with every checkpoint
+    (`stream_state_{rank}.json`) and a resume starts there (`modeling_simmim.streaming`).
     """
 
     args: SimMIMTrainingArguments
@@ -472,6 +475,8 @@ class SimMIMTrainer(Trainer):
         self.schedule: SimMIMSchedule | None = None
         self._num_update_steps_per_epoch: int | None = None
         self._last_lr_min: float | None = None
+        self._stream_loader: StreamDataLoader | None = None  # the training loader of a stream, for its position
+        self._resume_checkpoint: str | None = None  # set while train() resumes: where the stream position is
 
     # ---- schedule & optimizer -------------------------------------------------------------------------------------
     def set_initial_training_values(self, args, dataloader):
@@ -582,19 +587,22 @@ class SimMIMTrainer(Trainer):
         )
         return self.accelerator.prepare(dataloader)
 
-    def _streaming_train_dataloader(self, dataset: StreamingImageDataset) -> torch.utils.data.DataLoader:
+    def _streaming_train_dataloader(self, dataset: StreamingImageDataset) -> StreamDataLoader:
         # Each process reads its own part of the stream (`for_process`), so the loader is not handed to accelerate,
-        # which would either read everything on rank 0 and send batches out, or shard the part again.
+        # which would either read everything on rank 0 and send batches out, or shard the part again. On resume it
+        # starts at the position saved with the checkpoint (see `streaming`), and the Trainer skips nothing itself
+        # (`_init_training_state`).
         args = self.args
         if args.dataloader_persistent_workers:
             raise ValueError("--dataloader_persistent_workers keeps each worker's copy of the stream at epoch 0 "
                              "(same shuffle and augmentations every epoch): leave it off with --streaming.")
         num_workers = args.dataloader_num_workers
-        return _EpochDataLoader(
+        loader = StreamDataLoader(
             dataset.for_process(self.data_seed, args.process_index, args.world_size),
+            collate_fn=self.data_collator,
+            world_size=args.world_size,
             batch_size=self._train_batch_size,
             drop_last=args.dataloader_drop_last,
-            collate_fn=self.data_collator,
             num_workers=num_workers,
             pin_memory=args.dataloader_pin_memory,
             multiprocessing_context=args.dataloader_multiprocessing_context,
@@ -602,6 +610,29 @@ class SimMIMTrainer(Trainer):
             worker_init_fn=partial(seed_worker, num_workers=num_workers, rank=args.process_index),
             generator=torch.Generator().manual_seed(mix_seed(self.data_seed, "dataloader")),
         )
+        if self._resume_checkpoint is not None and not args.ignore_data_skip:
+            position = StreamPosition.load(self._resume_checkpoint, args.process_index)
+            loader.resume_from(position, self._resume_checkpoint)
+            logger.info("Resuming the stream in pass %d after %s batches (per DataLoader worker) of process %d.",
+                        position.epoch, list(position.batches), args.process_index)
+        self._stream_loader = loader
+        return loader
+
+    def _inner_training_loop(self, *args: Any, **kwargs: Any):
+        # The training dataloader is built inside; a stream needs to know the checkpoint it resumes from.
+        self._resume_checkpoint = kwargs.get("resume_from_checkpoint")
+        try:
+            return super()._inner_training_loop(*args, **kwargs)
+        finally:
+            self._resume_checkpoint = None
+
+    def _init_training_state(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        epochs_trained, steps_trained_in_current_epoch = super()._init_training_state(*args, **kwargs)
+        if self._stream_loader is not None and isinstance(self.train_dataset, StreamingImageDataset):
+            # The stream resumes at its saved position: skipping batches counted from the start of the stream (the
+            # Trainer's way) would skip them twice. With nothing to skip, the Trainer restores the RNG state at once.
+            steps_trained_in_current_epoch = 0
+        return epochs_trained, steps_trained_in_current_epoch
 
     # ---- inputs & logging -----------------------------------------------------------------------------------------
     def _record_skipped(self, inputs, seen: set[int]) -> None:
@@ -751,6 +782,8 @@ class SimMIMTrainer(Trainer):
         self._staging_checkpoint = True
         try:
             super()._save_checkpoint(model, trial)
+            if self._stream_loader is not None:  # each process's place in its part of the stream
+                self._stream_loader.position().save(staged, self.args.process_index)
         finally:
             self._staging_checkpoint = False
             self.args.push_to_hub = push_to_hub
@@ -806,13 +839,6 @@ class SimMIMTrainer(Trainer):
         )
         with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as handle:
             handle.write(card)
-
-
-class _EpochDataLoader(torch.utils.data.DataLoader):
-    """A DataLoader that passes the Trainer's `set_epoch` on to its dataset (a stream: reshuffle and re-key)."""
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
 
 
 def check_training_data_size(num_examples: int, args: SimMIMTrainingArguments, drop_last_fixed_by: str = "") -> None:

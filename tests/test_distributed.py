@@ -7,7 +7,7 @@ DDP needs, gradient accumulation and the per-image evaluation loss.
 Launched runs take 30-120 s each on a 2-core machine: one accelerate run is in the default suite, the others are
 `slow`. accelerate runs FSDP on GPUs only, so FSDP2 on gloo is exercised with accelerate's own wrapping function
 (tests/fsdp_probe.py). World-size invariance: 2 processes x B end with the weights and losses of 1 process x 2B
-(default suite: inside the accelerate test; `slow`: DataLoader workers, gradient accumulation, finetuning)."""
+(default suite: inside the accelerate test; `slow`: DataLoader workers, gradient accumulation, torchrun, finetuning)."""
 
 from __future__ import annotations
 
@@ -449,22 +449,25 @@ def test_fsdp2_on_cpu_processes_trains_like_one_process_and_saves_plain_checkpoi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("two_process_flags,one_process_flags", [
-    (["--dataloader_num_workers", "2"], ["--per_device_train_batch_size", "8"]),
-    ([], ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--dataloader_num_workers", "2"]),
-], ids=["workers", "accumulation"])
-def test_two_processes_train_the_same_model_as_one_process(tmp_path, two_process_flags, one_process_flags):
+@pytest.mark.parametrize("launcher,two_process_flags,one_process_flags", [
+    ("accelerate", ["--dataloader_num_workers", "2"], ["--per_device_train_batch_size", "8"]),
+    ("accelerate", [], ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+                        "--dataloader_num_workers", "2"]),
+    ("torchrun", ["--dataloader_num_workers", "2"], ["--per_device_train_batch_size", "8"]),
+], ids=["workers", "accumulation", "torchrun"])
+def test_two_processes_train_the_same_model_as_one_process(tmp_path, launcher, two_process_flags, one_process_flags):
     """World-size invariance: 2 processes x 4 images (2 DataLoader workers each) and 1 process x 8 images (no
     workers), or 2 x 4 (no workers) and 1 process x 4 x 2 accumulation steps (2 workers): same --seed, fp32, 4 steps
     over 24 images (a second epoch starts at step 4), from a fresh model: the same final weights (1e-5) and logged
-    losses."""
+    losses. Launched with `accelerate launch`, and with `torchrun` (both runs)."""
     common = [*TINY_MIM, "--max_train_samples", "24", "--max_steps", "4", "--warmup_steps", "1",
               "--base_learning_rate", "0.05", "--do_eval", "false", "--save_strategy", "no"]
     two = str(tmp_path / "two")
-    launch("accelerate", 2, "run_mim.py", [*common, "--per_device_train_batch_size", "4", *two_process_flags,
-                                           "--output_dir", two], tmp_path / "probe2")
+    _, records = launch(launcher, 2, "run_mim.py", [*common, "--per_device_train_batch_size", "4",
+                                                    *two_process_flags, "--output_dir", two], tmp_path / "probe2")
+    assert records[0]["num_processes"] == 2 and records[0]["total_train_batch_size"] == 8
     one = str(tmp_path / "one")
-    launch("accelerate", 1, "run_mim.py", [*common, *one_process_flags, "--output_dir", one], tmp_path / "probe1")
+    launch(launcher, 1, "run_mim.py", [*common, *one_process_flags, "--output_dir", one], tmp_path / "probe1")
     assert _max_weight_difference(two, one) <= 1e-5
     logs_two, logs_one = _train_logs(two), _train_logs(one)
     assert [entry["epoch"] for entry in logs_two] == [entry["epoch"] for entry in logs_one]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import glob
 import io
+import json
 import os
 import tarfile
 
@@ -203,3 +204,143 @@ def test_streamed_validation_split_is_its_first_examples_in_memory():
     args = run_mim.parse_args(["--output_dir", "unused"])
     with pytest.raises(ValueError, match="--max_eval_samples"):
         run_mim.materialize_streamed_splits(loaded, args[1], args[2])
+
+
+# ---- exact resume --------------------------------------------------------------------------------------------------
+def _names_collator(examples):
+    return {"names": [example["example_key"].index for example in examples]}
+
+
+def _stream_batches(loader, epoch: int, limit: int | None = None) -> list[list[int]]:
+    loader.set_epoch(epoch)
+    batches = []
+    if limit == 0:
+        return batches
+    for batch in loader:
+        batches.append(batch["names"])
+        if limit is not None and len(batches) == limit:
+            break
+    return batches
+
+
+@pytest.mark.parametrize("num_workers", [0, 2, pytest.param(3, marks=pytest.mark.slow)])
+def test_stream_loader_resumes_every_position_in_the_uninterrupted_order(tmp_path, num_workers):
+    """5 shards of 4 samples, batches of 2: with 2 or 3 workers the workers hold different numbers of shards, so they
+    run out at different turns. Stopped after any number k of batches of the second pass, a loader resumed from the
+    saved position gives the remaining batches of the uninterrupted pass, then the next pass as it would. Stopped at
+    the end of the pass, it goes on with the next pass at once (the Trainer ends training at a pass without batches),
+    and the passes after are shifted by one."""
+    from modeling_simmim.streaming import StreamDataLoader, StreamPosition
+
+    write_shards(tmp_path, 5, 4)
+    stream = _streaming_dataset(tmp_path, shuffle_buffer_size=3).for_process(seed=1, rank=0, world_size=1)
+
+    def loader():
+        return StreamDataLoader(stream, collate_fn=_names_collator, batch_size=2, num_workers=num_workers,
+                                drop_last=True)
+
+    reference = _stream_batches(loader(), 1)
+    following = _stream_batches(loader(), 2)
+    assert len(reference) == 10 and sorted(sum(reference, [])) == sorted(sum(following, []))
+    after_following = _stream_batches(loader(), 3)
+    for stop in range(len(reference) + 1):
+        first = loader()
+        assert _stream_batches(first, 1, limit=stop) == reference[:stop]
+        position = first.position()
+        assert position.epoch == 1 and sum(position.batches) == stop
+        position.save(str(tmp_path / f"checkpoint-{stop}"), 0)
+        resumed = loader()
+        resumed.resume_from(StreamPosition.load(str(tmp_path / f"checkpoint-{stop}"), 0))
+        if stop < len(reference):
+            assert _stream_batches(resumed, 0) == reference[stop:], f"stopped after {stop} batches"
+            assert _stream_batches(resumed, 1) == following
+        else:
+            assert _stream_batches(resumed, 0) == following
+            assert _stream_batches(resumed, 1) == after_following
+
+
+def test_stream_position_refuses_another_launch(tmp_path):
+    from modeling_simmim.streaming import StreamPosition
+
+    position = StreamPosition(epoch=1, batches=(2, 1), last_worker=0, batch_size=4, num_workers=2, world_size=1)
+    with pytest.raises(ValueError, match="--dataloader_num_workers 2 --per_device_train_batch_size 4 on 1"):
+        position.check_resumable(batch_size=4, num_workers=0, world_size=1, checkpoint="checkpoint-9")
+    with pytest.raises(FileNotFoundError, match="--ignore_data_skip true"):
+        StreamPosition.load(str(tmp_path), process_index=1)
+
+
+def _run_logs(output_dir):
+    with open(os.path.join(output_dir, "trainer_state.json"), encoding="utf-8") as handle:
+        return [(entry["step"], entry["loss"]) for entry in json.load(handle)["log_history"]
+                if "loss" in entry]
+
+
+def test_streamed_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    """1 process, 2 DataLoader workers over 3 shards of 4 samples (worker 0 reads 2 shards, worker 1 one), batches of
+    2: 6 optimizer steps per pass, 10 steps. Killed (SIGKILL) at step 7, the run resumes from checkpoint-6, the end of
+    the first pass; killed at step 10, from checkpoint-9, mid-way through the second pass with worker 0 ahead. Both
+    end with the weights and losses of an uninterrupted run, bitwise."""
+    import multiprocessing
+
+    import kill_at_step
+    from safetensors.torch import load_file
+    from test_reproducibility import _assert_bitwise_equal
+
+    def killed_at(step, output_dir):
+        def child():
+            kill_at_step.install(step)
+            run_mim.main([*argv, "--output_dir", output_dir])
+
+        process = multiprocessing.get_context("fork").Process(target=child)
+        process.start()
+        process.join(timeout=300)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        return process.exitcode
+
+    write_shards(tmp_path / "shards", 3, 4)
+    argv = [*TINY_STREAM, "--data_files", str(tmp_path / "shards" / "*.tar"), "--max_steps", "10", "--warmup_steps",
+            "2", "--per_device_train_batch_size", "2", "--dataloader_num_workers", "2", "--shuffle_buffer_size", "3",
+            "--save_strategy", "steps", "--save_steps", "3", "--torch_num_threads", "1", "--base_learning_rate",
+            "0.05", "--backbone_config_overrides", '{"drop_path_rate": 0.1}']
+    reference = str(tmp_path / "reference")
+    run_mim.main([*argv, "--output_dir", reference])
+    for kill_step, resumed_from in ((7, "checkpoint-6"), (10, "checkpoint-9")):
+        killed = str(tmp_path / f"killed_at_{kill_step}")
+        assert killed_at(kill_step, killed) == -9  # SIGKILL
+        assert max(os.listdir(killed), key=lambda name: (name.startswith("checkpoint-"), name)) == resumed_from
+        run_mim.main([*argv, "--output_dir", killed])
+        _assert_bitwise_equal(load_file(os.path.join(reference, "model.safetensors")),
+                              load_file(os.path.join(killed, "model.safetensors")))
+        assert _run_logs(killed) == _run_logs(reference) and len(_run_logs(reference)) == 10
+
+
+@pytest.mark.slow
+def test_two_processes_resume_a_stream_exactly(tmp_path):
+    """`accelerate launch` with 2 processes x 2 DataLoader workers over 10 shards of 3 samples (5 shards per process:
+    its workers read 3 and 2 of them, 4 and 3 batches of 2), 7 optimizer steps per pass, 12 steps. The run's output
+    folder, cut back to checkpoint-10 (3 batches into the second pass, worker 0 one batch ahead), resumes with the
+    same command and ends with the weights and losses of the whole run, bitwise."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from test_distributed import launch
+    from test_reproducibility import _assert_bitwise_equal
+
+    write_shards(tmp_path / "shards", 10, 3)
+    whole = str(tmp_path / "whole")
+    args = [*TINY_STREAM, "--data_files", str(tmp_path / "shards" / "*.tar"), "--max_steps", "12", "--warmup_steps",
+            "2", "--per_device_train_batch_size", "2", "--dataloader_num_workers", "2", "--shuffle_buffer_size", "4",
+            "--save_strategy", "steps", "--save_steps", "5", "--base_learning_rate", "0.05"]
+    launch("accelerate", 2, "run_mim.py", [*args, "--output_dir", whole], tmp_path / "probe_whole")
+    for rank in (0, 1):
+        position = json.load(open(os.path.join(whole, "checkpoint-10", f"stream_state_{rank}.json"), encoding="utf-8"))
+        assert position["epoch"] == 1 and position["batches"] == [2, 1] and position["last_worker"] == 0
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(whole, "checkpoint-10"), os.path.join(resumed, "checkpoint-10"))
+    launch("accelerate", 2, "run_mim.py", [*args, "--output_dir", resumed], tmp_path / "probe_resumed")
+    _assert_bitwise_equal(load_file(os.path.join(whole, "model.safetensors")),
+                          load_file(os.path.join(resumed, "model.safetensors")))
+    assert _run_logs(resumed) == _run_logs(whole) and len(_run_logs(whole)) == 12
