@@ -26,6 +26,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from modeling_simmim import SimMIMConfig, SimMIMDataCollator, SimMIMForMaskedImageModeling, SimMIMMaskGenerator
+from modeling_simmim.augmentation import check_flip_probability
 from modeling_simmim.configuration_simmim import BEIT_SIMMIM_PRETRAIN, PRESETS, SUPPORTED_BACKBONES
 from modeling_simmim.data import (
     BAD_IMAGE_POLICIES,
@@ -152,6 +153,10 @@ class DataArguments:
         default="skip",
         metadata={"help": "Unreadable image files: 'skip' (named in a warning, counted once) or 'error' (stop, naming "
                   "the file).", "choices": list(BAD_IMAGE_POLICIES)},
+    )
+    hflip_prob: float = field(
+        default=0.5, metadata={"help": "Probability of the training augmentation's horizontal flip (official 0.5; 0 "
+                               "for images whose mirror is another shape, e.g. digits or text)."}
     )
     eval_mask_seed: int = field(
         default=0, metadata={"help": "Seed of the fixed evaluation (and visualization) masks."}
@@ -374,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
 
     # Fail early: everything that can be checked without training.
+    check_flip_probability(data_args.hflip_prob)
     checkpoint = check_output_dir(training_args)
     config = build_config(model_args)
     image_size = config.image_size
@@ -402,7 +408,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if "train" in loaded.datasets:
         # masks keyed by (seed, epoch, index), like the crops and flips (see modeling_simmim.randomness)
         train_dataset = RobustImageDataset(loaded.datasets["train"], loaded.image_column,
-                                           build_pretrain_transform(image_size, mean, std, train=True),
+                                           build_pretrain_transform(image_size, mean, std, train=True,
+                                                                    hflip_prob=data_args.hflip_prob),
                                            on_bad_image=data_args.on_bad_image, keyed_fn=KeyedMasks(mask_generator))
     if training_args.do_eval and "validation" in loaded.datasets:
         eval_dataset = RobustImageDataset(loaded.datasets["validation"], loaded.image_column, eval_transform,

@@ -101,6 +101,31 @@ def test_bad_arguments_fail_early_with_what_to_change(tmp_path):
     assert "not valid JSON" in config_error("--model_type", "swin", "--backbone_config_overrides", "{depths: 2}")
 
 
+def test_hflip_prob_reaches_the_training_transform(tmp_path, monkeypatch):
+    """--hflip_prob sets the flip of the training transform only (0 for digits: a mirror is another shape); outside
+    [0, 1] it is refused before anything loads."""
+    seen = []
+
+    def recording_transform(*args, **kwargs):
+        seen.append((kwargs.get("train"), kwargs.get("hflip_prob")))
+        return real_transform(*args, **kwargs)
+
+    class Built(Exception):
+        pass
+
+    def no_model(*args, **kwargs):
+        raise Built
+
+    real_transform = run_mim.build_pretrain_transform
+    monkeypatch.setattr(run_mim, "build_pretrain_transform", recording_transform)
+    monkeypatch.setattr(run_mim, "SimMIMForMaskedImageModeling", no_model)
+    with pytest.raises(Built):
+        _run(tmp_path, "--hflip_prob", "0", "--max_train_samples", "16")
+    assert (True, 0.0) in seen and all(hflip in (None, 0.0) for _, hflip in seen)
+    with pytest.raises(ValueError, match=r"--hflip_prob is a probability in \[0, 1\]"):
+        _run(tmp_path, "--hflip_prob", "2", name="bad")
+
+
 def test_output_dir_is_checked_before_anything_runs(tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
