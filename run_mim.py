@@ -97,6 +97,11 @@ class ModelArguments:
         metadata={"help": "Regress pixels normalized by their local mean/std over this odd window (official SwinV2 "
                           "recipe: 47). Default: raw normalized pixels, as in the paper."},
     )
+    decoder_kernel_size: int | None = field(
+        default=None,
+        metadata={"help": "Kernel of the one-layer decoder's convolution: 1 = official 1x1 (default), 3 = a 3x3 conv "
+                          "with spatial context (fewer block-edge artifacts; a folder that needs our model code)."},
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for Hub models and datasets."})
     model_revision: str = field(default="main", metadata={"help": "Hub revision of --model_name_or_path."})
     token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
@@ -267,10 +272,16 @@ def build_config(model_args: ModelArguments) -> SimMIMConfig:
             model_args.model_name_or_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
             token=model_args.token, trust_remote_code=model_args.trust_remote_code,
         )
+        kernel = model_args.decoder_kernel_size
+        if kernel is not None and kernel != config.decoder_kernel_size:
+            raise ValueError(f"--decoder_kernel_size {kernel} cannot change the decoder of a saved model "
+                             f"({model_args.model_name_or_path} has {config.decoder_kernel_size}): drop the flag.")
         for key, value in masking.items():
             setattr(config, key, value)
         config.validate_geometry()
         return config
+    if model_args.decoder_kernel_size is not None:
+        masking["decoder_kernel_size"] = model_args.decoder_kernel_size
     if model_args.model_preset is not None:
         family = PRESETS[model_args.model_preset][0]
         _check_override_keys(family, overrides)
