@@ -21,7 +21,7 @@ $(VENV)/.installed: setup.py
 setup: $(VENV)/.installed
 
 ## Quick start 1: pretrain a tiny SimMIM model on the bundled digits, finetune it, print its top-1 beside a
-## logistic regression on the raw pixels of the same split (about 2 minutes on 2 cores).
+## logistic regression on the raw pixels of the same split.
 demo: demo-finetune
 	$(PYTHON) -m modeling_simmim.demo --finetuned $(DEMO_DIR)/finetune
 

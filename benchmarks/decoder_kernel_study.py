@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 pretrained, finetuned = os.path.join(base, "pretrain"), os.path.join(base, "finetune")
             if os.path.isfile(os.path.join(finetuned, "eval_results.json")):
-                run["reused"] = run.get("reused", os.path.dirname(finetuned))  # a finished run: measured again only
+                run["reused"] = run.get("reused", os.path.realpath(os.path.dirname(finetuned)))  # measured only
             else:
                 run_mim.main([PRETRAIN, *shlex.split(args.pretrain_args), "--decoder_kernel_size", str(kernel),
                               "--seed", str(seed), "--output_dir", pretrained, "--overwrite_output_dir", "true",
