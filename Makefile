@@ -5,7 +5,12 @@ DEMO_DIR ?= outputs/demo
 GPU_SUITE_DIR ?= outputs/gpu_suite
 GPU_PYTHON ?= python3
 
-.PHONY: setup demo test test-slow test-minimum typecheck lint bench bench-gpu gpu-wheels clean
+# Extra flags for the demo's scripts (e.g. DEMO_PRETRAIN_ARGS="--seed 1" DEMO_FINETUNE_ARGS="--seed 1").
+DEMO_PRETRAIN_ARGS ?=
+DEMO_FINETUNE_ARGS ?=
+
+.PHONY: setup demo demo-pretrain demo-finetune demo-compare test test-slow test-minimum typecheck lint bench bench-gpu \
+	gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,11 +20,24 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-## Quick start 1: pretrain a tiny SimMIM model on the bundled demo images, finetune it, print top-1.
-demo: $(VENV)/.installed
-	$(PYTHON) run_mim.py configs/pretrain/demo_swin_tiny_cpu.yaml --output_dir $(DEMO_DIR)/pretrain --overwrite_output_dir true
+## Quick start 1: pretrain a tiny SimMIM model on the bundled digits, finetune it, print its top-1 beside a
+## logistic regression on the raw pixels of the same split.
+demo: demo-finetune
+	$(PYTHON) -m modeling_simmim.demo --finetuned $(DEMO_DIR)/finetune
+
+## The same, plus the identical finetuning from random weights (--from_scratch true): all three side by side.
+demo-compare: demo-finetune
 	$(PYTHON) run_image_classification.py configs/finetune/demo_swin_tiny_cpu.yaml --model_name_or_path $(DEMO_DIR)/pretrain \
-		--output_dir $(DEMO_DIR)/finetune --overwrite_output_dir true
+		--from_scratch true --output_dir $(DEMO_DIR)/scratch --overwrite_output_dir true $(DEMO_FINETUNE_ARGS)
+	$(PYTHON) -m modeling_simmim.demo --finetuned $(DEMO_DIR)/finetune --scratch $(DEMO_DIR)/scratch
+
+demo-pretrain: $(VENV)/.installed
+	$(PYTHON) run_mim.py configs/pretrain/demo_swin_tiny_cpu.yaml --output_dir $(DEMO_DIR)/pretrain --overwrite_output_dir true \
+		$(DEMO_PRETRAIN_ARGS)
+
+demo-finetune: demo-pretrain
+	$(PYTHON) run_image_classification.py configs/finetune/demo_swin_tiny_cpu.yaml --model_name_or_path $(DEMO_DIR)/pretrain \
+		--output_dir $(DEMO_DIR)/finetune --overwrite_output_dir true $(DEMO_FINETUNE_ARGS)
 
 ## Quick start 2: the test suite (fast; `make test-slow` adds the long end-to-end runs).
 test: $(VENV)/.installed

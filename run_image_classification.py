@@ -33,6 +33,7 @@ from modeling_simmim import SimMIMConfig
 from modeling_simmim.augmentation import (
     MixupCollator,
     build_classification_transform,
+    check_flip_probability,
     collate_classification,
     mixup_active,
 )
@@ -169,6 +170,10 @@ class AugmentationArguments:
     crop_scale: list[float] = field(
         default_factory=lambda: [0.08, 1.0], metadata={"help": "RandomResizedCrop area range (official 0.08 1.0)."}
     )
+    hflip_prob: float = field(
+        default=0.5, metadata={"help": "Probability of the horizontal flip (official 0.5; 0 for images whose mirror "
+                               "is another class, e.g. digits or text)."}
+    )
     interpolation: str = field(default="bicubic", metadata={"help": "Resize interpolation.",
                                                             "choices": ["bicubic", "bilinear"]})
     random_erasing: float = field(default=0.25, metadata={"help": "Random erasing probability."})
@@ -225,6 +230,7 @@ def check_arguments(model_args, aug_args, training_args) -> None:
     if model_args.from_scratch and model_args.model_name_or_path is None:
         raise ValueError("--from_scratch true takes its architecture from --model_name_or_path: give one (or drop "
                          "--from_scratch and use --model_type/--model_preset).")
+    check_flip_probability(aug_args.hflip_prob)
     if training_args.do_train and mixup_active(aug_args.mixup, aug_args.cutmix, aug_args.cutmix_minmax):
         if training_args.per_device_train_batch_size % 2:
             raise ValueError(f"Mixup/CutMix pairs each image with another one of its batch: "
@@ -560,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         image_size, train=True, auto_augment=aug_args.rand_augment, interpolation=aug_args.interpolation,
         random_erasing=aug_args.random_erasing, random_erasing_mode=aug_args.random_erasing_mode,
         random_erasing_count=aug_args.random_erasing_count, color_jitter=aug_args.color_jitter,
-        crop_scale=aug_args.crop_scale, mean=mean, std=std)
+        crop_scale=aug_args.crop_scale, mean=mean, std=std, hflip_prob=aug_args.hflip_prob)
     eval_transform = build_classification_transform(image_size, train=False, interpolation=aug_args.interpolation,
                                                     mean=mean, std=std)
     train_dataset = eval_dataset = None

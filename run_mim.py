@@ -21,6 +21,7 @@ import torch
 from transformers import HfArgumentParser
 
 from modeling_simmim import SimMIMConfig, SimMIMDataCollator, SimMIMForMaskedImageModeling, SimMIMMaskGenerator
+from modeling_simmim.augmentation import check_flip_probability
 from modeling_simmim.cli import (
     FAMILY_DEFAULTS,
     check_output_dir,
@@ -89,6 +90,11 @@ class ModelArguments:
         metadata={"help": "Regress pixels normalized by their local mean/std over this odd window (official SwinV2 "
                           "recipe: 47). Default: raw normalized pixels, as in the paper."},
     )
+    decoder_kernel_size: int | None = field(
+        default=None,
+        metadata={"help": "Kernel of the one-layer decoder's convolution: 1 = official 1x1 (default), 3 = a 3x3 conv "
+                          "with spatial context (fewer block-edge artifacts; a folder that needs our model code)."},
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for Hub models and datasets."})
     model_revision: str = field(default="main", metadata={"help": "Hub revision of --model_name_or_path."})
     token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
@@ -143,6 +149,10 @@ class DataArguments:
         default="skip",
         metadata={"help": "Unreadable image files: 'skip' (named in a warning, counted once) or 'error' (stop, naming "
                   "the file).", "choices": list(BAD_IMAGE_POLICIES)},
+    )
+    hflip_prob: float = field(
+        default=0.5, metadata={"help": "Probability of the training augmentation's horizontal flip (official 0.5; 0 "
+                               "for images whose mirror is another shape, e.g. digits or text)."}
     )
     eval_mask_seed: int = field(
         default=0, metadata={"help": "Seed of the fixed evaluation (and visualization) masks."}
@@ -212,10 +222,16 @@ def build_config(model_args: ModelArguments) -> SimMIMConfig:
             model_args.model_name_or_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
             token=model_args.token, trust_remote_code=model_args.trust_remote_code,
         )
+        kernel = model_args.decoder_kernel_size
+        if kernel is not None and kernel != config.decoder_kernel_size:
+            raise ValueError(f"--decoder_kernel_size {kernel} cannot change the decoder of a saved model "
+                             f"({model_args.model_name_or_path} has {config.decoder_kernel_size}): drop the flag.")
         for key, value in masking.items():
             setattr(config, key, value)
         config.validate_geometry()
         return config
+    if model_args.decoder_kernel_size is not None:
+        masking["decoder_kernel_size"] = model_args.decoder_kernel_size
     if model_args.model_preset is not None:
         family = PRESETS[model_args.model_preset][0]
         check_override_keys(family, overrides)
@@ -284,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # Fail early: everything that can be checked without training.
     check_streaming_arguments(data_args, training_args)
+    check_flip_probability(data_args.hflip_prob)
     checkpoint = check_output_dir(training_args)
     config = build_config(model_args)
     image_size = config.image_size
@@ -323,7 +340,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     elif "train" in loaded.datasets:
         # masks keyed by (seed, epoch, index), like the crops and flips (see modeling_simmim.randomness)
         train_dataset = RobustImageDataset(loaded.datasets["train"], loaded.image_column,
-                                           build_pretrain_transform(image_size, mean, std, train=True),
+                                           build_pretrain_transform(image_size, mean, std, train=True,
+                                                                    hflip_prob=data_args.hflip_prob),
                                            on_bad_image=data_args.on_bad_image, keyed_fn=KeyedMasks(mask_generator))
     if training_args.do_eval and "validation" in loaded.datasets:
         eval_dataset = RobustImageDataset(loaded.datasets["validation"], loaded.image_column, eval_transform,

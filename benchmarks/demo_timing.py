@@ -2,9 +2,8 @@
 """How long would a demo recipe take on an idle machine? Estimated on a busy one, relative to a reference recipe
 whose idle time is known.
 
-    python benchmarks/demo_timing.py --reference configs/pretrain/demo_swin_tiny_cpu.yaml \
-        configs/finetune/demo_swin_tiny_cpu.yaml --reference_idle_s 184 \
-        --candidate benchmarks/recipes/digits_demo_pretrain.yaml benchmarks/recipes/digits_demo_finetune.yaml
+    python benchmarks/demo_timing.py --reference OLD_PRETRAIN.yaml OLD_FINETUNE.yaml --reference_idle_s 184 \
+        --candidate configs/pretrain/demo_swin_tiny_cpu.yaml configs/finetune/demo_swin_tiny_cpu.yaml
 
 Each script of each recipe runs as a subprocess twice, with `--max_steps` short and long, the reference and the
 candidate interleaved so that they see the same load. The CPU time of a run (user + system of the subprocess) is

@@ -5,7 +5,7 @@ from scratch, next to raw-pixel baselines, over several seeds. Used to choose th
 
     python benchmarks/digits_demo_study.py --name demo --seeds 0 1 2 \
         --pretrain configs/pretrain/demo_swin_tiny_cpu.yaml --finetune configs/finetune/demo_swin_tiny_cpu.yaml \
-        [--pretrain_args "--num_train_epochs 40"] [--finetune_args "--layer_decay 0.75"] [--no_scratch]
+        [--pretrain_args "--hflip_prob 0.5"] [--finetune_args "--layer_decay 0.75"] [--no_scratch]
 
 Per seed: `transformers.set_seed(seed)` before each script builds its model (the scripts build it before the
 Trainer seeds), then `run_mim.py` and `run_image_classification.py` run in this process with the recipes plus the
@@ -113,11 +113,7 @@ def probes(pretrained: str, image_size: int, seed: int) -> dict[str, float]:
 
 
 def apply_experiment_patches(args) -> None:
-    """Knobs the scripts do not expose yet, applied by patching this process (experiments only)."""
-    if args.no_hflip:
-        import torchvision.transforms as T
-
-        T.RandomHorizontalFlip.forward = lambda self, image: image
+    """Knobs the scripts do not expose, applied by patching this process (experiments only)."""
     if args.eval_full_image:
         import modeling_simmim.augmentation as augmentation
 
@@ -143,9 +139,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "ablations of the finetuning recipe.")
     parser.add_argument("--no_scratch", action="store_true", help="Skip the from-scratch finetuning.")
     parser.add_argument("--no_probes", action="store_true", help="Skip kNN / linear probes / raw-pixel baselines.")
-    parser.add_argument("--no_hflip", action="store_true",
-                        help="Experiment: no horizontal flip in either augmentation (patches torchvision's flip; "
-                        "the scripts have no flag for it yet).")
     parser.add_argument("--eval_full_image", action="store_true",
                         help="Experiment: evaluate on the whole image (resize to the model size, no centre crop of "
                         "224/256; patches the finetuning's evaluation transform).")
@@ -163,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     record: dict[str, Any] = {
         "name": args.name, "command": "python benchmarks/digits_demo_study.py " + shlex.join(argv or sys.argv[1:]),
         "pretrain": args.pretrain, "finetune": args.finetune, "pretrain_args": args.pretrain_args,
-        "finetune_args": args.finetune_args, "no_hflip": args.no_hflip, "eval_full_image": args.eval_full_image,
+        "finetune_args": args.finetune_args, "eval_full_image": args.eval_full_image,
         "machine": f"{platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start", "runs": [],
     }

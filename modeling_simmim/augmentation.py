@@ -1,7 +1,7 @@
 """Finetuning augmentation: the official SimMIM/Swin recipe, built from timm.
 
 - `build_classification_transform(image_size, train=True, ...)`: timm's `create_transform` for training
-  (bicubic RandomResizedCrop, flip, RandAugment `rand-m9-mstd0.5-inc1`, random erasing 0.25 in pixel mode; timm
+  (bicubic RandomResizedCrop, horizontal flip with probability `hflip_prob` (official 0.5), RandAugment `rand-m9-mstd0.5-inc1`, random erasing 0.25 in pixel mode; timm
   ignores colour jitter when an auto-augment policy is set, as in the official runs); for evaluation a resize of
   the shorter side to `image_size * 256 / 224` (bicubic) and a centre crop, as the official code does.
 - `MixupCollator`: timm's `Mixup` (mixup 0.8, cutmix 1.0, switch prob 0.5, per batch, label smoothing folded into
@@ -30,6 +30,13 @@ logger = logging.get_logger(__name__)
 def eval_resize_size(image_size: int) -> int:
     """Shorter side before the centre crop at evaluation: int(image_size * 256 / 224), as the official code."""
     return int((256 / 224) * image_size)
+
+
+def check_flip_probability(hflip_prob: float) -> None:
+    """A clear error for a flip probability outside [0, 1] (the --hflip_prob flag of both scripts)."""
+    if not 0.0 <= hflip_prob <= 1.0:
+        raise ValueError(f"--hflip_prob is a probability in [0, 1] (official 0.5, 0 turns the flip off), "
+                         f"got {hflip_prob}.")
 
 
 def _posterize(image: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
@@ -65,8 +72,13 @@ def build_classification_transform(
     crop_scale: Sequence[float] = (0.08, 1.0),
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    hflip_prob: float = 0.5,
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image -> normalized (3, image_size, image_size) tensor, training (timm) or evaluation (resize + crop)."""
+    """PIL image -> normalized (3, image_size, image_size) tensor, training (timm) or evaluation (resize + crop).
+
+    `hflip_prob`: probability of the training flip (official 0.5; 0 where a mirrored image is another class, as
+    for digits and letters)."""
+    check_flip_probability(hflip_prob)
     if train:
         from timm.data import create_transform
 
@@ -76,6 +88,7 @@ def build_classification_transform(
             color_jitter=color_jitter if color_jitter else None,
             auto_augment=auto_augment if auto_augment and auto_augment != "none" else None,
             interpolation=interpolation,
+            hflip=hflip_prob,
             re_prob=random_erasing,
             re_mode=random_erasing_mode,
             re_count=random_erasing_count,
@@ -166,6 +179,7 @@ def mixup_active(mixup: float, cutmix: float, cutmix_minmax: Sequence[float] | N
 
 __all__ = [
     "build_classification_transform",
+    "check_flip_probability",
     "collate_classification",
     "eval_resize_size",
     "MixupCollator",

@@ -72,7 +72,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 # SimMIM fields written into the saved (native) config.
-SIMMIM_FIELDS = ("mask_patch_size", "mask_ratio", "encoder_stride", "norm_target_window")
+SIMMIM_FIELDS = ("mask_patch_size", "mask_ratio", "encoder_stride", "norm_target_window", "decoder_kernel_size")
 # Classification-head fields of SimMIMForImageClassification (saved when set).
 HEAD_FIELDS = ("label_smoothing", "classifier_pooling")
 # A kernel choice, like transformers' `attn_implementation`: in memory only, never saved.
@@ -158,7 +158,7 @@ def stage_resolutions(backbone_config: PretrainedConfig) -> list[int]:
 class SimMIMConfig(PretrainedConfig):
     r"""
     Configuration of a SimMIM model: a Swin, SwinV2, ViT or BEiT-style ViT encoder (any transformers config of those
-    types), the masking geometry, and the stride of the one-layer pixel decoder.
+    types), the masking geometry, and the stride and kernel of the one-layer pixel decoder.
 
     Args:
         backbone_config (`PretrainedConfig` or `dict`, *optional*):
@@ -176,6 +176,11 @@ class SimMIMConfig(PretrainedConfig):
             When set (odd, e.g. 47 in the official SwinV2 recipe), the regression target is each pixel normalized by
             the mean and unbiased standard deviation of its `norm_target_window`-square neighbourhood (the official
             `NORM_TARGET` option). `None` (default): the paper's raw normalized pixels.
+        decoder_kernel_size (`int`, *optional*, defaults to 1):
+            Kernel of the decoder's one convolution before the `PixelShuffle`: 1 is the official 1x1 (each
+            reconstructed `encoder_stride` block sees only its own feature); an odd k > 1 (e.g. 3) is one k x k
+            convolution with padding k // 2, giving each block its neighbours' features. transformers' MIM classes
+            have a 1x1 decoder, so a pretraining folder with k > 1 ships our model code (remote code).
         fast_window_attention (`bool`, *optional*, defaults to `False`):
             Swin only: run the window attention through this package's attention function (registered with
             transformers' `AttentionInterface` as "simmim_window" when `modeling_simmim` is imported). A kernel
@@ -197,6 +202,7 @@ class SimMIMConfig(PretrainedConfig):
         encoder_stride: int | None = None,
         fast_window_attention: bool = False,
         norm_target_window: int | None = None,
+        decoder_kernel_size: int = 1,
         **kwargs: Any,
     ) -> None:
         native_type = kwargs.pop("model_type", None)
@@ -243,6 +249,7 @@ class SimMIMConfig(PretrainedConfig):
         self.mask_patch_size = int(mask_patch_size)
         self.fast_window_attention = bool(fast_window_attention)
         self.norm_target_window = int(norm_target_window) if norm_target_window is not None else None
+        self.decoder_kernel_size = int(decoder_kernel_size) if decoder_kernel_size is not None else 1
         super().__init__(**kwargs)
         self.validate_geometry()
 
@@ -334,6 +341,10 @@ class SimMIMConfig(PretrainedConfig):
         window = self.norm_target_window
         if window is not None and (window < 3 or window % 2 == 0):
             raise ValueError(f"norm_target_window must be an odd size >= 3 (official: 47), got {window}.")
+        kernel = self.decoder_kernel_size
+        if kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"decoder_kernel_size must be an odd size >= 1 (official: 1; 3 gives the decoder "
+                             f"spatial context), got {kernel}.")
         if mask_patch <= 0 or mask_patch % patch != 0:
             raise ValueError(
                 f"mask_patch_size ({mask_patch}) must be a positive multiple of the model patch size ({patch})."
@@ -356,10 +367,12 @@ class SimMIMConfig(PretrainedConfig):
 
     def native_architecture(self, class_name: str) -> str | None:
         """The transformers class that holds the weights of our `class_name` with this config, or None when only our
-        code can (BEiT pretraining; a Swin stage smaller than the window, where transformers' Swin keeps the full
-        window's bias table; a mean-pooled plain ViT classifier)."""
+        code can (BEiT pretraining; a decoder wider than 1x1; a Swin stage smaller than the window, where
+        transformers' Swin keeps the full window's bias table; a mean-pooled plain ViT classifier)."""
         native = NATIVE_ARCHITECTURES.get((class_name, self.backbone_type))
         if native is None:
+            return None
+        if native.endswith("ForMaskedImageModeling") and getattr(self, "decoder_kernel_size", 1) != 1:
             return None
         if self.backbone_type == "swin" and any(
             res < self.backbone_config.window_size for res in stage_resolutions(self.backbone_config)
@@ -425,7 +438,8 @@ class SimMIMConfig(PretrainedConfig):
     # ----------------------------------------------------------------------------------------------------------------
     @classmethod
     def from_preset(cls, name: str, mask_patch_size: int = 32, mask_ratio: float = 0.6,
-                    norm_target_window: int | None = None, **backbone_overrides: Any):
+                    norm_target_window: int | None = None, decoder_kernel_size: int = 1,
+                    **backbone_overrides: Any):
         """Build the config of a named backbone: the official ones ("swin_base", "swin_large", "swinv2_base",
         "swinv2_huge", "vit_base" = BEiT-style ViT-B/16, plus "swin_tiny") and tiny test ones ("swin_test",
         "swinv2_test", "vit_test", "beit_test"). `backbone_overrides` replace preset values (e.g. window_size=7);
@@ -442,6 +456,7 @@ class SimMIMConfig(PretrainedConfig):
             mask_patch_size=mask_patch_size,
             mask_ratio=mask_ratio,
             norm_target_window=norm_target_window,
+            decoder_kernel_size=decoder_kernel_size,
             **own,
         )
 

@@ -46,9 +46,11 @@ def build_pretrain_transform(
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
     train: bool = True,
+    hflip_prob: float = 0.5,
 ) -> T.Compose:
     """The official SimMIM pretraining transform (`train=True`): RGB, `RandomResizedCrop(image_size, scale=(0.67, 1),
-    ratio=(3/4, 4/3))` (bilinear, torchvision's default, as official), horizontal flip, `ToTensor`, `Normalize`.
+    ratio=(3/4, 4/3))` (bilinear, torchvision's default, as official), horizontal flip with probability `hflip_prob`
+    (official 0.5; 0 where mirrored images are other shapes, e.g. digits), `ToTensor`, `Normalize`.
 
     `train=False` gives the deterministic evaluation transform: resize the shorter side to the crop size, center crop.
     `image_size` is an int or (height, width).
@@ -59,7 +61,7 @@ def build_pretrain_transform(
         steps = [
             T.Lambda(to_rgb),
             T.RandomResizedCrop(size, scale=(0.67, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)),
-            T.RandomHorizontalFlip(),
+            *([T.RandomHorizontalFlip(hflip_prob)] if hflip_prob > 0 else []),
         ]
     else:
         # Resize so that the crop of `size` fits; for square crops this is "shorter side = size".

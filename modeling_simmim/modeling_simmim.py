@@ -221,7 +221,8 @@ def _check_checkpoint_family(name_or_path, config: SimMIMConfig, kwargs: dict[st
 
 class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
     """SimMIM pretraining model: a transformers encoder with a learnable mask token, and a one-layer decoder
-    (1x1 conv to `encoder_stride**2 * num_channels` channels + `PixelShuffle(encoder_stride)`).
+    (a `decoder_kernel_size` conv, official 1x1, to `encoder_stride**2 * num_channels` channels +
+    `PixelShuffle(encoder_stride)`).
 
     Works for any image size that the geometry allows (non-square, or different from `config.image_size`).
     """
@@ -230,9 +231,9 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         super().__init__(config)
         config = self.config
         self._build_backbone(use_mask_token=True, add_pooling_layer=False)
-        stride = config.encoder_stride
+        stride, kernel = config.encoder_stride, getattr(config, "decoder_kernel_size", 1)
         self.decoder = nn.Sequential(
-            nn.Conv2d(config.hidden_size, stride**2 * config.num_channels, kernel_size=1),
+            nn.Conv2d(config.hidden_size, stride**2 * config.num_channels, kernel_size=kernel, padding=kernel // 2),
             nn.PixelShuffle(stride),
         )
         self.post_init()

@@ -84,3 +84,22 @@ def test_mixup_collator_batches():
     assert odd["pixel_values"].shape[0] == 2  # an odd batch (skipped image) loses one example instead of failing
     with pytest.raises(ValueError, match="at least 2 images"):
         collator([{"pixel_values": torch.zeros(3, 8, 8), "labels": 0}])
+
+
+def test_horizontal_flip_probability_is_a_setting():
+    """`hflip_prob` (the scripts' --hflip_prob): 0.5 official, 0 removes the flip (digits: a mirrored digit is another
+    shape), 1 always mirrors; outside [0, 1] is an error naming the flag."""
+    flips = [step for step in build_classification_transform(32, train=True).transforms[1].transforms
+             if type(step).__name__ == "RandomHorizontalFlip"]
+    assert len(flips) == 1 and flips[0].p == 0.5
+    assert "RandomHorizontalFlip" not in _names(build_classification_transform(32, train=True, hflip_prob=0.0))
+    # a left/right ramp: with the flip always on (and nothing else random), the output is the mirrored ramp
+    ramp = Image.fromarray(np.tile(np.arange(32, dtype=np.uint8) * 8, (32, 1)), mode="L")
+    common = dict(train=True, auto_augment="none", color_jitter=0.0, random_erasing=0.0, crop_scale=(1.0, 1.0))
+    kept = build_classification_transform(32, hflip_prob=0.0, **common)(ramp)
+    mirrored = build_classification_transform(32, hflip_prob=1.0, **common)(ramp)
+    assert kept[0, 0, 0] < kept[0, 0, -1]
+    torch.testing.assert_close(mirrored, kept.flip(-1))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="--hflip_prob"):
+            build_classification_transform(32, train=True, hflip_prob=bad)

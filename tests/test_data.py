@@ -72,6 +72,14 @@ def test_train_transform_is_the_official_one():
     assert tuple(normalize.mean) == IMAGENET_DEFAULT_MEAN and tuple(normalize.std) == IMAGENET_DEFAULT_STD
 
 
+def test_train_transform_flip_probability():
+    """`hflip_prob` (run_mim.py --hflip_prob): 0 removes the flip (mirrored digits are other shapes), 1 always
+    mirrors."""
+    assert not any(isinstance(t, T.RandomHorizontalFlip) for t in build_pretrain_transform(32, hflip_prob=0.0).transforms)
+    always = [t for t in build_pretrain_transform(32, hflip_prob=1.0).transforms if isinstance(t, T.RandomHorizontalFlip)]
+    assert len(always) == 1 and always[0].p == 1.0
+
+
 @pytest.mark.parametrize("mode", ["RGB", "L", "LA", "P", "RGBA", "CMYK", "I", "I;16", "1"])
 def test_every_image_mode_becomes_three_normalized_channels(mode):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)).convert(mode)

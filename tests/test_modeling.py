@@ -194,3 +194,67 @@ def test_norm_target_window_changes_the_target_and_is_validated():
     assert torch.allclose(normalized.loss, expected) and not torch.allclose(normalized.loss, raw)
     with pytest.raises(ValueError, match="norm_target_window must be an odd size >= 3 .* got 8"):
         SimMIMConfig.from_preset("swin_test", mask_patch_size=16).__class__(norm_target_window=8)
+
+
+@pytest.mark.parametrize("preset", ["swin_test", "vit_test"])
+def test_decoder_kernel_size_default_is_the_official_1x1(preset):
+    """Default 1: the official decoder (1x1 conv, no padding), the same weights as before for the same seed, and a
+    reconstruction block that depends on its own feature only."""
+    torch.manual_seed(0)
+    default = _model(preset)
+    torch.manual_seed(0)
+    explicit = _model(preset, decoder_kernel_size=1)
+    conv = default.decoder[0]
+    assert default.config.decoder_kernel_size == 1 and conv.kernel_size == (1, 1) and conv.padding == (0, 0)
+    assert conv.weight.shape == (default.config.encoder_stride**2 * 3, default.config.hidden_size, 1, 1)
+    for (name, value), (_, other) in zip(default.state_dict().items(), explicit.state_dict().items()):
+        assert torch.equal(value, other), name
+
+
+def _decoder_reach(model) -> tuple[torch.Tensor, int]:
+    """Which reconstruction pixels change when one feature (at (1, 1) of a 4 x 4 feature map) changes; the stride."""
+    stride = model.config.encoder_stride
+    features = torch.randn(1, model.config.hidden_size, 4, 4)
+    moved = features.clone()
+    moved[:, :, 1, 1] += 1.0
+    with torch.no_grad():
+        return (model.decoder(moved) - model.decoder(features)).abs().sum(1)[0] > 0, stride
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_decoder_kernel_size_3_reconstructs_from_neighbouring_features(preset):
+    model = _model(preset, decoder_kernel_size=3).eval()
+    conv = model.decoder[0]
+    assert conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+    pixel_values = torch.randn(2, 3, 64, 96)
+    out = model(pixel_values, bool_masked_pos=_mask(model, 2, (64, 96)))
+    assert out.reconstruction.shape == (2, 3, 64, 96) and torch.isfinite(out.loss)
+    changed, stride = _decoder_reach(model)
+    blocks = changed.view(4, stride, 4, stride).any(3).any(1)  # which stride x stride blocks changed
+    assert blocks[:3, :3].all() and not blocks[3, :].any() and not blocks[:, 3].any()  # the 3 x 3 neighbourhood
+    changed, _ = _decoder_reach(_model(preset).eval())
+    blocks = changed.view(4, stride, 4, stride).any(3).any(1)
+    assert blocks[1, 1] and blocks.sum() == 1  # the official 1x1: its own block only
+
+
+def test_decoder_kernel_size_is_saved_loaded_and_validated(tmp_path):
+    model = _model("swin_test", decoder_kernel_size=3).eval()
+    model.save_pretrained(tmp_path)
+    import json
+
+    saved = json.loads((tmp_path / "config.json").read_text())
+    # transformers' SwinForMaskedImageModeling has a 1x1 decoder: this folder ships our model code instead
+    assert saved["decoder_kernel_size"] == 3 and saved["architectures"] == ["SimMIMForMaskedImageModeling"]
+    assert "AutoModelForMaskedImageModeling" in saved["auto_map"]
+    loaded = SimMIMForMaskedImageModeling.from_pretrained(tmp_path).eval()
+    assert loaded.config.decoder_kernel_size == 3
+    pixel_values, mask = torch.randn(1, 3, 64, 64), _mask(model, 1)
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values, bool_masked_pos=mask).reconstruction,
+                           model(pixel_values, bool_masked_pos=mask).reconstruction)
+    _model("swin_test").save_pretrained(tmp_path / "official")
+    official = json.loads((tmp_path / "official" / "config.json").read_text())
+    assert official["decoder_kernel_size"] == 1 and official["architectures"] == ["SwinForMaskedImageModeling"]
+    for bad in (0, 2, -3):
+        with pytest.raises(ValueError, match=f"decoder_kernel_size must be an odd size >= 1 .* got {bad}"):
+            SimMIMConfig.from_preset("swin_test", mask_patch_size=16, decoder_kernel_size=bad)

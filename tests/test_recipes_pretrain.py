@@ -162,6 +162,9 @@ def test_demo_recipes_build_small_valid_models(name):
     assert sum(p.numel() for p in model.parameters()) < 2e6
     assert data_args.dataset_name is None and data_args.train_dir is None  # the bundled demo data
     assert not args.bf16 and not args.fp16  # runs on any CPU
+    if name == "demo_swin_tiny_cpu":  # digits: a mirrored digit is another shape; mask blocks = the encoder stride
+        assert data_args.hflip_prob == 0.0 and data_args.demo_dataset == "digits"
+        assert config.mask_patch_size == config.encoder_stride == 8 and tuple(config.image_size) == (32, 32)
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed"])

@@ -55,6 +55,10 @@ def test_native_folders_ship_no_code(tmp_path):
         # Swin-L-like: a stage smaller than the window (transformers' Swin keeps the full window's bias table there)
         (lambda: SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("swin_test", mask_patch_size=16, window_size=16)),
          "AutoModelForMaskedImageModeling", "SimMIMForMaskedImageModeling"),
+        # a 3x3 decoder (transformers' MIM classes have the official 1x1 one)
+        (lambda: SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("swin_test", mask_patch_size=16,
+                                                                       decoder_kernel_size=3)),
+         "AutoModelForMaskedImageModeling", "SimMIMForMaskedImageModeling"),
         # a mean-pooled plain ViT classifier (transformers' ViTForImageClassification pools the CLS token)
         (lambda: SimMIMForImageClassification(SimMIMConfig.from_preset("vit_test", classifier_pooling="mean")),
          "AutoModelForImageClassification", "SimMIMForImageClassification"),

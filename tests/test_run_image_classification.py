@@ -113,6 +113,32 @@ def test_bad_arguments_fail_early(pretrained, tmp_path):
         ric.main([*TINY, "--output_dir", str(tmp_path)])
 
 
+def test_hflip_prob_reaches_the_training_transform(pretrained, tmp_path, monkeypatch):
+    """--hflip_prob sets the training flip (official 0.5; 0 for digits); outside [0, 1] it is refused early."""
+    seen = []
+    real_transform = ric.build_classification_transform
+
+    def recording_transform(*args, **kwargs):
+        if kwargs.get("train"):
+            seen.append(kwargs["hflip_prob"])
+        return real_transform(*args, **kwargs)
+
+    class Built(Exception):
+        pass
+
+    def no_dataset(*args, **kwargs):
+        raise Built
+
+    monkeypatch.setattr(ric, "build_classification_transform", recording_transform)
+    monkeypatch.setattr(ric, "RobustImageDataset", no_dataset)
+    for flag, expected in ((["--hflip_prob", "0"], 0.0), ([], 0.5)):
+        with pytest.raises(Built):
+            ric.main([*TINY, "--model_name_or_path", pretrained, *flag, "--output_dir", str(tmp_path / "out")])
+        assert seen[-1] == expected
+    with pytest.raises(ValueError, match=r"--hflip_prob is a probability in \[0, 1\]"):
+        ric.main([*TINY, "--model_name_or_path", pretrained, "--hflip_prob", "-1", "--output_dir", str(tmp_path)])
+
+
 def _class_folders(root, readable, unreadable=()):
     """One sub-folder per class with 8 small PNGs each; the `unreadable` classes hold only corrupt files."""
     from PIL import Image

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import run_mim
-from modeling_simmim import simmim_lr_at
+from modeling_simmim import SimMIMForMaskedImageModeling, simmim_lr_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model_preset", "swin_test", "--mask_patch_size", "16", "--per_device_train_batch_size", "8",
@@ -99,6 +99,49 @@ def test_bad_arguments_fail_early_with_what_to_change(tmp_path):
     assert "72" in message and "32" in message
     assert "--model_type" in config_error()
     assert "not valid JSON" in config_error("--model_type", "swin", "--backbone_config_overrides", "{depths: 2}")
+
+
+def test_hflip_prob_reaches_the_training_transform(tmp_path, monkeypatch):
+    """--hflip_prob sets the flip of the training transform only (0 for digits: a mirror is another shape); outside
+    [0, 1] it is refused before anything loads."""
+    seen = []
+
+    def recording_transform(*args, **kwargs):
+        seen.append((kwargs.get("train"), kwargs.get("hflip_prob")))
+        return real_transform(*args, **kwargs)
+
+    class Built(Exception):
+        pass
+
+    def no_model(*args, **kwargs):
+        raise Built
+
+    real_transform = run_mim.build_pretrain_transform
+    monkeypatch.setattr(run_mim, "build_pretrain_transform", recording_transform)
+    monkeypatch.setattr(run_mim, "SimMIMForMaskedImageModeling", no_model)
+    with pytest.raises(Built):
+        _run(tmp_path, "--hflip_prob", "0", "--max_train_samples", "16")
+    assert (True, 0.0) in seen and all(hflip in (None, 0.0) for _, hflip in seen)
+    with pytest.raises(ValueError, match=r"--hflip_prob is a probability in \[0, 1\]"):
+        _run(tmp_path, "--hflip_prob", "2", name="bad")
+
+
+def test_decoder_kernel_size_flag(tmp_path):
+    """--decoder_kernel_size sets a new model's decoder; a saved model keeps its own (changing it is refused)."""
+    def config(*argv):
+        return run_mim.build_config(run_mim.parse_args([*argv, "--output_dir", str(tmp_path)])[0])
+
+    assert config("--model_preset", "swin_test", "--mask_patch_size", "16").decoder_kernel_size == 1
+    assert config("--model_preset", "swin_test", "--mask_patch_size", "16",
+                  "--decoder_kernel_size", "3").decoder_kernel_size == 3
+    built = config("--model_type", "swin", "--image_size", "64", "--decoder_kernel_size", "3")
+    assert built.decoder_kernel_size == 3
+    SimMIMForMaskedImageModeling(built).save_pretrained(tmp_path / "k3")
+    assert config("--model_name_or_path", str(tmp_path / "k3")).decoder_kernel_size == 3
+    with pytest.raises(ValueError, match="cannot change the decoder of a saved model .* has 3"):
+        config("--model_name_or_path", str(tmp_path / "k3"), "--decoder_kernel_size", "1")
+    with pytest.raises(ValueError, match="decoder_kernel_size must be an odd size"):
+        config("--model_preset", "swin_test", "--mask_patch_size", "16", "--decoder_kernel_size", "4")
 
 
 def test_output_dir_is_checked_before_anything_runs(tmp_path):
