@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -124,9 +124,15 @@ class StreamDataLoader(torch.utils.data.DataLoader):
         self._batches = [0] * max(self.num_workers, 1)
         self._last_worker = -1
 
+    @property
+    def _batch_size(self) -> int:
+        if self.batch_size is None:
+            raise ValueError("StreamDataLoader batches the stream itself: give batch_size.")
+        return int(self.batch_size)
+
     def resume_from(self, position: StreamPosition, checkpoint: str = "the checkpoint") -> None:
         """Start the next pass where `position` stands (raises when this loader cannot, see `check_resumable`)."""
-        position.check_resumable(self.batch_size, self.num_workers, self.world_size, checkpoint)
+        position.check_resumable(self._batch_size, self.num_workers, self.world_size, checkpoint)
         self._resume = position
         self._first_epoch = self.epoch = position.epoch
 
@@ -137,10 +143,11 @@ class StreamDataLoader(torch.utils.data.DataLoader):
         self.epoch = epoch
 
     def position(self) -> StreamPosition:
-        return StreamPosition(self.epoch, tuple(self._batches), self._last_worker, int(self.batch_size),
+        return StreamPosition(self.epoch, tuple(self._batches), self._last_worker, self._batch_size,
                               self.num_workers, self.world_size)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    # A generator over DataLoader's own iterator (the stub types __iter__ as returning the iterator class).
+    def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
         resume = self._resume if self._resume is not None and self._resume.epoch == self.epoch else None
         self._resume = None
         yielded = yield from self._pass(resume)
@@ -151,14 +158,15 @@ class StreamDataLoader(torch.utils.data.DataLoader):
             self.epoch += 1
             yield from self._pass(None)
 
-    def _pass(self, resume: StreamPosition | None) -> Iterator[dict[str, Any]]:
+    def _pass(self, resume: StreamPosition | None) -> Generator[dict[str, Any], None, bool]:
         """The batches of pass `self.epoch` (from `resume` when given); returns whether it gave any."""
-        self.dataset.set_epoch(self.epoch)
+        stream: Any = self.dataset  # a data.StreamingImageDataset
+        stream.set_epoch(self.epoch)
         if resume is not None:
-            self.dataset.start_at(resume.rows_to_skip(), resume.filler_workers(), int(self.batch_size))
+            stream.start_at(resume.rows_to_skip(), resume.filler_workers(), self._batch_size)
             self._batches, self._last_worker = list(resume.batches), resume.last_worker
         else:
-            self.dataset.start_at({}, (), 0)
+            stream.start_at({}, (), 0)
             self._batches, self._last_worker = [0] * max(self.num_workers, 1), -1
         yielded = False
         for batch in super().__iter__():

@@ -29,6 +29,7 @@ from transformers.trainer_utils import (
     PREFIX_CHECKPOINT_DIR,
     EvalLoopOutput,
     SaveStrategy,
+    get_last_checkpoint,
     has_length,
     rotate_checkpoints,
     seed_worker,
@@ -618,14 +619,6 @@ class SimMIMTrainer(Trainer):
         self._stream_loader = loader
         return loader
 
-    def _inner_training_loop(self, *args: Any, **kwargs: Any):
-        # The training dataloader is built inside; a stream needs to know the checkpoint it resumes from.
-        self._resume_checkpoint = kwargs.get("resume_from_checkpoint")
-        try:
-            return super()._inner_training_loop(*args, **kwargs)
-        finally:
-            self._resume_checkpoint = None
-
     def _init_training_state(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
         epochs_trained, steps_trained_in_current_epoch = super()._init_training_state(*args, **kwargs)
         if self._stream_loader is not None and isinstance(self.train_dataset, StreamingImageDataset):
@@ -676,14 +669,19 @@ class SimMIMTrainer(Trainer):
         self.step_guard.set_grad_norm(grad_norm)
         return grad_norm
 
-    def train(self, *args: Any, **kwargs: Any):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """`Trainer.train`, with SIGTERM/SIGUSR1 recorded (not fatal) while it runs; see `step_guard`."""
+        # The training dataloader is built inside; a stream needs to know the checkpoint it resumes from.
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        self._resume_checkpoint = resume_from_checkpoint or None
         self.step_guard.reset()
         self.step_guard.install_signal_handlers()
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self.step_guard.uninstall_signal_handlers()
+            self._resume_checkpoint = None
 
     @property
     def stop_signal(self) -> str | None:

@@ -1,7 +1,6 @@
 """SimMIMTrainer / SimMIMTrainingArguments: official lr scaling and schedules, logging of lr / grad norm / images per
 second, layer decay, deterministic evaluation, model card."""
 
-import time
 
 import pytest
 import torch
@@ -244,16 +243,17 @@ def test_skipped_images_are_counted_once_however_often_they_are_drawn(tmp_path):
     assert SKIPPED_KEY not in inputs and trainer.num_skipped_images == 3  # an unknown index counts each time
 
 
-def test_throughput_excludes_evaluation_and_saving_time():
+def test_throughput_excludes_evaluation_and_saving_time(monkeypatch):
+    clock = [100.0]  # a controlled clock: the test must not depend on how busy the machine is
+    monkeypatch.setattr("modeling_simmim.trainer.time.perf_counter", lambda: clock[0])
     meter = ThroughputCallback(num_processes=2)
     meter.on_train_begin(None, None, None)
     meter.add_images(50)
-    time.sleep(0.05)
+    clock[0] += 0.05  # the step
     meter.on_step_end(None, None, None)
-    time.sleep(0.3)  # "evaluation"
+    clock[0] += 0.3  # "evaluation"
     meter.on_evaluate(None, None, None)
-    rate = meter.images_per_second()
-    assert rate > 100 * 2 / 0.2  # 100 images (2 processes) in ~0.05 s, not in ~0.35 s
+    assert meter.images_per_second() == pytest.approx(50 * 2 / 0.05)  # 100 images (2 processes) in 0.05 s
     assert meter.images_per_second() is None  # restarted
 
 
