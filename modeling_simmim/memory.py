@@ -148,7 +148,7 @@ def measure_activations(
 
 
 def measure_training_step(
-    model: nn.Module, make_inputs: Callable[[int], dict[str, torch.Tensor]], batch_size: int, bf16: bool = False
+    model: PreTrainedModel, make_inputs: Callable[[int], dict[str, torch.Tensor]], batch_size: int, bf16: bool = False
 ) -> float:
     """Measured peak bytes of one real training step at `batch_size` (the check of the estimate): AdamW over the
     model's parameter groups, a first step to create the optimizer state, then the peak of the second step
