@@ -82,17 +82,18 @@ def build_classification_transform(
     if train:
         from timm.data import create_transform
 
+        scale_low, scale_high = crop_scale  # area fractions of the random crop
         transform = create_transform(
             input_size=image_size,
             is_training=True,
-            color_jitter=color_jitter if color_jitter else None,
+            color_jitter=color_jitter if color_jitter else None,  # type: ignore[arg-type]  # timm reads None as off
             auto_augment=auto_augment if auto_augment and auto_augment != "none" else None,
             interpolation=interpolation,
             hflip=hflip_prob,
             re_prob=random_erasing,
             re_mode=random_erasing_mode,
             re_count=random_erasing_count,
-            scale=tuple(crop_scale),
+            scale=(scale_low, scale_high),
             mean=tuple(mean),
             std=tuple(std),
         )
@@ -163,8 +164,8 @@ class MixupCollator:
             logger.warning("Mixup needs an even batch: dropping 1 of %d examples", len(examples))
             examples = examples[:-1]
         batch = collate_classification(examples)
-        keys = [example.get(EXAMPLE_KEY_FIELD) for example in examples]
-        if all(key is not None for key in keys):
+        keys = [key for example in examples if (key := example.get(EXAMPLE_KEY_FIELD)) is not None]
+        if len(keys) == len(examples):
             with seeded_global_rngs(batch_seed(keys, "mixup")):
                 batch["pixel_values"], batch["labels"] = self.mixup(batch["pixel_values"], batch["labels"])
         else:

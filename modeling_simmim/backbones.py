@@ -92,13 +92,13 @@ class BackboneAdapter(ABC):
 class SwinAdapter(BackboneAdapter):
     family = "swin"
     base_model_prefix = "swin"
-    model_class = SwinModel
+    model_class: type[PreTrainedModel] = SwinModel
     _block = re.compile(r"^encoder\.layers\.(\d+)\.blocks\.(\d+)\.")
     _downsample = re.compile(r"^encoder\.layers\.(\d+)\.downsample\.")
     # Official Swin: `absolute_pos_embed` in both stages, the SimMIM encoder's `mask_token` in pretraining, the
     # relative position bias tables in finetuning only (pretraining's prefixed keyword never matches them).
-    pretraining_no_weight_decay_keywords = ("mask_token", "position_embeddings")
-    finetuning_no_weight_decay_keywords = ("position_embeddings", "relative_position_bias_table")
+    pretraining_no_weight_decay_keywords: tuple[str, ...] = ("mask_token", "position_embeddings")
+    finetuning_no_weight_decay_keywords: tuple[str, ...] = ("position_embeddings", "relative_position_bias_table")
 
     def build(self, backbone_config, use_mask_token, add_pooling_layer, fast_window_attention=False):
         if fast_window_attention:
@@ -113,20 +113,20 @@ class SwinAdapter(BackboneAdapter):
         return backbone
 
     @staticmethod
-    def fit_windows_to_stages(backbone: nn.Module) -> None:
+    def fit_windows_to_stages(backbone: SwinModel) -> None:
         """Official Swin rule: a block whose feature map (at `config.image_size`) is smaller than the window uses a
         window of the map's size, no shift, and a bias table built for that window (e.g. Swin-L 192/w12: the last stage
         is 6x6, table 11x11, as in the official checkpoints). transformers builds every table at the configured window
         and then fails in forward on such stages."""
-        from transformers.models.swin.modeling_swin import SwinRelativePositionBias
+        from transformers.models.swin.modeling_swin import SwinLayer, SwinRelativePositionBias
 
-        for stage in backbone.encoder.layers:
-            for block in stage.blocks:
-                resolution = min(block.input_resolution)
-                if resolution < block.window_size:
-                    heads = block.attention.relative_position_bias.relative_position_bias_table.shape[1]
-                    block.attention.relative_position_bias = SwinRelativePositionBias(heads, (resolution, resolution))
-                    block.window_size, block.shift_size = resolution, 0
+        blocks = [module for module in backbone.encoder.modules() if isinstance(module, SwinLayer)]  # all stages'
+        for block in blocks:
+            resolution = min(block.input_resolution)
+            if resolution < block.window_size:
+                heads = block.attention.relative_position_bias.relative_position_bias_table.shape[1]
+                block.attention.relative_position_bias = SwinRelativePositionBias(heads, (resolution, resolution))
+                block.window_size, block.shift_size = resolution, 0
 
     def feature_map(self, backbone, pixel_values, bool_masked_pos=None, output_hidden_states=False):
         outputs = backbone(pixel_values, bool_masked_pos=bool_masked_pos, output_hidden_states=output_hidden_states)
@@ -176,7 +176,7 @@ class Swinv2Adapter(SwinAdapter):
 class ViTAdapter(BackboneAdapter):
     family = "vit"
     base_model_prefix = "vit"
-    model_class = ViTModel
+    model_class: type[PreTrainedModel] = ViTModel
     # transformers 5.x names blocks `layers.i`; 4.x named them `encoder.layer.i`.
     _block = re.compile(r"^(?:layers|encoder\.layer)\.(\d+)\.")
 

@@ -424,9 +424,20 @@ class SimMIMConfig(PretrainedConfig):
         return super().from_dict(config_dict, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs: Any) -> SimMIMConfig:
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        cache_dir: str | os.PathLike | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        revision: str = "main",
+        **kwargs: Any,
+    ) -> SimMIMConfig:
         """`PretrainedConfig.from_pretrained` for a SimMIM folder (flat, or the older nested format) or any native
         transformers Swin/SwinV2/ViT/BEiT folder, without transformers' model-type mismatch warning."""
+        kwargs.update(cache_dir=cache_dir, force_download=force_download, local_files_only=local_files_only,
+                      token=token, revision=revision)
         if os.path.isfile(pretrained_model_name_or_path) and not str(pretrained_model_name_or_path).endswith(".json"):
             raise ValueError(
                 f"{pretrained_model_name_or_path} is a file; pass the folder that holds config.json and the weights "

@@ -27,7 +27,7 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -35,6 +35,9 @@ from transformers.utils import logging
 
 from .backbones import get_adapter
 from .safe_load import UnsafeCheckpointError, safe_load_checkpoint, to_plain_data
+
+if TYPE_CHECKING:
+    from .modeling_simmim import SimMIMPreTrainedModel
 
 logger = logging.get_logger(__name__)
 
@@ -157,7 +160,7 @@ def architecture_from_config(cfg: Mapping[str, Any], source: str) -> OfficialArc
     cfg = _merge(OFFICIAL_DEFAULTS, cfg)
     model, data = cfg["MODEL"], cfg["DATA"]
     family = str(model["TYPE"]).lower()
-    common = {
+    common: dict[str, Any] = {
         "image_size": int(data["IMG_SIZE"]),
         "num_classes": int(model["NUM_CLASSES"]),
         "drop_rate": float(model["DROP_RATE"]),
@@ -581,7 +584,7 @@ def _decoder_stride(decoder: Mapping[str, torch.Tensor], in_chans: int) -> int:
 
 def build_converted_model(
     checkpoint: OfficialCheckpoint, config_path: str | None = None
-) -> tuple[torch.nn.Module, str, OfficialArchitecture, dict[str, Any]]:
+) -> tuple[SimMIMPreTrainedModel, str, OfficialArchitecture, dict[str, Any]]:
     """``(model, task, architecture, stats)``: the converted model with all official tensors loaded (eval mode)."""
     task, encoder, decoder, head = split_official_state_dict(checkpoint.state_dict)
     arch = _resolve_architecture(checkpoint, encoder, head, config_path)
@@ -609,7 +612,7 @@ def build_converted_model(
     return model, task, arch, stats
 
 
-def _build_mim_model(arch: OfficialArchitecture, encoder_stride: int) -> torch.nn.Module:
+def _build_mim_model(arch: OfficialArchitecture, encoder_stride: int) -> SimMIMPreTrainedModel:
     from .configuration_simmim import SimMIMConfig
     from .modeling_simmim import SimMIMForMaskedImageModeling
 
@@ -633,13 +636,13 @@ def _imagenet_labels(num_classes: int) -> dict[int, str] | None:
     return {i: info.index_to_description(i) for i in range(num_classes)}
 
 
-def _build_classification_model(arch: OfficialArchitecture) -> torch.nn.Module:
+def _build_classification_model(arch: OfficialArchitecture) -> SimMIMPreTrainedModel:
     """``SimMIMForImageClassification``: its state dict and saved folder are those of transformers' Swin/BEiT
     classifier."""
     from .configuration_simmim import SimMIMConfig
     from .modeling_simmim import SimMIMForImageClassification
 
-    labels = {"num_labels": arch.num_classes}
+    labels: dict[str, Any] = {"num_labels": arch.num_classes}
     if names := _imagenet_labels(arch.num_classes):
         labels.update(id2label=names, label2id={name: i for i, name in names.items()})
     config = SimMIMConfig(backbone_config=backbone_config_from_architecture(arch), mask_patch_size=arch.mask_patch_size,
@@ -670,7 +673,7 @@ def convert_official_checkpoint(
     config_path: str | None = None,
     push_to_hub: str | None = None,
     log: Callable[[str], None] = logger.info,
-) -> torch.nn.Module:
+) -> SimMIMPreTrainedModel:
     """Load, convert, and (when ``output_dir`` / ``push_to_hub`` are given) save the model and its processor."""
     checkpoint = load_official_checkpoint(checkpoint_path)
     log(
@@ -684,7 +687,8 @@ def convert_official_checkpoint(
         log(f"  SimMIM pretraining: mask patch {arch.mask_patch_size}, mask ratio {arch.mask_ratio}")
     else:
         log(f"  finetuned classifier, {arch.num_classes} classes")
-    dropped = sorted({RECOMPUTED_BUFFERS.search(k).group(2) for k in stats["dropped"]})
+    # Every dropped key matched RECOMPUTED_BUFFERS (that is why it was dropped).
+    dropped = sorted({match.group(2) for k in stats["dropped"] if (match := RECOMPUTED_BUFFERS.search(k))})
     log(
         f"Converted {stats['official_tensors']} official tensors into {stats['converted_tensors']} "
         "(fused qkv split into q/k/v projections; "
@@ -701,7 +705,8 @@ def convert_official_checkpoint(
                f"{type(model).__name__}: transformers has no class for it, the folder ships the model code")
             + ")")
     if push_to_hub:
-        model.push_to_hub(push_to_hub)
+        # transformers declares it with functools.wraps(PushToHubMixin.push_to_hub): typeshed then expects `self`.
+        model.push_to_hub(push_to_hub)  # type: ignore[arg-type]
         processor.push_to_hub(push_to_hub)
         log(f"Pushed to https://huggingface.co/{push_to_hub}")
     return model

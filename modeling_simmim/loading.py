@@ -138,7 +138,9 @@ def source_state_dict(name_or_path, source_config: SimMIMConfig, **load_kwargs: 
     renames them when its own `from_pretrained` loads them, so the checkpoint is loaded by the class that saved it."""
     source_class = _source_class(source_config)
     if issubclass(source_class, SimMIMPreTrainedModel):
-        plain_load = SimMIMPreTrainedModel.from_pretrained.__func__  # not the transfer entry point
+        # The shared loader, not the transfer entry point of the subclass. mypy models a classmethod read from its
+        # class as a plain function; at runtime it is a bound method, which has `__func__`.
+        plain_load = SimMIMPreTrainedModel.from_pretrained.__func__  # type: ignore[attr-defined]
         model = plain_load(source_class, name_or_path, config=source_config, **load_kwargs)
     else:
         model = source_class.from_pretrained(name_or_path, **load_kwargs)

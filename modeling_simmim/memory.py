@@ -29,16 +29,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from .modeling_simmim import SimMIMPreTrainedModel
 
 GB = 1e9
 BYTES_PER_PARAMETER = 4  # fp32 master weights (autocast keeps them)
@@ -80,11 +86,14 @@ def peak_allocated_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     finally:
         with _native_stderr_silenced():
             profiler.stop()
-    events = [event for event in profiler.profiler.kineto_results.events()
+    results = profiler.profiler.kineto_results if profiler.profiler is not None else None
+    if results is None:  # stop() sets them; None means the profiler never ran
+        raise RuntimeError("The CPU profiler recorded nothing: memory cannot be measured.")
+    events = [event for event in results.events()
               if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU]
     live = peak = 0
     for event in sorted(events, key=lambda event: event.start_ns()):
-        live += event.nbytes()
+        live += event.nbytes()  # type: ignore[attr-defined]  # torch's _KinetoEvent stub lacks nbytes (memory events)
         peak = max(peak, live)
     return peak
 
@@ -121,25 +130,25 @@ def measure_activations(
             param.grad = torch.zeros_like(param)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
-    def step(inputs):
+    def step(inputs: dict[str, torch.Tensor]) -> None:
         with autocast:
             loss = model(**inputs).loss
         loss.backward()
 
-    peaks = []
+    peaks: list[int] = []
     for batch in batches:
         inputs = make_inputs(batch)
         step(inputs)  # warm-up: lazily built caches (masks, kernels) are not activations
-        peaks.append(peak_allocated_bytes(lambda inputs=inputs: step(inputs), device))
+        peaks.append(peak_allocated_bytes(functools.partial(step, inputs), device))
     for param in model.parameters():
         param.grad = None
     per_image = (peaks[1] - peaks[0]) / (batches[1] - batches[0])
     return ActivationProfile(intercept_bytes=peaks[0] - per_image * batches[0], per_image_bytes=per_image,
-                             batches=tuple(batches), peaks_bytes=tuple(peaks), device=str(device))
+                             batches=(batches[0], batches[1]), peaks_bytes=(peaks[0], peaks[1]), device=str(device))
 
 
 def measure_training_step(
-    model: nn.Module, make_inputs: Callable[[int], dict[str, torch.Tensor]], batch_size: int, bf16: bool = False
+    model: PreTrainedModel, make_inputs: Callable[[int], dict[str, torch.Tensor]], batch_size: int, bf16: bool = False
 ) -> float:
     """Measured peak bytes of one real training step at `batch_size` (the check of the estimate): AdamW over the
     model's parameter groups, a first step to create the optimizer state, then the peak of the second step
@@ -252,7 +261,7 @@ def estimate_memory(
     if fsdp > 1:
         largest_unit = max(fsdp_units(model, fsdp_layer_classes))
         # the unit being computed and the prefetched one, gathered; one unit's gradient before its reduce-scatter
-        buffers = 3 * largest_unit * BYTES_PER_PARAMETER
+        buffers: float = 3 * largest_unit * BYTES_PER_PARAMETER
     else:
         buffers = trainable * BYTES_PER_PARAMETER if num_processes > 1 else 0.0  # DDP buckets (no bucket views)
     return MemoryEstimate(
@@ -274,7 +283,7 @@ def estimate_memory(
 # ---- recipes ----------------------------------------------------------------------------------------------------------
 @dataclass
 class RecipeModel:
-    model: nn.Module
+    model: SimMIMPreTrainedModel
     task: str  # "pretrain" or "finetune"
     image_size: tuple[int, int]
     per_device_batch: int
@@ -289,7 +298,9 @@ def model_from_recipe(path: str, num_labels: int = 1000) -> RecipeModel:
     import run_image_classification
     import run_mim
 
-    recipe = run_mim.load_recipe(path)
+    from .cli import load_recipe
+
+    recipe = load_recipe(path)
     pretrain_keys = {action.dest for action in run_mim.build_parser()._actions}
     finetune_keys = {action.dest for action in run_image_classification.build_parser()._actions}
     # bf16 is read from the recipe here, not by the parser: it refuses bf16 on CPUs without it
@@ -299,7 +310,7 @@ def model_from_recipe(path: str, num_labels: int = 1000) -> RecipeModel:
         config = run_mim.build_config(model_args)
         from .modeling_simmim import SimMIMForMaskedImageModeling
 
-        model: nn.Module = SimMIMForMaskedImageModeling(config)
+        model: SimMIMPreTrainedModel = SimMIMForMaskedImageModeling(config)
         task = "pretrain"
     elif set(recipe) <= finetune_keys:
         model_args, _, aug_args, training_args, _ = run_image_classification.parse_args(argv)
@@ -318,7 +329,7 @@ def model_from_recipe(path: str, num_labels: int = 1000) -> RecipeModel:
                        bf16=bool(recipe.get("bf16", False)), num_labels=num_labels if task == "finetune" else 0)
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     """What `--gradient_checkpointing` does (transformers >= 5.x renamed it; older 5.x only has the old name)."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
@@ -360,7 +371,8 @@ def plan(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
     recipe_model = model_from_recipe(recipe)
-    model = recipe_model.model.to(device)
+    # transformers declares `to` with functools.wraps(nn.Module.to): typeshed then expects `self` as the argument.
+    model = recipe_model.model.to(device)  # type: ignore[arg-type]
     if gradient_checkpointing:
         enable_activation_checkpointing(model)
     use_bf16 = recipe_model.bf16 if bf16 is None else bf16

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+from transformers import PreTrainedModel
 
 from .backbones import get_adapter
 
@@ -28,7 +28,7 @@ def _no_weight_decay(name: str, param: torch.Tensor, keywords: Sequence[str]) ->
 
 
 def param_groups_layer_decay(
-    model: nn.Module,
+    model: PreTrainedModel,
     weight_decay: float = 0.05,
     layer_decay: float = 0.9,
     base_lr: float | None = None,
@@ -86,7 +86,7 @@ def param_groups_layer_decay(
 
 
 def create_optimizer(
-    model: nn.Module,
+    model: PreTrainedModel,
     learning_rate: float,
     weight_decay: float = 0.05,
     layer_decay: float = 1.0,

@@ -23,7 +23,7 @@ import hashlib
 import operator
 import random
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ class ExampleKey(NamedTuple):
 
     seed: int
     epoch: int
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index on purpose: keys are never searched
 
     def seed_for(self, stream: str) -> int:
         """The seed of one independent stream of this example's randomness ("transform", "mask", ...)."""
@@ -77,13 +77,19 @@ def _generator_seeds(seed: int) -> tuple[int, int, int, int]:
 
 # The PCG64 that numpy's global functions draw from inside `seeded_global_rngs` (one per process; setting its state
 # is ~10x cheaper than building a generator, and ~50x cheaper than saving and restoring numpy's legacy state).
+# numpy's type stub imports `get_bit_generator` / `set_bit_generator` into `numpy.random` without re-exporting them,
+# hence the `type: ignore[attr-defined]` on their uses.
 _NUMPY_KEYED = np.random.PCG64(0) if hasattr(np.random, "set_bit_generator") else None  # numpy >= 1.25
 
 
-def _keyed_numpy_generator(state: int, increment: int) -> Any:
+def _keyed_numpy_generator(state: int, increment: int) -> np.random.PCG64:
     # A fresh generator when the shared one is already in use (nested blocks), so that the outer block's stream is
     # not reset.
-    generator = _NUMPY_KEYED if np.random.get_bit_generator() is not _NUMPY_KEYED else np.random.PCG64(0)
+    shared = _NUMPY_KEYED
+    if shared is None or np.random.get_bit_generator() is shared:  # type: ignore[attr-defined]  # see _NUMPY_KEYED
+        generator = np.random.PCG64(0)
+    else:
+        generator = shared
     generator.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": increment | 1},
                        "has_uint32": 0, "uinteger": 0}
     return generator
@@ -103,20 +109,22 @@ def seeded_global_rngs(seed: int) -> Iterator[None]:
     torch_seed, python_seed, numpy_state, numpy_increment = _generator_seeds(seed)
     torch_state = torch.default_generator.get_state()
     python_state = random.getstate()
-    numpy_outer = np.random.get_bit_generator() if _NUMPY_KEYED is not None else np.random.get_state()
+    numpy_outer = (np.random.get_bit_generator()  # type: ignore[attr-defined]  # see _NUMPY_KEYED
+                   if _NUMPY_KEYED is not None else np.random.get_state())
     try:
         torch.default_generator.manual_seed(torch_seed)
         random.seed(python_seed)
         if _NUMPY_KEYED is not None:
-            np.random.set_bit_generator(_keyed_numpy_generator(numpy_state, numpy_increment))
+            np.random.set_bit_generator(  # type: ignore[attr-defined]  # see _NUMPY_KEYED
+                _keyed_numpy_generator(numpy_state, numpy_increment))
         else:
             np.random.seed(numpy_state % 2**32)
         yield
     finally:
         torch.default_generator.set_state(torch_state)
         random.setstate(python_state)
-        if _NUMPY_KEYED is not None:
-            np.random.set_bit_generator(numpy_outer)
+        if isinstance(numpy_outer, np.random.BitGenerator):  # the one get_bit_generator returned (numpy >= 1.25)
+            np.random.set_bit_generator(numpy_outer)  # type: ignore[attr-defined]  # see _NUMPY_KEYED
         else:
             np.random.set_state(numpy_outer)
 

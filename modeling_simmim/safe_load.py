@@ -22,15 +22,16 @@ import pickle
 import re
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 YACS_CFGNODE = "yacs.config.CfgNode"
 
-# (stand-in, "module.qualname") pairs accepted by torch.serialization.safe_globals.
-_ALLOWED_ALIASES: list[tuple[type, str]] = [(OrderedDict, YACS_CFGNODE)]
-_ALLOWED_NAMES = {name for _, name in _ALLOWED_ALIASES}
+# (stand-in, "module.qualname") pairs accepted by torch.serialization.safe_globals (typed as it takes them).
+_ALLOWED_ALIASES: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [(OrderedDict, YACS_CFGNODE)]
+_ALLOWED_NAMES = {entry[1] for entry in _ALLOWED_ALIASES if isinstance(entry, tuple)}
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):

@@ -77,8 +77,8 @@ def geometric_source_coordinates(source_length: int, target_length: int) -> np.n
     distances = [1.0]
     for k in range(1, n):
         distances.append(distances[-1] + q**k)
-    distances = np.asarray(distances[:n], dtype=np.float64)
-    return np.concatenate([-distances[::-1], [0.0], distances])
+    offsets = np.asarray(distances[:n], dtype=np.float64)
+    return np.concatenate([-offsets[::-1], [0.0], offsets])
 
 
 def resize_relative_position_bias_table(
@@ -228,7 +228,8 @@ def _set_labels(
     if label2id is not None:
         config.label2id = {str(k): int(v) for k, v in dict(label2id).items()}
     if not getattr(config, "label2id", None):
-        config.label2id = {name: index for index, name in config.id2label.items()}
+        # transformers' config always holds an int-keyed id2label (its default: LABEL_0 ...)
+        config.label2id = {str(name): int(index) for index, name in (config.id2label or {}).items()}
     if getattr(config, "problem_type", None) == "multi_label_classification":
         config.problem_type = None  # soft targets are trained with cross-entropy, never BCE
 
