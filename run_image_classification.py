@@ -513,24 +513,17 @@ def push_to_hub(output_dir: str, repo_id: str, token: str | None = None, private
 
 
 # --------------------------------------------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    model_args, data_args, aug_args, training_args, explicit = parse_args(argv)
-    setup_logging(training_args, "run_image_classification")
-
-    # Fail early: arguments, output folder, data columns and labels, then the weights.
-    check_arguments(model_args, aug_args, training_args)
-    checkpoint = check_output_dir(training_args) if training_args.do_train else None
-    if not training_args.do_train and model_args.model_name_or_path is None:
-        raise ValueError("Evaluation only (--do_eval without --do_train) needs --model_name_or_path.")
-    image_size_hint = resolve_image_size(model_args)
+def load_data(model_args, data_args, aug_args, training_args):
+    """The labeled splits (`LoadedData`) and the class names (training: the data's; evaluation only: as found)."""
     loaded = load_image_datasets(
         dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
         train_dir=data_args.train_dir, validation_dir=data_args.validation_dir,
         image_column_name=data_args.image_column_name, label_column_name=data_args.label_column_name,
         train_val_split=data_args.train_val_split, max_train_samples=data_args.max_train_samples,
         max_eval_samples=data_args.max_eval_samples, demo_dataset=data_args.demo_dataset,
-        demo_image_size=image_size_hint, verify_images=data_args.verify_images, on_bad_image=data_args.on_bad_image,
-        seed=training_args.seed, cache_dir=model_args.cache_dir, require_labels=True,
+        demo_image_size=resolve_image_size(model_args), verify_images=data_args.verify_images,
+        on_bad_image=data_args.on_bad_image, seed=training_args.seed, cache_dir=model_args.cache_dir,
+        require_labels=True,
     )
     if training_args.do_train and "train" not in loaded.datasets:
         raise ValueError(f"No training split in {loaded.source}; splits: {list(loaded.datasets)}.")
@@ -542,16 +535,86 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         names = training_classes(loaded, data_args.drop_empty_classes)
     else:
         names = label_names(loaded)
-    id2label = dict(enumerate(names))
     logger.info("Data: %s; columns image=%r label=%r; %d classes; %s", loaded.source, loaded.image_column,
                 loaded.label_column, len(names), {split: len(ds) for split, ds in loaded.datasets.items()})
+    return loaded, names
+
+
+def build_datasets(loaded, label_map, image_size: int, data_args, aug_args, training_args):
+    """Training data (timm's augmentation, keyed by (seed, epoch, example)) and evaluation data (resize + crop)."""
+    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    train_dataset = eval_dataset = None
+    if training_args.do_train:
+        train_transform = build_classification_transform(
+            image_size, train=True, auto_augment=aug_args.rand_augment, interpolation=aug_args.interpolation,
+            random_erasing=aug_args.random_erasing, random_erasing_mode=aug_args.random_erasing_mode,
+            random_erasing_count=aug_args.random_erasing_count, color_jitter=aug_args.color_jitter,
+            crop_scale=aug_args.crop_scale, mean=mean, std=std, hflip_prob=aug_args.hflip_prob)
+        train_dataset = RobustImageDataset(loaded.datasets["train"], loaded.image_column, train_transform,
+                                           label_column=loaded.label_column, extra_fn=label_map,
+                                           on_bad_image=data_args.on_bad_image)
+    if training_args.do_eval:
+        eval_transform = build_classification_transform(image_size, train=False, interpolation=aug_args.interpolation,
+                                                        mean=mean, std=std)
+        eval_dataset = RobustImageDataset(loaded.datasets["validation"], loaded.image_column, eval_transform,
+                                          label_column=loaded.label_column, extra_fn=label_map,
+                                          on_bad_image=data_args.on_bad_image)
+    return train_dataset, eval_dataset
+
+
+def build_collators(aug_args, num_labels: int):
+    """(training, evaluation) collators: Mixup/CutMix on training batches when asked (official: per batch)."""
+    eval_collator = SkipNoneCollator(collate_classification)
+    if not mixup_active(aug_args.mixup, aug_args.cutmix, aug_args.cutmix_minmax):
+        return eval_collator, eval_collator
+    train_collator = SkipNoneCollator(MixupCollator(
+        num_labels=num_labels, mixup_alpha=aug_args.mixup, cutmix_alpha=aug_args.cutmix,
+        cutmix_minmax=aug_args.cutmix_minmax, prob=aug_args.mixup_prob, switch_prob=aug_args.mixup_switch_prob,
+        mode=aug_args.mixup_mode, label_smoothing=aug_args.label_smoothing))
+    return train_collator, eval_collator
+
+
+def finish(trainer, results: dict[str, Any], training_args, image_processor) -> None:
+    """Main process: export the native classifier (the best checkpoint when evaluated during training), model card,
+    push, and the printed summary."""
+    if training_args.do_train:
+        finish_linear_probe(trainer.model)  # a linear probe's head folds into one linear layer (no-op otherwise)
+        check_finite_weights(trainer.model)  # a diverged model is never exported
+        export_to_transformers(trainer.model, training_args.output_dir, image_processor)
+        if trainer.state.best_model_checkpoint:
+            logger.info("Exported the best checkpoint (%s, top-1 %.4f)", trainer.state.best_model_checkpoint,
+                        trainer.state.best_metric)
+        trainer.create_model_card()
+    if training_args.push_to_hub:
+        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+        push_to_hub(training_args.output_dir, repo_id, token=training_args.hub_token,
+                    private=training_args.hub_private_repo)
+    if "eval_accuracy" in results:
+        top5 = f"top-5 accuracy: {100 * results['eval_top5_accuracy']:.2f}%  " \
+            if "eval_top5_accuracy" in results else ""
+        print(f"\ntop-1 accuracy: {100 * results['eval_accuracy']:.2f}%  {top5}({results['eval_samples']} images)")
+    if training_args.do_train:
+        print(f"Classifier saved to {os.path.abspath(training_args.output_dir)} "
+              f"(transformers.pipeline('image-classification', model=...))")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    model_args, data_args, aug_args, training_args, explicit = parse_args(argv)
+    setup_logging(training_args, "run_image_classification")
+
+    # Fail early: arguments, output folder, data columns and labels, then the weights.
+    check_arguments(model_args, aug_args, training_args)
+    checkpoint = check_output_dir(training_args) if training_args.do_train else None
+    if not training_args.do_train and model_args.model_name_or_path is None:
+        raise ValueError("Evaluation only (--do_eval without --do_train) needs --model_name_or_path.")
+    loaded, names = load_data(model_args, data_args, aug_args, training_args)
 
     # Seeded before the model is built (the Trainer seeds only after): the new head and, from scratch, every weight
     # are a function of --seed.
     seed_everything(training_args.seed, training_args.full_determinism)
     # training: the data's classes (a new head unless the checkpoint has the same ones); evaluation only: the
     # model's head, dataset labels matched to it by name
-    model = build_model(model_args, aug_args, id2label if training_args.do_train else None)
+    model = build_model(model_args, aug_args, dict(enumerate(names)) if training_args.do_train else None)
     if model_args.linear_probe:  # frozen encoder (eval mode), BatchNorm without affine + linear head (MAE)
         prepare_linear_probe(model)
     label_map = label_mapping(loaded, names, {str(k): int(v) for k, v in model.config.label2id.items()})
@@ -561,37 +624,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logger.info("Model: %s, %d px, %.2fM parameters, %d classes", config.backbone_type, image_size,
                 sum(p.numel() for p in model.parameters()) / 1e6, config.num_labels)
 
-    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    train_transform = build_classification_transform(
-        image_size, train=True, auto_augment=aug_args.rand_augment, interpolation=aug_args.interpolation,
-        random_erasing=aug_args.random_erasing, random_erasing_mode=aug_args.random_erasing_mode,
-        random_erasing_count=aug_args.random_erasing_count, color_jitter=aug_args.color_jitter,
-        crop_scale=aug_args.crop_scale, mean=mean, std=std, hflip_prob=aug_args.hflip_prob)
-    eval_transform = build_classification_transform(image_size, train=False, interpolation=aug_args.interpolation,
-                                                    mean=mean, std=std)
-    train_dataset = eval_dataset = None
-    if training_args.do_train:
-        train_dataset = RobustImageDataset(loaded.datasets["train"], loaded.image_column, train_transform,
-                                           label_column=loaded.label_column, extra_fn=label_map,
-                                           on_bad_image=data_args.on_bad_image)
-    if training_args.do_eval:
-        eval_dataset = RobustImageDataset(loaded.datasets["validation"], loaded.image_column, eval_transform,
-                                          label_column=loaded.label_column, extra_fn=label_map,
-                                          on_bad_image=data_args.on_bad_image)
+    train_dataset, eval_dataset = build_datasets(loaded, label_map, image_size, data_args, aug_args, training_args)
     if eval_dataset is None and training_args.eval_strategy != "no":
         # nothing to evaluate during training: no best-checkpoint selection either
         training_args.eval_strategy = transformers.IntervalStrategy.NO
         training_args.load_best_model_at_end = False
-
-    eval_collator = SkipNoneCollator(collate_classification)
-    if mixup_active(aug_args.mixup, aug_args.cutmix, aug_args.cutmix_minmax):
-        train_collator = SkipNoneCollator(MixupCollator(
-            num_labels=config.num_labels, mixup_alpha=aug_args.mixup, cutmix_alpha=aug_args.cutmix,
-            cutmix_minmax=aug_args.cutmix_minmax, prob=aug_args.mixup_prob, switch_prob=aug_args.mixup_switch_prob,
-            mode=aug_args.mixup_mode, label_smoothing=aug_args.label_smoothing))
-    else:
-        train_collator = eval_collator
-    image_processor = build_image_processor(image_size, mean, std, interpolation=aug_args.interpolation)
+    train_collator, eval_collator = build_collators(aug_args, config.num_labels)
+    image_processor = build_image_processor(image_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
+                                            interpolation=aug_args.interpolation)
     trainer = ImageClassificationTrainer(
         model=model,
         args=training_args,
@@ -612,28 +652,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     results = train_and_evaluate(trainer, train_dataset, eval_dataset, training_args.do_train, checkpoint,
                                  loaded.num_skipped)
-
     if trainer.is_world_process_zero():
-        # The output folder is a native transformers classifier (the best checkpoint when evaluated during training)
-        if training_args.do_train:
-            finish_linear_probe(trainer.model)  # a linear probe's head folds into one linear layer (no-op otherwise)
-            check_finite_weights(trainer.model)  # a diverged model is never exported
-            export_to_transformers(trainer.model, training_args.output_dir, image_processor)
-            if trainer.state.best_model_checkpoint:
-                logger.info("Exported the best checkpoint (%s, top-1 %.4f)", trainer.state.best_model_checkpoint,
-                            trainer.state.best_metric)
-            trainer.create_model_card()
-        if training_args.push_to_hub:
-            repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
-            push_to_hub(training_args.output_dir, repo_id, token=training_args.hub_token,
-                        private=training_args.hub_private_repo)
-        if "eval_accuracy" in results:
-            top5 = f"top-5 accuracy: {100 * results['eval_top5_accuracy']:.2f}%  " \
-                if "eval_top5_accuracy" in results else ""
-            print(f"\ntop-1 accuracy: {100 * results['eval_accuracy']:.2f}%  {top5}({results['eval_samples']} images)")
-        if training_args.do_train:
-            print(f"Classifier saved to {os.path.abspath(training_args.output_dir)} "
-                  f"(transformers.pipeline('image-classification', model=...))")
+        finish(trainer, results, training_args, image_processor)
     return results
 
 

@@ -293,17 +293,8 @@ def visualization_batch(dataset: RobustImageDataset, count: int) -> dict[str, to
 
 
 # --------------------------------------------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    model_args, data_args, training_args, explicit = parse_args(argv)
-
-    setup_logging(training_args, "run_mim")
-
-    # Fail early: everything that can be checked without training.
-    check_streaming_arguments(data_args, training_args)
-    check_flip_probability(data_args.hflip_prob)
-    checkpoint = check_output_dir(training_args)
-    config = build_config(model_args)
-    image_size = config.image_size
+def load_data(model_args: ModelArguments, data_args: DataArguments, training_args: SimMIMTrainingArguments):
+    """The raw splits (`LoadedData`) and, with --streaming, the training stream (else None); sizes checked."""
     loaded = load_image_datasets(
         dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
         train_dir=data_args.train_dir, validation_dir=data_args.validation_dir,
@@ -326,45 +317,65 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  **{split: len(ds) for split, ds in loaded.datasets.items()}})
     if loaded.num_skipped:
         logger.warning("%d unreadable image file(s) skipped at load time.", loaded.num_skipped)
+    return loaded, stream
 
-    mask_generator = SimMIMMaskGenerator(image_size, config.mask_patch_size, config.model_patch_size, config.mask_ratio)
-    eval_masks = IndexSeededMasks(mask_generator, seed=data_args.eval_mask_seed)
+
+def build_datasets(loaded, stream, config: SimMIMConfig, mask_generator: SimMIMMaskGenerator,
+                   data_args: DataArguments, training_args: SimMIMTrainingArguments):
+    """Training data (random crop, flip and mask keyed by (seed, epoch, example); see modeling_simmim.randomness)
+    and evaluation data (fixed transform and masks)."""
+    image_size = config.image_size
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    train_transform = build_pretrain_transform(image_size, mean, std, train=True, hflip_prob=data_args.hflip_prob)
     eval_transform = build_pretrain_transform(image_size, mean, std, train=False)
     train_dataset = eval_dataset = None
     if stream is not None:
-        train_dataset = StreamingImageDataset(stream, loaded.image_column,
-                                              build_pretrain_transform(image_size, mean, std, train=True),
+        train_dataset = StreamingImageDataset(stream, loaded.image_column, train_transform,
                                               on_bad_image=data_args.on_bad_image, keyed_fn=KeyedMasks(mask_generator),
                                               shuffle_buffer_size=data_args.shuffle_buffer_size)
     elif "train" in loaded.datasets:
-        # masks keyed by (seed, epoch, index), like the crops and flips (see modeling_simmim.randomness)
-        train_dataset = RobustImageDataset(loaded.datasets["train"], loaded.image_column,
-                                           build_pretrain_transform(image_size, mean, std, train=True,
-                                                                    hflip_prob=data_args.hflip_prob),
+        train_dataset = RobustImageDataset(loaded.datasets["train"], loaded.image_column, train_transform,
                                            on_bad_image=data_args.on_bad_image, keyed_fn=KeyedMasks(mask_generator))
     if training_args.do_eval and "validation" in loaded.datasets:
         eval_dataset = RobustImageDataset(loaded.datasets["validation"], loaded.image_column, eval_transform,
-                                          extra_fn=eval_masks, on_bad_image=data_args.on_bad_image)
-    # Reconstruction grids: evaluation images when there are some, else training images (fixed transform either way).
-    preview_split = "validation" if "validation" in loaded.datasets else "train"
-    preview_rows = loaded.datasets.get(preview_split)
+                                          extra_fn=IndexSeededMasks(mask_generator, seed=data_args.eval_mask_seed),
+                                          on_bad_image=data_args.on_bad_image)
+    return train_dataset, eval_dataset
+
+
+def build_callbacks(loaded, stream, config: SimMIMConfig, mask_generator: SimMIMMaskGenerator,
+                    data_args: DataArguments, training_args: SimMIMTrainingArguments) -> list:
+    """Reconstruction grids (of evaluation images when there are some, else training images; fixed transform and
+    masks) and the kNN monitor of the encoder's features (--knn_eval_dir)."""
+    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    eval_transform = build_pretrain_transform(config.image_size, mean, std, train=False)
+    callbacks: list = []
+    preview_rows = loaded.datasets.get("validation" if "validation" in loaded.datasets else "train")
     if preview_rows is None and stream is not None:  # the first images of the stream
         preview_rows = list(stream.take(training_args.num_visualize_images))
-    preview = None if preview_rows is None else visualization_batch(
-        RobustImageDataset(preview_rows, loaded.image_column, eval_transform, extra_fn=eval_masks,
-                           on_bad_image=data_args.on_bad_image),
-        training_args.num_visualize_images,
-    )
-    knn_monitor = None
-    if data_args.knn_eval_dir is not None:  # labelled images for the kNN monitor of the encoder's features
-        knn_monitor = KNNMonitorCallback(
+    if preview_rows is not None:
+        preview = visualization_batch(
+            RobustImageDataset(preview_rows, loaded.image_column, eval_transform,
+                               extra_fn=IndexSeededMasks(mask_generator, seed=data_args.eval_mask_seed),
+                               on_bad_image=data_args.on_bad_image),
+            training_args.num_visualize_images,
+        )
+        if preview is not None:
+            callbacks.append(ReconstructionCallback(preview["pixel_values"], preview["bool_masked_pos"],
+                                                    training_args.output_dir, training_args.visualize_steps, mean, std))
+    if data_args.knn_eval_dir is not None:  # labelled images for the kNN monitor
+        callbacks.append(KNNMonitorCallback(
             *knn_datasets_from_folder(data_args.knn_eval_dir, eval_transform, verify=data_args.verify_images),
-            every_n_steps=data_args.knn_eval_steps)
+            every_n_steps=data_args.knn_eval_steps))
+    return callbacks
 
+
+def build_model(model_args: ModelArguments, config: SimMIMConfig, seed: int,
+                full_determinism: bool) -> SimMIMForMaskedImageModeling:
+    """The model to pretrain: a saved one to continue, or a new one."""
     # Seeded here, not only by the Trainer (which seeds after the model exists): the initial weights are a function
     # of --seed, the same in every process and every run.
-    seed_everything(training_args.seed, training_args.full_determinism)
+    seed_everything(seed, full_determinism)
     if model_args.model_name_or_path is not None:
         model = SimMIMForMaskedImageModeling.from_pretrained(
             model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
@@ -373,38 +384,48 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         model = SimMIMForMaskedImageModeling(config)
     logger.info("Model: %s backbone, %s px, %.2fM parameters, encoder stride %d, mask %d px x %.2f",
-                config.backbone_type, image_size, sum(p.numel() for p in model.parameters()) / 1e6,
+                config.backbone_type, config.image_size, sum(p.numel() for p in model.parameters()) / 1e6,
                 config.encoder_stride, config.mask_patch_size, config.mask_ratio)
+    return model
 
-    callbacks = []
-    if preview is not None:
-        callbacks.append(ReconstructionCallback(preview["pixel_values"], preview["bool_masked_pos"],
-                                                training_args.output_dir, training_args.visualize_steps, mean, std))
-    if knn_monitor is not None:
-        callbacks.append(knn_monitor)
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    model_args, data_args, training_args, explicit = parse_args(argv)
+    setup_logging(training_args, "run_mim")
+
+    # Fail early: everything that can be checked without training.
+    check_streaming_arguments(data_args, training_args)
+    check_flip_probability(data_args.hflip_prob)
+    checkpoint = check_output_dir(training_args)
+    config = build_config(model_args)
+    loaded, stream = load_data(model_args, data_args, training_args)
+
+    mask_generator = SimMIMMaskGenerator(config.image_size, config.mask_patch_size, config.model_patch_size,
+                                         config.mask_ratio)
+    train_dataset, eval_dataset = build_datasets(loaded, stream, config, mask_generator, data_args, training_args)
+    callbacks = build_callbacks(loaded, stream, config, mask_generator, data_args, training_args)
+    model = build_model(model_args, config, training_args.seed, training_args.full_determinism)
+
+    data_summary = "streamed" if stream is not None else \
+        f"{len(train_dataset) if train_dataset is not None else 0} training images"
     trainer = SimMIMTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset if training_args.do_train else None,
         eval_dataset=eval_dataset,
         data_collator=PretrainCollator(SimMIMDataCollator(mask_generator)),
-        processing_class=build_image_processor(config, mean, std),
+        processing_class=build_image_processor(config, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
         callbacks=callbacks,
-        model_card_info={
-            "recipe": explicit,
-            "data": f"{loaded.source}, " + ("streamed" if stream is not None else
-                                             f"{len(train_dataset) if train_dataset is not None else 0} training images"),
-            "base_model": model_args.model_name_or_path,
-            "dataset_id": data_args.dataset_name,
-        },
+        model_card_info={"recipe": explicit, "data": f"{loaded.source}, {data_summary}",
+                         "base_model": model_args.model_name_or_path, "dataset_id": data_args.dataset_name},
     )
-    if knn_monitor is not None:
-        knn_monitor.attach(trainer)
+    for callback in callbacks:
+        if isinstance(callback, KNNMonitorCallback):
+            callback.attach(trainer)
 
-    # save_model: the model (safetensors + config with auto_map + code) and preprocessor_config.json
+    # save_model: the model (safetensors + config) and preprocessor_config.json
     results = train_and_evaluate(trainer, train_dataset, eval_dataset, training_args.do_train, checkpoint,
                                  loaded.num_skipped, save_model=True)
-
     if training_args.push_to_hub:
         trainer.push_to_hub(tags=["simmim", "masked-image-modeling"])  # writes the model card first
     elif trainer.is_world_process_zero():

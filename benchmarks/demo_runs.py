@@ -63,14 +63,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "outputs", "demo_runs"))
     parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "digits_demo", "make_demo.json"))
+    parser.add_argument("--pretrain_args", default="",
+                        help="Extra run_mim.py flags (one string), e.g. an ablation of the pretraining recipe.")
     args = parser.parse_args(argv)
     record: dict[str, Any] = {"command": "python benchmarks/demo_runs.py " + shlex.join(argv or sys.argv[1:]),
                               "cpus": os.cpu_count(), "runs": []}
     for seed in args.seeds:
         demo_dir = os.path.join(args.work_dir, f"seed{seed}")
         flags = f"--seed {seed}"
-        pretrain, finetune, scratch, compare_report = make_commands("demo-compare", demo_dir, flags, flags)
-        (demo_report,) = [c for c in make_commands("demo", demo_dir, flags, flags) if "modeling_simmim.demo" in c]
+        pretrain_flags = f"{flags} {args.pretrain_args}".strip()
+        pretrain, finetune, scratch, compare_report = make_commands("demo-compare", demo_dir, pretrain_flags, flags)
+        (demo_report,) = [c for c in make_commands("demo", demo_dir, pretrain_flags, flags)
+                          if "modeling_simmim.demo" in c]
         run: dict[str, Any] = {"seed": seed, "load_average_before": [round(x, 2) for x in os.getloadavg()]}
         steps = {"pretrain": pretrain, "finetune": finetune, "demo_report": demo_report, "scratch": scratch,
                  "compare_report": compare_report}

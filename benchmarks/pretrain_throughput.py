@@ -283,6 +283,53 @@ def count_flops(step) -> tuple[float, dict[str, int]]:
     }
 
 
+def first_step_seconds(steps: dict, device: torch.device) -> dict[str, float]:
+    """First call of each step alone: compilation time when compiling. It also fills one-time caches (e.g. the
+    window geometry), so that later counts are those of a steady-state step."""
+    seconds = {}
+    for impl, step in steps.items():
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        seconds[impl] = time.perf_counter() - start
+    return seconds
+
+
+def timed_steps(steps: dict, args: argparse.Namespace, device: torch.device, dtype_name: str):
+    """Wall and CPU seconds of each step after `args.warmup` ones; implementations interleaved step by step."""
+    times: dict[str, list[float]] = {impl: [] for impl in steps}
+    cpu_times: dict[str, list[float]] = {impl: [] for impl in steps}
+    for index in range(args.warmup + args.steps):
+        for impl, step in steps.items():
+            _sync(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            step()
+            _sync(device)
+            if index >= args.warmup:
+                times[impl].append(time.perf_counter() - start)
+                cpu_times[impl].append(time.process_time() - start_cpu)
+        if args.verbose:
+            print(f"[{dtype_name}] step {index + 1}/{args.warmup + args.steps}: "
+                  + ", ".join(f"{k} {v[-1]:.3f}s wall {cpu_times[k][-1]:.3f}s cpu" for k, v in times.items() if v),
+                  file=sys.stderr, flush=True)
+    return times, cpu_times
+
+
+def peak_memory_mib(step, device: torch.device) -> float:
+    """Peak memory of one more step, alone: CUDA's allocator peak, or the process RSS growth on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    _release_free_memory()
+    with _RssSampler() as sampler:
+        step()
+    return (sampler.peak - sampler.start) / 2**20
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
@@ -306,7 +353,7 @@ def run(args: argparse.Namespace) -> dict:
         dtype = DTYPES[dtype_name]
         peaks[dtype_name] = matmul_peak_tflops(dtype, device, timer=args.timer)
         models = build_models(args.model, impls, device)
-        steps, compile_s = {}, {}
+        steps = {}
         for impl, model in models.items():
             optimizer = create_optimizer(model, learning_rate=1e-4, fused=None)
             runnable = model
@@ -314,48 +361,15 @@ def run(args: argparse.Namespace) -> dict:
                 # Our model compiles as one graph (tested); transformers' may break graphs, so no fullgraph there.
                 runnable = torch.compile(model, fullgraph=impl.startswith("ours") and args.model.startswith("swin"))
             steps[impl] = make_step(runnable, optimizer, pixel_values, mask, dtype, device, impl)
-        # First call of each step alone: compilation time when compiling. It also fills
-        # one-time caches (e.g. the window geometry), so that the counts below are those of a steady-state step.
-        for impl, step in steps.items():
-            _sync(device)
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            compile_s[impl] = time.perf_counter() - start
+        compile_s = first_step_seconds(steps, device)
         # FLOPs on the eager model (FlopCounterMode and compiled graphs do not mix).
         flops, op_counts = {}, {}
         for impl, model in models.items():
             optimizer = create_optimizer(model, learning_rate=1e-4, fused=None)
             step = make_step(model, optimizer, pixel_values, mask, dtype, device, impl)
             flops[impl], op_counts[impl] = count_flops(step)
-        times = {impl: [] for impl in steps}
-        cpu_times = {impl: [] for impl in steps}
-        for index in range(args.warmup + args.steps):
-            for impl, step in steps.items():
-                _sync(device)
-                start, start_cpu = time.perf_counter(), time.process_time()
-                step()
-                _sync(device)
-                if index >= args.warmup:
-                    times[impl].append(time.perf_counter() - start)
-                    cpu_times[impl].append(time.process_time() - start_cpu)
-            if args.verbose:
-                print(f"[{dtype_name}] step {index + 1}/{args.warmup + args.steps}: "
-                      + ", ".join(f"{k} {v[-1]:.3f}s wall {cpu_times[k][-1]:.3f}s cpu" for k, v in times.items() if v), file=sys.stderr, flush=True)
-        # Peak memory: one more step per implementation, alone.
-        memory = {}
-        for impl, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-                step()
-                _sync(device)
-                memory[impl] = torch.cuda.max_memory_allocated(device) / 2**20
-            else:
-                _release_free_memory()
-                with _RssSampler() as sampler:
-                    step()
-                memory[impl] = (sampler.peak - sampler.start) / 2**20
+        times, cpu_times = timed_steps(steps, args, device, dtype_name)
+        memory = {impl: peak_memory_mib(step, device) for impl, step in steps.items()}
         if args.profile:
             for impl, step in steps.items():
                 op_counts[impl]["profile"] = profile_step(step, device)

@@ -95,6 +95,21 @@ def _file_problem(path: str) -> str | None:
     return None
 
 
+def _missing_shards(folder: str, names: set[str], problems: list[str]) -> list[str]:
+    """Shards that a (readable) weight index of `folder` lists but that are absent."""
+    missing = []
+    for index in sorted(names & {"model.safetensors.index.json", "pytorch_model.bin.index.json"}):
+        if any(problem.startswith(index) for problem in problems):
+            continue
+        try:
+            shards = shard_names(os.path.join(folder, index))
+        except (OSError, ValueError) as error:
+            missing.append(f"{index} is unreadable ({error})")
+            continue
+        missing.extend(f"no {shard} (listed in {index})" for shard in shards if shard not in names)
+    return missing
+
+
 def checkpoint_problems(folder: str, require_optimizer: bool = True) -> list[str]:
     """Why `folder` cannot be resumed from; an empty list means it is complete.
 
@@ -121,15 +136,7 @@ def checkpoint_problems(folder: str, require_optimizer: bool = True) -> list[str
                 problems.append(f"{TRAINER_STATE} has no global_step")
     if not names & set(_WEIGHT_FILES) and not any(name.startswith(_WEIGHT_PREFIXES) for name in names):
         problems.append("no model weights (model.safetensors)")
-    for index in sorted(names & {"model.safetensors.index.json", "pytorch_model.bin.index.json"}):
-        if any(problem.startswith(index) for problem in problems):
-            continue
-        try:
-            shards = shard_names(os.path.join(folder, index))
-        except (OSError, ValueError) as error:
-            problems.append(f"{index} is unreadable ({error})")
-            continue
-        problems.extend(f"no {shard} (listed in {index})" for shard in shards if shard not in names)
+    problems.extend(_missing_shards(folder, names, problems))
     if require_optimizer:
         if not any(name.startswith(_OPTIMIZER_PREFIXES) for name in names):
             problems.append("no optimizer state (optimizer.pt)")
