@@ -119,7 +119,7 @@ class UnreadableImage(NamedTuple):
     """What `RobustImageDataset` returns in place of an image it cannot decode: the collator drops it and reports its
     index, so that the trainer counts each unreadable file once however often it is drawn."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index on purpose, like ExampleKey.index
     name: str
 
 
@@ -166,7 +166,7 @@ class RobustImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: int | ExampleKey) -> dict[str, Any] | UnreadableImage:
         key = item if isinstance(item, ExampleKey) else None
-        index = key.index if key is not None else int(item)
+        index = item.index if isinstance(item, ExampleKey) else int(item)
         return self.example_from_row(self.dataset[index], index, key)
 
     def example_from_row(self, row: dict[str, Any], index: int,
@@ -459,6 +459,7 @@ def load_image_folders(
     class_names = None
     if with_labels:
         reference = scanned["train" if "train" in scanned else "validation"][1]
+        assert reference is not None  # with_labels: every split has labels
         class_names = sorted(set(reference))
     skipped: list[str] = []
     splits = {}

@@ -41,10 +41,13 @@ def pooled_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tenso
     """(B, C) pooled final encoder features: a classifier's `pooled_features`, or for a SimMIM pretraining model the
     spatial mean of the encoder's final feature map (the same quantity: Swin's pooler averages the final normed
     tokens) with nothing masked."""
-    if hasattr(model, "pooled_features"):
-        return model.pooled_features(pixel_values)[0]
-    if hasattr(model, "backbone_adapter"):
-        feature_map, _ = model.backbone_adapter.feature_map(model.backbone, pixel_values)
+    # Duck-typed (getattr, not isinstance): models loaded with trust_remote_code come from other module objects.
+    pooled = getattr(model, "pooled_features", None)
+    if pooled is not None:
+        return pooled(pixel_values)[0]
+    adapter = getattr(model, "backbone_adapter", None)
+    if adapter is not None:
+        feature_map, _ = adapter.feature_map(model.backbone, pixel_values)
         return feature_map.mean(dim=(2, 3))
     raise TypeError(f"{type(model).__name__} is not a SimMIM model (no pooled_features / backbone_adapter).")
 
@@ -167,8 +170,10 @@ def knn_accuracy(
 ) -> float:
     """Top-1 of `knn_predict`; without queries, leave-one-out over the bank."""
     leave_one_out = query_features is None
-    if leave_one_out:
+    if query_features is None:
         query_features, query_labels = bank_features, bank_labels
+    elif query_labels is None:
+        raise ValueError("knn_accuracy: pass query_labels with query_features (or neither, for leave-one-out).")
     num_classes = int(max(bank_labels.max().item(), query_labels.max().item()) + 1)
     predictions = knn_predict(bank_features, bank_labels, query_features, k=k, temperature=temperature,
                               num_classes=num_classes, leave_one_out=leave_one_out)
@@ -272,10 +277,12 @@ class LinearProbeHead(nn.Module):
     @torch.no_grad()
     def fold(self) -> nn.Linear:
         """One `nn.Linear` equal to this head in eval mode (the BatchNorm's running statistics folded in)."""
-        scale = (self.norm.running_var + self.norm.eps).rsqrt()
+        running_mean, running_var = self.norm.running_mean, self.norm.running_var
+        assert running_mean is not None and running_var is not None  # track_running_stats is on (the default)
+        scale = (running_var + self.norm.eps).rsqrt()
         folded = nn.Linear(self.linear.in_features, self.linear.out_features).to(self.linear.weight)
         folded.weight.copy_(self.linear.weight * scale)
-        folded.bias.copy_(self.linear.bias - folded.weight @ self.norm.running_mean)
+        folded.bias.copy_(self.linear.bias - folded.weight @ running_mean)
         return folded
 
 
@@ -287,14 +294,17 @@ def prepare_linear_probe(model: nn.Module) -> nn.Module:
     """Turn a `SimMIMForImageClassification` into a linear probe in place: every encoder parameter frozen, the encoder
     kept in eval mode (no drop path or dropout) whatever `model.train()` says, the classifier replaced by a
     `LinearProbeHead`. Returns the model."""
-    if not isinstance(getattr(model, "classifier", None), nn.Linear):
+    classifier = getattr(model, "classifier", None)
+    if not isinstance(classifier, nn.Linear):
         raise ValueError("prepare_linear_probe needs a classifier with a linear head `classifier` "
                          "(SimMIMForImageClassification with num_labels > 0).")
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        raise ValueError("prepare_linear_probe needs the encoder as a module `backbone` (a SimMIM model).")
     for name, param in model.named_parameters():
         if not name.startswith("classifier."):
             param.requires_grad_(False)
-    model.backbone.register_forward_pre_hook(_keep_eval_mode)
-    classifier = model.classifier
+    backbone.register_forward_pre_hook(_keep_eval_mode)
     model.classifier = LinearProbeHead(classifier.in_features, classifier.out_features).to(classifier.weight)
     return model
 

@@ -58,7 +58,7 @@ def normalize_targets(pixel_values: torch.Tensor, window: int) -> torch.Tensor:
     neighbourhood, divided by the neighbourhood's unbiased standard deviation (+1e-6 inside the root). Neighbourhoods
     are cut at the image border: statistics use only the pixels inside the image."""
     pixels = pixel_values.float()
-    pool = dict(kernel_size=window, stride=1, padding=window // 2)
+    pool: dict[str, Any] = dict(kernel_size=window, stride=1, padding=window // 2)
     local_mean = F.avg_pool2d(pixels, count_include_pad=False, **pool)
     local_mean_of_squares = F.avg_pool2d(pixels * pixels, count_include_pad=False, **pool)
     count = F.avg_pool2d(torch.ones_like(pixels[:, :1]), count_include_pad=True, **pool) * window * window
@@ -88,7 +88,7 @@ class SimMIMMaskedImageModelingOutput(ModelOutput):
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): the encoder's hidden states, when asked for.
     """
 
-    loss: torch.FloatTensor | None = None
+    loss: torch.Tensor | None = None
     reconstruction: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
@@ -100,11 +100,11 @@ class SimMIMPreTrainedModel(PreTrainedModel):
     keys), so they load native transformers folders, and they save native ones (see `save_pretrained`).
     """
 
-    config_class = SimMIMConfig
+    config_class: type[PretrainedConfig] = SimMIMConfig  # BeitConfig for the BEiT remote-code class
     config: SimMIMConfig
     base_model_prefix = "simmim"  # per instance: the backbone's attribute name ("swin", "beit", ...)
     main_input_name = "pixel_values"
-    input_modalities = ("image",)
+    input_modalities = ("image",)  # type: ignore[assignment]  # a tuple, as in transformers' image models
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -201,7 +201,8 @@ class SimMIMPreTrainedModel(PreTrainedModel):
                 # Before saving: `save_pretrained(..., push_to_hub=True)` uploads the folder as it returns.
                 os.makedirs(save_directory, exist_ok=True)
                 custom_object_save(self, save_directory)  # this file and its relative imports: the model core
-        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+        kwargs["save_original_format"] = save_original_format
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 def _check_checkpoint_family(name_or_path, config: SimMIMConfig, kwargs: dict[str, Any]) -> None:
@@ -272,9 +273,10 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         loss = None
         if mask is not None:
             target = pixel_values
-            if getattr(self.config, "norm_target_window", None):
+            window = getattr(self.config, "norm_target_window", None)
+            if window:
                 with torch.no_grad():
-                    target = normalize_targets(pixel_values, self.config.norm_target_window)
+                    target = normalize_targets(pixel_values, window)
             loss = simmim_loss(target, reconstruction, mask, self.config.model_patch_size)
 
         if not return_dict:
@@ -343,8 +345,9 @@ class SimMIMForImageClassification(SimMIMPreTrainedModel):
             raise ValueError(f"classifier_pooling must be 'cls' or 'mean', got {pooling!r}.")
         # transformers' ViT pooler is a dense+tanh layer that ViTForImageClassification does not use: leave it out.
         self._build_backbone(use_mask_token=False, add_pooling_layer=family != "vit")
-        self.num_labels = config.num_labels
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        num_labels = config.num_labels or 0  # None: no id2label, so no labels
+        self.num_labels = num_labels
+        self.classifier = nn.Linear(config.hidden_size, num_labels) if num_labels > 0 else nn.Identity()
         self.post_init()
 
     def pooled_features(

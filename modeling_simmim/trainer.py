@@ -229,7 +229,7 @@ class SimMIMTrainingArguments(TrainingArguments):
                     "lower --warmup_epochs or raise --lr_milestones."
                 )
         return SimMIMSchedule(
-            scheduler_type=self.lr_scheduler_type.value,
+            scheduler_type=SimMIMSchedulerType(self.lr_scheduler_type).value,
             total_batch_size=int(total_batch_size),
             num_update_steps_per_epoch=int(num_update_steps_per_epoch),
             num_training_steps=int(num_training_steps),
@@ -514,12 +514,17 @@ class SimMIMTrainer(Trainer):
             )
         return self.optimizer
 
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
         if self.lr_scheduler is None:
+            optimizer = self.optimizer if optimizer is None else optimizer
+            if optimizer is None:
+                raise ValueError("create_scheduler needs an optimizer: call create_optimizer first or pass one.")
             self.schedule = self.resolve_schedule(num_training_steps)
             schedule = self.schedule
             self.lr_scheduler = get_simmim_scheduler(
-                self.optimizer if optimizer is None else optimizer,
+                optimizer,
                 base_lr=schedule.learning_rate,
                 num_training_steps=schedule.num_training_steps,
                 num_warmup_steps=schedule.num_warmup_steps,
@@ -536,6 +541,7 @@ class SimMIMTrainer(Trainer):
     def _get_learning_rate(self) -> float:
         # The Trainer reports group 0; under layer decay that is the most decayed group. Report the highest lr
         # (the head's, scale 1) and remember the lowest.
+        assert self.lr_scheduler is not None  # the Trainer logs once training (and so the scheduler) started
         lrs = [float(lr) for lr in self.lr_scheduler.get_last_lr()]
         self._last_lr_min = min(lrs)
         return max(lrs)
@@ -674,7 +680,7 @@ class SimMIMTrainer(Trainer):
         # The training dataloader is built inside; a stream needs to know the checkpoint it resumes from.
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-        self._resume_checkpoint = resume_from_checkpoint or None
+        self._resume_checkpoint = (resume_from_checkpoint or None) if isinstance(resume_from_checkpoint, str) else None
         self.step_guard.reset()
         self.step_guard.install_signal_handlers()
         try:
@@ -802,7 +808,8 @@ class SimMIMTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model`, refusing weights with NaN/inf (`NonFiniteWeightsError` naming the tensors)."""
-        check_finite_weights(self.model)
+        if self.model is not None:
+            check_finite_weights(self.model)
         super().save_model(output_dir, _internal_call)
 
     # ---- model card -----------------------------------------------------------------------------------------------
@@ -812,16 +819,27 @@ class SimMIMTrainer(Trainer):
                 return callback.saved[-1]
         return None
 
-    def create_model_card(self, model_name: str | None = None, **kwargs: Any) -> None:
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
         """Write README.md (recipe, data, steps, final loss, a reconstruction image) into `output_dir`; called by
-        `push_to_hub`. Our card replaces transformers' generic one."""
+        `push_to_hub`. Our card replaces transformers' generic one: `Trainer.create_model_card`'s arguments other than
+        `model_name` are accepted and ignored."""
         if not self.is_world_process_zero():
             return
         history = [entry for entry in self.state.log_history if "loss" in entry]
         evals = [entry for entry in self.state.log_history if "eval_loss" in entry]
         reconstruction = self.latest_reconstruction()
+        output_dir = self.args.output_dir
+        assert output_dir is not None  # TrainingArguments defaults it ("trainer_output")
         card = render_model_card(
-            model_name=model_name or os.path.basename(os.path.abspath(self.args.output_dir)),
+            model_name=model_name or os.path.basename(os.path.abspath(output_dir)),
             config=getattr(self.model, "config", None),
             recipe=self.model_card_info.get("recipe", {}),
             data=self.model_card_info.get("data", ""),
@@ -830,12 +848,12 @@ class SimMIMTrainer(Trainer):
             final_loss=history[-1]["loss"] if history else None,
             eval_loss=evals[-1]["eval_loss"] if evals else None,
             schedule=self.schedule,
-            reconstruction=os.path.relpath(reconstruction, self.args.output_dir) if reconstruction else None,
+            reconstruction=os.path.relpath(reconstruction, output_dir) if reconstruction else None,
             base_model=self.model_card_info.get("base_model"),
             dataset_id=self.model_card_info.get("dataset_id"),
             nonfinite_steps=self.step_guard.nonfinite_steps,
         )
-        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as handle:
+        with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as handle:
             handle.write(card)
 
 

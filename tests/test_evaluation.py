@@ -106,6 +106,8 @@ def test_knn_accuracy_and_errors():
         knn_predict(bank, labels, queries, k=0)
     with pytest.raises(ValueError, match="besides the query"):
         knn_predict(bank[:1], labels[:1], bank[:1], leave_one_out=True)
+    with pytest.raises(ValueError, match="pass query_labels"):
+        knn_accuracy(bank, labels, queries)
 
 
 # ---- features ----------------------------------------------------------------------------------------------------
@@ -223,6 +225,11 @@ def test_prepare_linear_probe_freezes_the_encoder_in_eval_mode():
     torch.testing.assert_close(model(images).logits, before, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="linear head"):
         prepare_linear_probe(model.swin)
+    headless = torch.nn.Module()
+    headless.classifier = torch.nn.Linear(4, 2)
+    with pytest.raises(ValueError, match="module `backbone`"):
+        prepare_linear_probe(headless)
+    assert headless.classifier.weight.requires_grad  # refused before freezing anything
 
 
 def test_probes_on_cached_features_learn_separable_data():

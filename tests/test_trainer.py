@@ -130,6 +130,11 @@ def test_too_few_images_for_one_optimizer_step_fail_with_what_to_change(tmp_path
     check_training_data_size(32, accumulating)
 
 
+def test_scheduler_without_an_optimizer_says_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match="call create_optimizer first"):
+        _trainer(tmp_path).create_scheduler(10)
+
+
 def test_schedule_resolution_scales_lrs_by_total_batch_and_counts_epochs_in_steps(tmp_path):
     # Official Swin-B 100 ep at 128 images x 16 GPUs, ImageNet-1K (1,281,167 images, drop_last): 625 steps/epoch.
     args = _args(tmp_path, base_learning_rate=2e-4, warmup_learning_rate=1e-6, min_learning_rate=1e-5,
