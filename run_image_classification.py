@@ -436,7 +436,10 @@ class ImageClassificationTrainer(SimMIMTrainer):
         # SimMIMTrainer's step returns the reconstruction loss only; classification needs the logits.
         return Trainer.prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
-    def create_model_card(self, model_name: str | None = None, **kwargs: Any) -> None:
+    def create_model_card(self, language: str | None = None, license: str | None = None,
+                          tags: str | list[str] | None = None, model_name: str | None = None, *args: Any,
+                          **kwargs: Any) -> None:
+        """Our classifier card (Trainer's signature; only `model_name` is used)."""
         if not self.is_world_process_zero():
             return
         card = render_model_card(

@@ -552,18 +552,7 @@ def load_image_datasets(
     """
     import datasets
 
-    if dataset_name is not None and (train_dir is not None or validation_dir is not None):
-        raise ValueError("Give either --dataset_name or --train_dir/--validation_dir, not both.")
-    if train_val_split is not None and not 0.0 <= train_val_split < 1.0:
-        raise ValueError(f"--train_val_split must be a fraction in [0, 1), got {train_val_split}.")
-
-    if dataset_name is None and (streaming or data_files):
-        raise ValueError("--streaming and --data_files read a datasets source: give --dataset_name too (e.g. "
-                         "'webdataset' with --data_files 'shards/train-*.tar').")
-    if streaming and train_val_split:
-        raise ValueError("--train_val_split needs the whole training split: not with --streaming (give a dataset "
-                         "with a validation split).")
-
+    _check_data_source(dataset_name, train_dir, validation_dir, train_val_split, data_files, streaming)
     skipped: list[str] = []
     if dataset_name is not None:
         source = f"{dataset_name}" + (f" ({dataset_config_name})" if dataset_config_name else "")
@@ -596,6 +585,28 @@ def load_image_datasets(
         if isinstance(feature, datasets.Image) and feature.decode:
             loaded[split] = loaded[split].cast_column(image_column, datasets.Image(decode=False))
 
+    _split_and_subsample(loaded, train_val_split, max_train_samples, max_eval_samples, seed, streaming)
+    return LoadedImageData(loaded, image_column, label_column, source, skipped)
+
+
+def _check_data_source(dataset_name, train_dir, validation_dir, train_val_split, data_files, streaming) -> None:
+    """Refuse source combinations that cannot work, naming the flags."""
+    if dataset_name is not None and (train_dir is not None or validation_dir is not None):
+        raise ValueError("Give either --dataset_name or --train_dir/--validation_dir, not both.")
+    if train_val_split is not None and not 0.0 <= train_val_split < 1.0:
+        raise ValueError(f"--train_val_split must be a fraction in [0, 1), got {train_val_split}.")
+    if dataset_name is None and (streaming or data_files):
+        raise ValueError("--streaming and --data_files read a datasets source: give --dataset_name too (e.g. "
+                         "'webdataset' with --data_files 'shards/train-*.tar').")
+    if streaming and train_val_split:
+        raise ValueError("--train_val_split needs the whole training split: not with --streaming (give a dataset "
+                         "with a validation split).")
+
+
+def _split_and_subsample(loaded, train_val_split, max_train_samples, max_eval_samples, seed: int,
+                         streaming: bool) -> None:
+    """Split a validation part off the training split when there is none; keep `max_*_samples` (a seeded random
+    subset, or the first examples of a stream)."""
     if "validation" not in loaded and train_val_split and "train" in loaded:
         parts = loaded["train"].train_test_split(test_size=train_val_split, seed=seed)
         loaded["train"], loaded["validation"] = parts["train"], parts["test"]
@@ -604,7 +615,6 @@ def load_image_datasets(
             loaded[split] = loaded[split].take(limit)
         elif limit is not None and split in loaded and limit < len(loaded[split]):
             loaded[split] = loaded[split].shuffle(seed=seed).select(range(limit))
-    return LoadedImageData(loaded, image_column, label_column, source, skipped)
 
 
 def _check_local_data_files(patterns: Sequence[str]) -> None:
