@@ -66,6 +66,7 @@ typecheck: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(VENV)/.installed
 	$(PYTHON) benchmarks/pretrain_throughput.py

@@ -74,8 +74,9 @@ from modeling_simmim.trainer import (
 
 logger = logging.getLogger("run_image_classification")
 
-METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__import__("modeling_simmim").__file__)), "metrics",
-                           "top_k_accuracy")
+METRIC_PATH = os.path.join(
+    os.path.dirname(os.path.abspath(__import__("modeling_simmim").__file__)), "metrics", "top_k_accuracy"
+)
 TOP_K = 5
 
 
@@ -85,13 +86,17 @@ class ModelArguments:
 
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "SimMIM pretraining checkpoint, SimMIM classification checkpoint, or native transformers "
-                  "Swin/SwinV2/BEiT/ViT folder or Hub id (e.g. converted official weights)."},
+        metadata={
+            "help": "SimMIM pretraining checkpoint, SimMIM classification checkpoint, or native transformers "
+            "Swin/SwinV2/BEiT/ViT folder or Hub id (e.g. converted official weights)."
+        },
     )
     model_type: str | None = field(
         default=None,
-        metadata={"help": "Backbone family of a new model (or a check on the checkpoint's).",
-                  "choices": sorted(SUPPORTED_BACKBONES)},
+        metadata={
+            "help": "Backbone family of a new model (or a check on the checkpoint's).",
+            "choices": sorted(SUPPORTED_BACKBONES),
+        },
     )
     model_preset: str | None = field(
         default=None, metadata={"help": "Start a new model from a named preset.", "choices": sorted(PRESETS)}
@@ -103,18 +108,22 @@ class ModelArguments:
     window_size: int | None = field(default=None, metadata={"help": "Swin/SwinV2 window at that resolution (7)."})
     drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth (official 0.1 / 0.2)."})
     classifier_pooling: str | None = field(
-        default=None, metadata={"help": "Plain ViT only: 'cls' (default, exportable) or 'mean'.",
-                                "choices": ["cls", "mean"]},
+        default=None,
+        metadata={"help": "Plain ViT only: 'cls' (default, exportable) or 'mean'.", "choices": ["cls", "mean"]},
     )
     from_scratch: bool = field(
         default=False,
-        metadata={"help": "The architecture of --model_name_or_path at the asked geometry, with fresh weights (none "
-                  "loaded): the no-pretraining baseline of the same recipe."},
+        metadata={
+            "help": "The architecture of --model_name_or_path at the asked geometry, with fresh weights (none "
+            "loaded): the no-pretraining baseline of the same recipe."
+        },
     )
     linear_probe: bool = field(
         default=False,
-        metadata={"help": "Train only a linear head on frozen, normalized pooled features (BatchNorm without affine + "
-                  "linear, as MAE's linear probe); the head is folded into one linear layer for the export."},
+        metadata={
+            "help": "Train only a linear head on frozen, normalized pooled features (BatchNorm without affine + "
+            "linear, as MAE's linear probe); the head is folded into one linear layer for the export."
+        },
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for Hub models and datasets."})
     model_revision: str = field(default="main", metadata={"help": "Hub revision of --model_name_or_path."})
@@ -122,8 +131,12 @@ class ModelArguments:
 
     def overrides(self) -> dict[str, Any]:
         """Backbone overrides: --backbone_config_overrides plus the geometry / drop-path flags."""
-        return parse_backbone_overrides(self.backbone_config_overrides, image_size=self.image_size,
-                                        window_size=self.window_size, drop_path_rate=self.drop_path_rate)
+        return parse_backbone_overrides(
+            self.backbone_config_overrides,
+            image_size=self.image_size,
+            window_size=self.window_size,
+            drop_path_rate=self.drop_path_rate,
+        )
 
 
 @dataclass
@@ -142,18 +155,24 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep a random subset of this size."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep a random subset of this size."})
     demo_dataset: str = field(
-        default="digits", metadata={"help": "Bundled data used when no data argument is given.", "choices": DEMO_DATASETS}
+        default="digits",
+        metadata={"help": "Bundled data used when no data argument is given.", "choices": DEMO_DATASETS},
     )
     verify_images: bool = field(default=True, metadata={"help": "Check every file of the image folders at start."})
     on_bad_image: str = field(
         default="skip",
-        metadata={"help": "Unreadable image files: 'skip' (named in a warning, counted once) or 'error' (stop, naming "
-                  "the file).", "choices": list(BAD_IMAGE_POLICIES)},
+        metadata={
+            "help": "Unreadable image files: 'skip' (named in a warning, counted once) or 'error' (stop, naming "
+            "the file).",
+            "choices": list(BAD_IMAGE_POLICIES),
+        },
     )
     drop_empty_classes: bool = field(
         default=False,
-        metadata={"help": "Train without the classes that have no readable training image (left out of the head, "
-                  "their evaluation images too) instead of stopping with an error naming them."},
+        metadata={
+            "help": "Train without the classes that have no readable training image (left out of the head, "
+            "their evaluation images too) instead of stopping with an error naming them."
+        },
     )
 
 
@@ -171,11 +190,15 @@ class AugmentationArguments:
         default_factory=lambda: [0.08, 1.0], metadata={"help": "RandomResizedCrop area range (official 0.08 1.0)."}
     )
     hflip_prob: float = field(
-        default=0.5, metadata={"help": "Probability of the horizontal flip (official 0.5; 0 for images whose mirror "
-                               "is another class, e.g. digits or text)."}
+        default=0.5,
+        metadata={
+            "help": "Probability of the horizontal flip (official 0.5; 0 for images whose mirror "
+            "is another class, e.g. digits or text)."
+        },
     )
-    interpolation: str = field(default="bicubic", metadata={"help": "Resize interpolation.",
-                                                            "choices": ["bicubic", "bilinear"]})
+    interpolation: str = field(
+        default="bicubic", metadata={"help": "Resize interpolation.", "choices": ["bicubic", "bilinear"]}
+    )
     random_erasing: float = field(default=0.25, metadata={"help": "Random erasing probability."})
     random_erasing_mode: str = field(default="pixel", metadata={"help": "Random erasing fill mode."})
     random_erasing_count: int = field(default=1, metadata={"help": "Random erasing count."})
@@ -184,8 +207,9 @@ class AugmentationArguments:
     cutmix_minmax: list[float] | None = field(default=None, metadata={"help": "CutMix min/max box ratio."})
     mixup_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch."})
     mixup_switch_prob: float = field(default=0.5, metadata={"help": "Probability of CutMix instead of Mixup."})
-    mixup_mode: str = field(default="batch", metadata={"help": "Mix per batch, pair or elem.",
-                                                       "choices": ["batch", "pair", "elem"]})
+    mixup_mode: str = field(
+        default="batch", metadata={"help": "Mix per batch, pair or elem.", "choices": ["batch", "pair", "elem"]}
+    )
     label_smoothing: float = field(
         default=0.1, metadata={"help": "Label smoothing (folded into the Mixup targets when mixing)."}
     )
@@ -225,17 +249,23 @@ def parse_args(argv: Sequence[str] | None = None):
 def check_arguments(model_args, aug_args, training_args) -> None:
     """Everything that can fail before data or weights are loaded."""
     if model_args.model_name_or_path is None and model_args.model_type is None and model_args.model_preset is None:
-        raise ValueError("Give --model_name_or_path (a pretrained checkpoint), or --model_type/--model_preset for a "
-                         "from-scratch baseline (or a recipe from configs/finetune/ that sets one).")
+        raise ValueError(
+            "Give --model_name_or_path (a pretrained checkpoint), or --model_type/--model_preset for a "
+            "from-scratch baseline (or a recipe from configs/finetune/ that sets one)."
+        )
     if model_args.from_scratch and model_args.model_name_or_path is None:
-        raise ValueError("--from_scratch true takes its architecture from --model_name_or_path: give one (or drop "
-                         "--from_scratch and use --model_type/--model_preset).")
+        raise ValueError(
+            "--from_scratch true takes its architecture from --model_name_or_path: give one (or drop "
+            "--from_scratch and use --model_type/--model_preset)."
+        )
     check_flip_probability(aug_args.hflip_prob)
     if training_args.do_train and mixup_active(aug_args.mixup, aug_args.cutmix, aug_args.cutmix_minmax):
         if training_args.per_device_train_batch_size % 2:
-            raise ValueError(f"Mixup/CutMix pairs each image with another one of its batch: "
-                             f"--per_device_train_batch_size must be even, got "
-                             f"{training_args.per_device_train_batch_size}.")
+            raise ValueError(
+                f"Mixup/CutMix pairs each image with another one of its batch: "
+                f"--per_device_train_batch_size must be even, got "
+                f"{training_args.per_device_train_batch_size}."
+            )
         if not training_args.dataloader_drop_last:
             raise ValueError("Mixup/CutMix needs full (even) batches: keep --dataloader_drop_last true.")
 
@@ -265,24 +295,32 @@ def training_classes(loaded, drop_empty_classes: bool = False) -> list[str]:
         counts = np.bincount(np.asarray(split[loaded.label_column], dtype=np.int64), minlength=feature.num_classes)
         empty = [name for name, count in zip(names, counts) if count == 0]
     if empty and not drop_empty_classes:
-        raise ValueError(f"Class(es) {empty} have no readable training image (unreadable files are dropped, see the "
-                         "warnings naming them): add images, or pass --drop_empty_classes to train without them.")
+        raise ValueError(
+            f"Class(es) {empty} have no readable training image (unreadable files are dropped, see the "
+            "warnings naming them): add images, or pass --drop_empty_classes to train without them."
+        )
     if empty:
         logger.warning("Dropping %d class(es) without training images from the classifier: %s", len(empty), empty)
         names = [name for name in names if name not in empty]
         if "validation" in loaded.datasets:
             validation = loaded.datasets["validation"]
             val_feature = validation.features[loaded.label_column]
-            dropped = {val_feature.str2int(name) if isinstance(val_feature, datasets.ClassLabel) else name
-                       for name in empty}
-            kept = validation.filter(lambda labels: [label not in dropped for label in labels], batched=True,
-                                     input_columns=[loaded.label_column])
+            dropped = {
+                val_feature.str2int(name) if isinstance(val_feature, datasets.ClassLabel) else name for name in empty
+            }
+            kept = validation.filter(
+                lambda labels: [label not in dropped for label in labels],
+                batched=True,
+                input_columns=[loaded.label_column],
+            )
             logger.warning("Left out %d evaluation image(s) of the dropped classes.", len(validation) - len(kept))
             loaded.datasets["validation"] = kept
     if len(names) < 2:
-        raise ValueError(f"Finetuning needs at least 2 classes with training images; the training data has "
-                         f"{len(names)} ({names}). Check the data: an image folder needs one sub-folder per class "
-                         "(or pass --label_column_name for a dataset).")
+        raise ValueError(
+            f"Finetuning needs at least 2 classes with training images; the training data has "
+            f"{len(names)} ({names}). Check the data: an image folder needs one sub-folder per class "
+            "(or pass --label_column_name for a dataset)."
+        )
     return names
 
 
@@ -307,8 +345,10 @@ def label_mapping(loaded, names: list[str], model_label2id: dict[str, int]) -> L
     is_class_label = isinstance(split.features[loaded.label_column], datasets.ClassLabel)
     missing = sorted(set(names) - set(model_label2id))
     if missing:
-        raise ValueError(f"Dataset classes {missing[:10]} are not classes of the model "
-                         f"(model classes: {sorted(model_label2id)[:10]}...).")
+        raise ValueError(
+            f"Dataset classes {missing[:10]} are not classes of the model "
+            f"(model classes: {sorted(model_label2id)[:10]}...)."
+        )
     if is_class_label:
         feature = split.features[loaded.label_column]
         dataset_ids = {name: feature.str2int(name) for name in names}
@@ -339,8 +379,9 @@ def resolve_image_size(model_args) -> int:
 
 def build_model(model_args, aug_args, id2label: dict[int, str] | None) -> SimMIMForImageClassification:
     """The classifier of the run: a checkpoint moved to the asked geometry, or a new model."""
-    label_smoothing = 0.0 if mixup_active(aug_args.mixup, aug_args.cutmix, aug_args.cutmix_minmax) \
-        else aug_args.label_smoothing  # with Mixup, smoothing lives in the soft targets (official)
+    label_smoothing = (
+        0.0 if mixup_active(aug_args.mixup, aug_args.cutmix, aug_args.cutmix_minmax) else aug_args.label_smoothing
+    )  # with Mixup, smoothing lives in the soft targets (official)
     extra = {"label_smoothing": label_smoothing}
     if model_args.classifier_pooling is not None:
         extra["classifier_pooling"] = model_args.classifier_pooling
@@ -354,9 +395,14 @@ def build_model(model_args, aug_args, id2label: dict[int, str] | None) -> SimMIM
             )
         drop_path_rate = overrides.pop("drop_path_rate", None)
         model = SimMIMForImageClassification.from_pretrained(
-            model_args.model_name_or_path, **hub_kwargs(model_args), id2label=id2label, image_size=overrides.pop("image_size", None),
-            window_size=overrides.pop("window_size", None), drop_path_rate=drop_path_rate,
-            backbone_overrides=overrides, **extra,
+            model_args.model_name_or_path,
+            **hub_kwargs(model_args),
+            id2label=id2label,
+            image_size=overrides.pop("image_size", None),
+            window_size=overrides.pop("window_size", None),
+            drop_path_rate=drop_path_rate,
+            backbone_overrides=overrides,
+            **extra,
         )
         if model_args.from_scratch:  # same config (geometry, head, BEiT finetuning layout), fresh weights
             logger.info("--from_scratch: %s's architecture, weights not loaded", model_args.model_name_or_path)
@@ -399,8 +445,10 @@ def build_compute_metrics(num_labels: int):
         ranked = np.asarray(eval_prediction.predictions)
         references = np.asarray(eval_prediction.label_ids)
         results = metric.compute(predictions=ranked.tolist(), references=references.tolist(), top_k=top_k)
-        return {"accuracy": results["accuracy"],
-                **({"top5_accuracy": results[f"top{TOP_K}_accuracy"]} if top_k else {})}
+        return {
+            "accuracy": results["accuracy"],
+            **({"top5_accuracy": results[f"top{TOP_K}_accuracy"]} if top_k else {}),
+        }
 
     return compute_metrics
 
@@ -436,61 +484,99 @@ class ImageClassificationTrainer(SimMIMTrainer):
         # SimMIMTrainer's step returns the reconstruction loss only; classification needs the logits.
         return Trainer.prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
-    def create_model_card(self, language: str | None = None, license: str | None = None,
-                          tags: str | list[str] | None = None, model_name: str | None = None, *args: Any,
-                          **kwargs: Any) -> None:
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
         """Our classifier card (Trainer's signature; only `model_name` is used)."""
         if not self.is_world_process_zero():
             return
         card = render_model_card(
             model_name=model_name or os.path.basename(os.path.abspath(self.args.output_dir)),
-            model=self.model, log_history=self.state.log_history, info=self.model_card_info,
+            model=self.model,
+            log_history=self.state.log_history,
+            info=self.model_card_info,
             schedule=self.schedule.to_dict() if self.schedule is not None else None,
         )
         with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as handle:
             handle.write(card)
 
 
-def render_model_card(model_name: str, model, log_history: list[dict[str, Any]], info: dict[str, Any],
-                      schedule: dict[str, Any] | None = None) -> str:
+def render_model_card(
+    model_name: str,
+    model,
+    log_history: list[dict[str, Any]],
+    info: dict[str, Any],
+    schedule: dict[str, Any] | None = None,
+) -> str:
     """README.md of an exported classifier: what it is, how to run it, how it was trained, its accuracy."""
     config = model.config
     evals = [entry for entry in log_history if "eval_accuracy" in entry]
     best = max(evals, key=lambda entry: entry["eval_accuracy"]) if evals else None
     backbone = config.backbone_config
     base_model = info.get("base_model")
-    lines = ["---", "library_name: transformers", "pipeline_tag: image-classification",
-             "tags:", "- simmim", "- image-classification", f"- {config.backbone_type}"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: image-classification",
+        "tags:",
+        "- simmim",
+        "- image-classification",
+        f"- {config.backbone_type}",
+    ]
     if base_model and not os.path.isdir(str(base_model)):
         lines.append(f"base_model: {base_model}")
     if info.get("dataset_id"):
         lines += ["datasets:", f"- {info['dataset_id']}"]
-    lines += ["---", "", f"# {model_name}", "",
-              f"A {config.backbone_type} image classifier ({len(config.id2label)} classes, "
-              f"{config.image_size[0]} px) finetuned with the official SimMIM recipe "
-              "(layer-wise lr decay, RandAugment, Mixup/CutMix, label smoothing) using "
-              "[simmim-hf](https://github.com/) `run_image_classification.py`.",
-              "", "This folder is a native transformers model: no extra package is needed.", "",
-              "```python", "from transformers import pipeline", "",
-              f'classifier = pipeline("image-classification", model="{model_name}")',
-              'print(classifier("image.jpg"))', "```", "", "## Results", ""]
+    lines += [
+        "---",
+        "",
+        f"# {model_name}",
+        "",
+        f"A {config.backbone_type} image classifier ({len(config.id2label)} classes, "
+        f"{config.image_size[0]} px) finetuned with the official SimMIM recipe "
+        "(layer-wise lr decay, RandAugment, Mixup/CutMix, label smoothing) using "
+        "[simmim-hf](https://github.com/) `run_image_classification.py`.",
+        "",
+        "This folder is a native transformers model: no extra package is needed.",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        f'classifier = pipeline("image-classification", model="{model_name}")',
+        'print(classifier("image.jpg"))',
+        "```",
+        "",
+        "## Results",
+        "",
+    ]
     if best is not None:
-        lines += ["| metric | value |", "|---|---|",
-                  f"| top-1 accuracy | {100 * best['eval_accuracy']:.2f}% |"]
+        lines += ["| metric | value |", "|---|---|", f"| top-1 accuracy | {100 * best['eval_accuracy']:.2f}% |"]
         if "eval_top5_accuracy" in best:
             lines.append(f"| top-5 accuracy | {100 * best['eval_top5_accuracy']:.2f}% |")
         lines.append(f"| epoch of the best checkpoint | {best.get('epoch', 'n/a')} |")
     else:
         lines.append("Not evaluated.")
-    lines += ["", "## Training", "",
-              f"- initialized from: {base_model or 'scratch (no pretraining)'}",
-              f"- data: {info.get('data', 'n/a')}",
-              f"- backbone: `{json.dumps({k: getattr(backbone, k) for k in ('image_size', 'patch_size', 'window_size', 'embed_dim', 'depths', 'num_heads', 'hidden_size', 'num_hidden_layers', 'drop_path_rate') if hasattr(backbone, k)})}`"]
+    lines += [
+        "",
+        "## Training",
+        "",
+        f"- initialized from: {base_model or 'scratch (no pretraining)'}",
+        f"- data: {info.get('data', 'n/a')}",
+        f"- backbone: `{json.dumps({k: getattr(backbone, k) for k in ('image_size', 'patch_size', 'window_size', 'embed_dim', 'depths', 'num_heads', 'hidden_size', 'num_hidden_layers', 'drop_path_rate') if hasattr(backbone, k)})}`",
+    ]
     recipe = info.get("recipe") or {}
     if recipe:
         lines += ["", "| recipe value | |", "|---|---|"]
-        lines += [f"| {key} | {json.dumps(value) if not isinstance(value, str) else value} |"
-                  for key, value in sorted(recipe.items())]
+        lines += [
+            f"| {key} | {json.dumps(value) if not isinstance(value, str) else value} |"
+            for key, value in sorted(recipe.items())
+        ]
     if schedule:
         lines += ["", f"Resolved lr schedule: `{json.dumps(schedule)}`"]
     if info.get("loading_report"):
@@ -498,8 +584,14 @@ def render_model_card(model_name: str, model, log_history: list[dict[str, Any]],
     return "\n".join(lines) + "\n"
 
 
-def push_to_hub(output_dir: str, repo_id: str, token: str | None = None, private: bool | None = None,
-                commit_message: str = "SimMIM finetuned classifier", api=None) -> str:
+def push_to_hub(
+    output_dir: str,
+    repo_id: str,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "SimMIM finetuned classifier",
+    api=None,
+) -> str:
     """Upload the exported folder (native model, processor, README.md model card, results) to the Hub.
     `api` defaults to `huggingface_hub.HfApi()` (tests pass a fake one)."""
     if api is None:
@@ -510,8 +602,13 @@ def push_to_hub(output_dir: str, repo_id: str, token: str | None = None, private
         raise FileNotFoundError(f"no model card in {output_dir}: export the model before pushing")
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     ignore = ["checkpoint-*", "checkpoint-*/**", "runs/**", "*.pth"]
-    api.upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message=commit_message,
-                      ignore_patterns=ignore, repo_type="model")
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=output_dir,
+        commit_message=commit_message,
+        ignore_patterns=ignore,
+        repo_type="model",
+    )
     return repo_id
 
 
@@ -519,13 +616,21 @@ def push_to_hub(output_dir: str, repo_id: str, token: str | None = None, private
 def load_data(model_args, data_args, aug_args, training_args):
     """The labeled splits (`LoadedData`) and the class names (training: the data's; evaluation only: as found)."""
     loaded = load_image_datasets(
-        dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
-        train_dir=data_args.train_dir, validation_dir=data_args.validation_dir,
-        image_column_name=data_args.image_column_name, label_column_name=data_args.label_column_name,
-        train_val_split=data_args.train_val_split, max_train_samples=data_args.max_train_samples,
-        max_eval_samples=data_args.max_eval_samples, demo_dataset=data_args.demo_dataset,
-        demo_image_size=resolve_image_size(model_args), verify_images=data_args.verify_images,
-        on_bad_image=data_args.on_bad_image, seed=training_args.seed, cache_dir=model_args.cache_dir,
+        dataset_name=data_args.dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        train_dir=data_args.train_dir,
+        validation_dir=data_args.validation_dir,
+        image_column_name=data_args.image_column_name,
+        label_column_name=data_args.label_column_name,
+        train_val_split=data_args.train_val_split,
+        max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples,
+        demo_dataset=data_args.demo_dataset,
+        demo_image_size=resolve_image_size(model_args),
+        verify_images=data_args.verify_images,
+        on_bad_image=data_args.on_bad_image,
+        seed=training_args.seed,
+        cache_dir=model_args.cache_dir,
         require_labels=True,
     )
     if training_args.do_train and "train" not in loaded.datasets:
@@ -538,8 +643,14 @@ def load_data(model_args, data_args, aug_args, training_args):
         names = training_classes(loaded, data_args.drop_empty_classes)
     else:
         names = label_names(loaded)
-    logger.info("Data: %s; columns image=%r label=%r; %d classes; %s", loaded.source, loaded.image_column,
-                loaded.label_column, len(names), {split: len(ds) for split, ds in loaded.datasets.items()})
+    logger.info(
+        "Data: %s; columns image=%r label=%r; %d classes; %s",
+        loaded.source,
+        loaded.image_column,
+        loaded.label_column,
+        len(names),
+        {split: len(ds) for split, ds in loaded.datasets.items()},
+    )
     return loaded, names
 
 
@@ -549,19 +660,39 @@ def build_datasets(loaded, label_map, image_size: int, data_args, aug_args, trai
     train_dataset = eval_dataset = None
     if training_args.do_train:
         train_transform = build_classification_transform(
-            image_size, train=True, auto_augment=aug_args.rand_augment, interpolation=aug_args.interpolation,
-            random_erasing=aug_args.random_erasing, random_erasing_mode=aug_args.random_erasing_mode,
-            random_erasing_count=aug_args.random_erasing_count, color_jitter=aug_args.color_jitter,
-            crop_scale=aug_args.crop_scale, mean=mean, std=std, hflip_prob=aug_args.hflip_prob)
-        train_dataset = RobustImageDataset(loaded.datasets["train"], loaded.image_column, train_transform,
-                                           label_column=loaded.label_column, extra_fn=label_map,
-                                           on_bad_image=data_args.on_bad_image)
+            image_size,
+            train=True,
+            auto_augment=aug_args.rand_augment,
+            interpolation=aug_args.interpolation,
+            random_erasing=aug_args.random_erasing,
+            random_erasing_mode=aug_args.random_erasing_mode,
+            random_erasing_count=aug_args.random_erasing_count,
+            color_jitter=aug_args.color_jitter,
+            crop_scale=aug_args.crop_scale,
+            mean=mean,
+            std=std,
+            hflip_prob=aug_args.hflip_prob,
+        )
+        train_dataset = RobustImageDataset(
+            loaded.datasets["train"],
+            loaded.image_column,
+            train_transform,
+            label_column=loaded.label_column,
+            extra_fn=label_map,
+            on_bad_image=data_args.on_bad_image,
+        )
     if training_args.do_eval:
-        eval_transform = build_classification_transform(image_size, train=False, interpolation=aug_args.interpolation,
-                                                        mean=mean, std=std)
-        eval_dataset = RobustImageDataset(loaded.datasets["validation"], loaded.image_column, eval_transform,
-                                          label_column=loaded.label_column, extra_fn=label_map,
-                                          on_bad_image=data_args.on_bad_image)
+        eval_transform = build_classification_transform(
+            image_size, train=False, interpolation=aug_args.interpolation, mean=mean, std=std
+        )
+        eval_dataset = RobustImageDataset(
+            loaded.datasets["validation"],
+            loaded.image_column,
+            eval_transform,
+            label_column=loaded.label_column,
+            extra_fn=label_map,
+            on_bad_image=data_args.on_bad_image,
+        )
     return train_dataset, eval_dataset
 
 
@@ -570,10 +701,18 @@ def build_collators(aug_args, num_labels: int):
     eval_collator = SkipNoneCollator(collate_classification)
     if not mixup_active(aug_args.mixup, aug_args.cutmix, aug_args.cutmix_minmax):
         return eval_collator, eval_collator
-    train_collator = SkipNoneCollator(MixupCollator(
-        num_labels=num_labels, mixup_alpha=aug_args.mixup, cutmix_alpha=aug_args.cutmix,
-        cutmix_minmax=aug_args.cutmix_minmax, prob=aug_args.mixup_prob, switch_prob=aug_args.mixup_switch_prob,
-        mode=aug_args.mixup_mode, label_smoothing=aug_args.label_smoothing))
+    train_collator = SkipNoneCollator(
+        MixupCollator(
+            num_labels=num_labels,
+            mixup_alpha=aug_args.mixup,
+            cutmix_alpha=aug_args.cutmix,
+            cutmix_minmax=aug_args.cutmix_minmax,
+            prob=aug_args.mixup_prob,
+            switch_prob=aug_args.mixup_switch_prob,
+            mode=aug_args.mixup_mode,
+            label_smoothing=aug_args.label_smoothing,
+        )
+    )
     return train_collator, eval_collator
 
 
@@ -585,20 +724,27 @@ def finish(trainer, results: dict[str, Any], training_args, image_processor) -> 
         check_finite_weights(trainer.model)  # a diverged model is never exported
         export_to_transformers(trainer.model, training_args.output_dir, image_processor)
         if trainer.state.best_model_checkpoint:
-            logger.info("Exported the best checkpoint (%s, top-1 %.4f)", trainer.state.best_model_checkpoint,
-                        trainer.state.best_metric)
+            logger.info(
+                "Exported the best checkpoint (%s, top-1 %.4f)",
+                trainer.state.best_model_checkpoint,
+                trainer.state.best_metric,
+            )
         trainer.create_model_card()
     if training_args.push_to_hub:
         repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
-        push_to_hub(training_args.output_dir, repo_id, token=training_args.hub_token,
-                    private=training_args.hub_private_repo)
+        push_to_hub(
+            training_args.output_dir, repo_id, token=training_args.hub_token, private=training_args.hub_private_repo
+        )
     if "eval_accuracy" in results:
-        top5 = f"top-5 accuracy: {100 * results['eval_top5_accuracy']:.2f}%  " \
-            if "eval_top5_accuracy" in results else ""
+        top5 = (
+            f"top-5 accuracy: {100 * results['eval_top5_accuracy']:.2f}%  " if "eval_top5_accuracy" in results else ""
+        )
         print(f"\ntop-1 accuracy: {100 * results['eval_accuracy']:.2f}%  {top5}({results['eval_samples']} images)")
     if training_args.do_train:
-        print(f"Classifier saved to {os.path.abspath(training_args.output_dir)} "
-              f"(transformers.pipeline('image-classification', model=...))")
+        print(
+            f"Classifier saved to {os.path.abspath(training_args.output_dir)} "
+            f"(transformers.pipeline('image-classification', model=...))"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -624,8 +770,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = model.config
     image_size = config.image_size[0]
     report = getattr(model, "loading_report", None)
-    logger.info("Model: %s, %d px, %.2fM parameters, %d classes", config.backbone_type, image_size,
-                sum(p.numel() for p in model.parameters()) / 1e6, config.num_labels)
+    logger.info(
+        "Model: %s, %d px, %.2fM parameters, %d classes",
+        config.backbone_type,
+        image_size,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        config.num_labels,
+    )
 
     train_dataset, eval_dataset = build_datasets(loaded, label_map, image_size, data_args, aug_args, training_args)
     if eval_dataset is None and training_args.eval_strategy != "no":
@@ -633,8 +784,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         training_args.eval_strategy = transformers.IntervalStrategy.NO
         training_args.load_best_model_at_end = False
     train_collator, eval_collator = build_collators(aug_args, config.num_labels)
-    image_processor = build_image_processor(image_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
-                                            interpolation=aug_args.interpolation)
+    image_processor = build_image_processor(
+        image_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, interpolation=aug_args.interpolation
+    )
     trainer = ImageClassificationTrainer(
         model=model,
         args=training_args,
@@ -653,8 +805,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
     )
 
-    results = train_and_evaluate(trainer, train_dataset, eval_dataset, training_args.do_train, checkpoint,
-                                 loaded.num_skipped)
+    results = train_and_evaluate(
+        trainer, train_dataset, eval_dataset, training_args.do_train, checkpoint, loaded.num_skipped
+    )
     if trainer.is_world_process_zero():
         finish(trainer, results, training_args, image_processor)
     return results

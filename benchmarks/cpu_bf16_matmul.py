@@ -24,12 +24,12 @@ from modeling_simmim.cpu_bf16 import CPUBf16MatmulFallback, native_cpu_bf16_matm
 
 # (rows, inner, cols): Swin-T 192/w6 at batch 8. Stage s has 8 * (48 / 2**s)**2 tokens and 96 * 2**s channels.
 SHAPES = [
-    (18432, 96, 288),   # stage 1 qkv
-    (18432, 96, 384),   # stage 1 MLP fc1
-    (18432, 384, 96),   # stage 1 MLP fc2
-    (4608, 192, 576),   # stage 2 qkv
+    (18432, 96, 288),  # stage 1 qkv
+    (18432, 96, 384),  # stage 1 MLP fc1
+    (18432, 384, 96),  # stage 1 MLP fc2
+    (4608, 192, 576),  # stage 2 qkv
     (1152, 384, 1536),  # stage 3 MLP fc1
-    (288, 3072, 768),   # stage 4 MLP fc2
+    (288, 3072, 768),  # stage 4 MLP fc2
     (2048, 2048, 2048),  # large square
 ]
 

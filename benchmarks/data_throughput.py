@@ -85,13 +85,15 @@ class ExampleDataset(torch.utils.data.Dataset):
 
         self.paths = paths
         self.mask_generator = mask_generator
-        self.transform = Compose([
-            Lambda(lambda img: img.convert("RGB") if img.mode != "RGB" else img),
-            RandomResizedCrop(image_size, scale=(0.67, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)),
-            RandomHorizontalFlip(),
-            ToTensor(),
-            Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD),
-        ])
+        self.transform = Compose(
+            [
+                Lambda(lambda img: img.convert("RGB") if img.mode != "RGB" else img),
+                RandomResizedCrop(image_size, scale=(0.67, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)),
+                RandomHorizontalFlip(),
+                ToTensor(),
+                Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD),
+            ]
+        )
 
     def __len__(self):
         return len(self.paths)
@@ -102,8 +104,10 @@ class ExampleDataset(torch.utils.data.Dataset):
 
 
 def example_collate(examples):
-    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-            "bool_masked_pos": torch.stack([e["mask"] for e in examples])}
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "bool_masked_pos": torch.stack([e["mask"] for e in examples]),
+    }
 
 
 # ---- data ----------------------------------------------------------------------------------------------------------
@@ -140,8 +144,9 @@ def _time_batches(dataset, collate, batch_size: int, repeats: int, index=lambda 
 
 
 def _time_loader(dataset, collate, batch_size: int, num_workers: int) -> float:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-                                         persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate, persistent_workers=False
+    )
     for _ in loader:  # warm-up: start workers, fill caches
         break
     start = time.perf_counter()
@@ -159,8 +164,16 @@ def _time_stage(fn, count: int, repeats: int) -> float:
     return best
 
 
-def run(num_images: int, batch_size: int, image_size: int, width: int, height: int, repeats: int,
-        num_workers: int, timer: str = "wall") -> dict[str, Any]:
+def run(
+    num_images: int,
+    batch_size: int,
+    image_size: int,
+    width: int,
+    height: int,
+    repeats: int,
+    num_workers: int,
+    timer: str = "wall",
+) -> dict[str, Any]:
     global CLOCK
     CLOCK = time.process_time if timer == "cpu" else time.perf_counter
     torch.set_num_threads(1)  # a DataLoader worker runs single-threaded
@@ -170,8 +183,9 @@ def run(num_images: int, batch_size: int, image_size: int, width: int, height: i
         generator = SimMIMMaskGenerator(image_size, 32, 4, 0.6)
         ours = RobustImageDataset(loaded["train"], "image", build_pretrain_transform(image_size))
         ours_collate = PretrainCollator(SimMIMDataCollator(generator))
-        keyed = RobustImageDataset(loaded["train"], "image", build_pretrain_transform(image_size),
-                                   keyed_fn=KeyedMasks(generator))
+        keyed = RobustImageDataset(
+            loaded["train"], "image", build_pretrain_transform(image_size), keyed_fn=KeyedMasks(generator)
+        )
 
         def key(index: int) -> ExampleKey:
             return ExampleKey(seed=0, epoch=0, index=index)
@@ -195,7 +209,8 @@ def run(num_images: int, batch_size: int, image_size: int, width: int, height: i
             "decode_jpeg": _time_stage(lambda i: Image.open(paths[i]).convert("RGB"), num_images, repeats),
             "augment": _time_stage(lambda i: transform(decoded[i]), num_images, repeats),
             "mask_ours_batched": _time_stage(
-                lambda i: generator(batch_size) if i % batch_size == 0 else None, num_images, repeats),
+                lambda i: generator(batch_size) if i % batch_size == 0 else None, num_images, repeats
+            ),
             "mask_ours_keyed_per_image": _time_stage(lambda i: generator.seeded_mask(i), num_images, repeats),
             "mask_transformers_per_image": _time_stage(lambda i: example_masks(), num_images, repeats),
         }
@@ -205,32 +220,51 @@ def run(num_images: int, batch_size: int, image_size: int, width: int, height: i
                 "ours": _time_loader(ours, ours_collate, batch_size, num_workers),
                 "transformers_run_mim": _time_loader(baseline, example_collate, batch_size, num_workers),
             }
-    results["setup"] = {"num_images": num_images, "jpeg_size": f"{width}x{height}", "image_size": image_size,
-                        "batch_size": batch_size, "repeats": repeats, "timer": timer, "torch": torch.__version__,
-                        "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-                        "cpus": os.cpu_count()}
+    results["setup"] = {
+        "num_images": num_images,
+        "jpeg_size": f"{width}x{height}",
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "timer": timer,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+    }
     return results
 
 
 def format_table(results: dict[str, Any]) -> str:
     setup = results["setup"]
-    lines = [f"Input pipeline, one worker: {setup['num_images']} JPEGs {setup['jpeg_size']} -> "
-             f"{setup['image_size']} px, batches of {setup['batch_size']} (best of {setup['repeats']}, "
-             f"{setup['timer']} time)", "",
-             "| pipeline | images/s per worker |", "|---|---:|"]
+    lines = [
+        f"Input pipeline, one worker: {setup['num_images']} JPEGs {setup['jpeg_size']} -> "
+        f"{setup['image_size']} px, batches of {setup['batch_size']} (best of {setup['repeats']}, "
+        f"{setup['timer']} time)",
+        "",
+        "| pipeline | images/s per worker |",
+        "|---|---:|",
+    ]
     pipelines = results["pipeline_images_per_second"]
     lines.append(f"| ours (robust decode + official augmentation + batched masks) | {pipelines['ours']:.0f} |")
-    lines.append(f"| ours, keyed (as in training: seeded augmentation, per-image seeded masks) | "
-                 f"{pipelines['ours_keyed']:.0f} |")
-    lines.append(f"| transformers run_mim (same augmentation + per-image numpy masks) | "
-                 f"{pipelines['transformers_run_mim']:.0f} |")
+    lines.append(
+        f"| ours, keyed (as in training: seeded augmentation, per-image seeded masks) | "
+        f"{pipelines['ours_keyed']:.0f} |"
+    )
+    lines.append(
+        f"| transformers run_mim (same augmentation + per-image numpy masks) | "
+        f"{pipelines['transformers_run_mim']:.0f} |"
+    )
     lines += ["", "| stage | images/s |", "|---|---:|"]
     for name, value in results["stage_images_per_second"].items():
         lines.append(f"| {name} | {value:.0f} |")
     if "dataloader_images_per_second" in results:
         loader = results["dataloader_images_per_second"]
-        lines += ["", f"DataLoader with {loader['workers']} workers (total images/s): ours {loader['ours']:.0f}, "
-                  f"transformers run_mim {loader['transformers_run_mim']:.0f}"]
+        lines += [
+            "",
+            f"DataLoader with {loader['workers']} workers (total images/s): ours {loader['ours']:.0f}, "
+            f"transformers run_mim {loader['transformers_run_mim']:.0f}",
+        ]
     return "\n".join(lines)
 
 
@@ -243,12 +277,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--jpeg_height", type=int, default=375)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num_workers", type=int, default=0, help="Also time a DataLoader with this many workers.")
-    parser.add_argument("--timer", choices=["wall", "cpu"], default="wall",
-                        help="wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine).")
+    parser.add_argument(
+        "--timer",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine).",
+    )
     parser.add_argument("--json", action="store_true", help="Print the results as JSON.")
     args = parser.parse_args(argv)
-    results = run(args.num_images, args.batch_size, args.image_size, args.jpeg_width, args.jpeg_height,
-                  args.repeats, args.num_workers, args.timer)
+    results = run(
+        args.num_images,
+        args.batch_size,
+        args.image_size,
+        args.jpeg_width,
+        args.jpeg_height,
+        args.repeats,
+        args.num_workers,
+        args.timer,
+    )
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     return results
 

@@ -54,7 +54,11 @@ def adjacent_jumps(images: torch.Tensor, masked: torch.Tensor, stride: int) -> d
     border_v = ((torch.arange(height - 1) + 1) % stride == 0).view(1, -1, 1).expand_as(both_v)
     across = torch.cat([horizontal[both_h & border_h], vertical[both_v & border_v]]).mean().item()
     inside = torch.cat([horizontal[both_h & ~border_h], vertical[both_v & ~border_v]]).mean().item()
-    return {"across_borders": across, "inside_blocks": inside, "edge_ratio": across / inside if inside > 0 else float("inf")}
+    return {
+        "across_borders": across,
+        "inside_blocks": inside,
+        "edge_ratio": across / inside if inside > 0 else float("inf"),
+    }
 
 
 @torch.no_grad()
@@ -68,8 +72,10 @@ def reconstruction_metrics(pretrained: str, mask_seed: int = 0) -> dict[str, flo
     image_size = config.image_size[0]
     transform = build_pretrain_transform(image_size, train=False)
     split = load_demo_dataset("digits", image_size=image_size)["validation"]
-    masks = IndexSeededMasks(SimMIMMaskGenerator(image_size, config.mask_patch_size, config.model_patch_size,
-                                                 config.mask_ratio), seed=mask_seed)
+    masks = IndexSeededMasks(
+        SimMIMMaskGenerator(image_size, config.mask_patch_size, config.model_patch_size, config.mask_ratio),
+        seed=mask_seed,
+    )
     images = torch.stack([transform(image) for image in split["image"]])
     mask = torch.stack([torch.as_tensor(masks(index, {})["bool_masked_pos"]) for index in range(len(images))]).bool()
     reconstruction = model(images, bool_masked_pos=mask).reconstruction
@@ -78,8 +84,12 @@ def reconstruction_metrics(pretrained: str, mask_seed: int = 0) -> dict[str, flo
     l1 = (reconstruction - images).abs().mean(dim=1)[pixel_mask].mean().item()
     stride = config.encoder_stride
     ours, truth = adjacent_jumps(reconstruction, pixel_mask, stride), adjacent_jumps(images, pixel_mask, stride)
-    return {"masked_l1": round(l1, 4), **{k: round(v, 4) for k, v in ours.items()},
-            "true_edge_ratio": round(truth["edge_ratio"], 4), "images": len(images)}
+    return {
+        "masked_l1": round(l1, 4),
+        **{k: round(v, 4) for k, v in ours.items()},
+        "true_edge_ratio": round(truth["edge_ratio"], 4),
+        "images": len(images),
+    }
 
 
 def last_top1(finetune_dir: str) -> float:
@@ -88,8 +98,11 @@ def last_top1(finetune_dir: str) -> float:
 
 
 def summary(values: list[float]) -> dict[str, float]:
-    return {"mean": round(statistics.mean(values), 4),
-            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0, "n": len(values)}
+    return {
+        "mean": round(statistics.mean(values), 4),
+        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -97,9 +110,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--name", default="digits_demo")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--kernels", type=int, nargs="+", default=[1, 3])
-    parser.add_argument("--reuse", default=None,
-                        help="Demo folder per seed ('{seed}' replaced) holding pretrain/ and finetune/ of `make demo` "
-                        "with --seed: used for kernel 1 (the demo recipe is kernel 1) instead of training again.")
+    parser.add_argument(
+        "--reuse",
+        default=None,
+        help="Demo folder per seed ('{seed}' replaced) holding pretrain/ and finetune/ of `make demo` "
+        "with --seed: used for kernel 1 (the demo recipe is kernel 1) instead of training again.",
+    )
     parser.add_argument("--pretrain_args", default="", help="Extra run_mim.py flags (one string).")
     parser.add_argument("--finetune_args", default="", help="Extra run_image_classification.py flags (one string).")
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "outputs", "decoder_kernel_study"))
@@ -110,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import run_mim
 
     record: dict[str, Any] = {
-        "command": "python benchmarks/decoder_kernel_study.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/decoder_kernel_study.py "
+        + shlex.join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start",
         "runs": [],
     }
@@ -129,12 +146,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if os.path.isfile(os.path.join(finetuned, "eval_results.json")):
                 run["reused"] = run.get("reused", os.path.realpath(os.path.dirname(finetuned)))  # measured only
             else:
-                run_mim.main([PRETRAIN, *shlex.split(args.pretrain_args), "--decoder_kernel_size", str(kernel),
-                              "--seed", str(seed), "--output_dir", pretrained, "--overwrite_output_dir", "true",
-                              "--disable_tqdm", "true"])
-                run_image_classification.main([
-                    FINETUNE, "--model_name_or_path", pretrained, *shlex.split(args.finetune_args), "--seed", str(seed),
-                    "--output_dir", finetuned, "--overwrite_output_dir", "true", "--disable_tqdm", "true"])
+                run_mim.main(
+                    [
+                        PRETRAIN,
+                        *shlex.split(args.pretrain_args),
+                        "--decoder_kernel_size",
+                        str(kernel),
+                        "--seed",
+                        str(seed),
+                        "--output_dir",
+                        pretrained,
+                        "--overwrite_output_dir",
+                        "true",
+                        "--disable_tqdm",
+                        "true",
+                    ]
+                )
+                run_image_classification.main(
+                    [
+                        FINETUNE,
+                        "--model_name_or_path",
+                        pretrained,
+                        *shlex.split(args.finetune_args),
+                        "--seed",
+                        str(seed),
+                        "--output_dir",
+                        finetuned,
+                        "--overwrite_output_dir",
+                        "true",
+                        "--disable_tqdm",
+                        "true",
+                    ]
+                )
             run.update(reconstruction_metrics(pretrained))
             run["top1"] = last_top1(finetuned)
             record["runs"].append(run)
@@ -142,10 +185,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             with open(path, "w") as handle:
                 json.dump(record, handle, indent=1)
     record["summary"] = {
-        str(kernel): {key: summary([run[key] for run in record["runs"] if run["decoder_kernel_size"] == kernel])
-                      for key in ("masked_l1", "across_borders", "inside_blocks", "edge_ratio", "true_edge_ratio",
-                                  "top1")}
-        for kernel in args.kernels}
+        str(kernel): {
+            key: summary([run[key] for run in record["runs"] if run["decoder_kernel_size"] == kernel])
+            for key in ("masked_l1", "across_borders", "inside_blocks", "edge_ratio", "true_edge_ratio", "top1")
+        }
+        for kernel in args.kernels
+    }
     with open(path, "w") as handle:
         json.dump(record, handle, indent=1)
     print(json.dumps(record["summary"], indent=1))

@@ -26,14 +26,29 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_commands(target: str, demo_dir: str, pretrain_args: str = "", finetune_args: str = "",
-                  python: str = sys.executable) -> list[str]:
+def make_commands(
+    target: str, demo_dir: str, pretrain_args: str = "", finetune_args: str = "", python: str = sys.executable
+) -> list[str]:
     """The shell commands `make TARGET` would run (dry run; the venv set-up step is taken as done)."""
     venv_marker = os.path.join(".venv", ".installed")
     result = subprocess.run(
-        ["make", "-n", "-s", "-o", venv_marker, target, f"PYTHON={python}", f"DEMO_DIR={demo_dir}",
-         f"DEMO_PRETRAIN_ARGS={pretrain_args}", f"DEMO_FINETUNE_ARGS={finetune_args}"],
-        cwd=ROOT, capture_output=True, text=True, check=True)
+        [
+            "make",
+            "-n",
+            "-s",
+            "-o",
+            venv_marker,
+            target,
+            f"PYTHON={python}",
+            f"DEMO_DIR={demo_dir}",
+            f"DEMO_PRETRAIN_ARGS={pretrain_args}",
+            f"DEMO_FINETUNE_ARGS={finetune_args}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return [line.strip() for line in result.stdout.replace("\\\n", " ").splitlines() if line.strip()]
 
 
@@ -48,14 +63,20 @@ def run_step(command: str) -> dict[str, Any]:
     result = subprocess.run(command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
-    return {"command": command, "wall_s": round(time.perf_counter() - wall, 1),
-            "cpu_s": round(children_cpu() - cpu, 1), "stdout_tail": result.stdout[-600:]}
+    return {
+        "command": command,
+        "wall_s": round(time.perf_counter() - wall, 1),
+        "cpu_s": round(children_cpu() - cpu, 1),
+        "stdout_tail": result.stdout[-600:],
+    }
 
 
 def report_values(text: str) -> dict[str, float]:
     """The percentages of a `modeling_simmim.demo` report, by row name."""
-    return {match.group(1).strip(): float(match.group(2))
-            for match in re.finditer(r"^\s{2}(\S.*?)\s+([\d.]+)%$", text, flags=re.MULTILINE)}
+    return {
+        match.group(1).strip(): float(match.group(2))
+        for match in re.finditer(r"^\s{2}(\S.*?)\s+([\d.]+)%$", text, flags=re.MULTILINE)
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -63,32 +84,67 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "outputs", "demo_runs"))
     parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "digits_demo", "make_demo.json"))
-    parser.add_argument("--pretrain_args", default="",
-                        help="Extra run_mim.py flags (one string), e.g. an ablation of the pretraining recipe.")
+    parser.add_argument(
+        "--pretrain_args",
+        default="",
+        help="Extra run_mim.py flags (one string), e.g. an ablation of the pretraining recipe.",
+    )
     args = parser.parse_args(argv)
-    record: dict[str, Any] = {"command": "python benchmarks/demo_runs.py " + shlex.join(argv or sys.argv[1:]),
-                              "cpus": os.cpu_count(), "runs": []}
+    record: dict[str, Any] = {
+        "command": "python benchmarks/demo_runs.py " + shlex.join(argv or sys.argv[1:]),
+        "cpus": os.cpu_count(),
+        "runs": [],
+    }
     for seed in args.seeds:
         demo_dir = os.path.join(args.work_dir, f"seed{seed}")
         flags = f"--seed {seed}"
         pretrain_flags = f"{flags} {args.pretrain_args}".strip()
         pretrain, finetune, scratch, compare_report = make_commands("demo-compare", demo_dir, pretrain_flags, flags)
-        (demo_report,) = [c for c in make_commands("demo", demo_dir, pretrain_flags, flags)
-                          if "modeling_simmim.demo" in c]
+        (demo_report,) = [
+            c for c in make_commands("demo", demo_dir, pretrain_flags, flags) if "modeling_simmim.demo" in c
+        ]
         run: dict[str, Any] = {"seed": seed, "load_average_before": [round(x, 2) for x in os.getloadavg()]}
-        steps = {"pretrain": pretrain, "finetune": finetune, "demo_report": demo_report, "scratch": scratch,
-                 "compare_report": compare_report}
+        steps = {
+            "pretrain": pretrain,
+            "finetune": finetune,
+            "demo_report": demo_report,
+            "scratch": scratch,
+            "compare_report": compare_report,
+        }
         run["steps"] = {name: run_step(command) for name, command in steps.items()}
         run["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
         demo_steps = ("pretrain", "finetune", "demo_report")
-        run["make_demo"] = {key: round(sum(run["steps"][s][key] for s in demo_steps), 1) for key in ("wall_s", "cpu_s")}
-        run["make_demo_compare"] = {key: round(run["make_demo"][key] + run["steps"]["scratch"][key]
-                                               + run["steps"]["compare_report"][key]
-                                               - run["steps"]["demo_report"][key], 1) for key in ("wall_s", "cpu_s")}
+        run["make_demo"] = {
+            key: round(sum(run["steps"][s][key] for s in demo_steps), 1) for key in ("wall_s", "cpu_s")
+        }
+        run["make_demo_compare"] = {
+            key: round(
+                run["make_demo"][key]
+                + run["steps"]["scratch"][key]
+                + run["steps"]["compare_report"][key]
+                - run["steps"]["demo_report"][key],
+                1,
+            )
+            for key in ("wall_s", "cpu_s")
+        }
         run["top1"] = report_values(run["steps"]["compare_report"]["stdout_tail"])
         record["runs"].append(run)
-        print(json.dumps({k: run[k] for k in ("seed", "make_demo", "make_demo_compare", "top1",
-                                               "load_average_before", "load_average_after")}), flush=True)
+        print(
+            json.dumps(
+                {
+                    k: run[k]
+                    for k in (
+                        "seed",
+                        "make_demo",
+                        "make_demo_compare",
+                        "top1",
+                        "load_average_before",
+                        "load_average_after",
+                    )
+                }
+            ),
+            flush=True,
+        )
         os.makedirs(os.path.dirname(args.json), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(record, handle, indent=1)

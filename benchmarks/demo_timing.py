@@ -63,8 +63,12 @@ def recipe_steps(script: str, recipe: str, extra: list[str]) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference", nargs=2, required=True, metavar=("PRETRAIN", "FINETUNE"))
-    parser.add_argument("--reference_idle_s", type=float, required=True,
-                        help="Measured idle wall time of the reference (both scripts, environment ready).")
+    parser.add_argument(
+        "--reference_idle_s",
+        type=float,
+        required=True,
+        help="Measured idle wall time of the reference (both scripts, environment ready).",
+    )
     parser.add_argument("--candidate", nargs=2, required=True, metavar=("PRETRAIN", "FINETUNE"))
     parser.add_argument("--short_steps", type=int, default=10)
     parser.add_argument("--long_steps", type=int, default=50)
@@ -78,16 +82,41 @@ def main(argv: list[str] | None = None) -> dict:
     pretrained = {}
     for name, (pretrain, _) in recipes.items():
         pretrained[name] = os.path.join(work, name, "pretrained")
-        timed_run(["run_mim.py", pretrain, "--max_steps", "2", "--output_dir", pretrained[name],
-                   "--overwrite_output_dir", "true", "--do_eval", "false", "--report_to", "none"])
+        timed_run(
+            [
+                "run_mim.py",
+                pretrain,
+                "--max_steps",
+                "2",
+                "--output_dir",
+                pretrained[name],
+                "--overwrite_output_dir",
+                "true",
+                "--do_eval",
+                "false",
+                "--report_to",
+                "none",
+            ]
+        )
     for steps in (args.short_steps, args.long_steps):
         for name, (pretrain, finetune) in recipes.items():
             for script, recipe, extra in (
-                    ("run_mim.py", pretrain, []),
-                    ("run_image_classification.py", finetune, ["--model_name_or_path", pretrained[name]])):
+                ("run_mim.py", pretrain, []),
+                ("run_image_classification.py", finetune, ["--model_name_or_path", pretrained[name]]),
+            ):
                 _, interval = recipe_steps(script, recipe, extra)
-                flags = ["--max_steps", str(steps), "--output_dir", os.path.join(work, name, f"{script}_{steps}"),
-                         "--overwrite_output_dir", "true", "--report_to", "none", "--save_strategy", "no"]
+                flags = [
+                    "--max_steps",
+                    str(steps),
+                    "--output_dir",
+                    os.path.join(work, name, f"{script}_{steps}"),
+                    "--overwrite_output_dir",
+                    "true",
+                    "--report_to",
+                    "none",
+                    "--save_strategy",
+                    "no",
+                ]
                 if interval:  # evaluate as often (in steps) as the full recipe does
                     flags += ["--eval_strategy", "steps", "--eval_steps", str(interval)]
                 if script == "run_image_classification.py":  # no checkpoints to select from (a few ms each)
@@ -96,22 +125,32 @@ def main(argv: list[str] | None = None) -> dict:
     estimate: dict[str, dict[str, float]] = {}
     for name, (pretrain, finetune) in recipes.items():
         total = 0.0
-        for script, recipe, extra in (("run_mim.py", pretrain, []),
-                                      ("run_image_classification.py", finetune,
-                                       ["--model_name_or_path", pretrained[name]])):
+        for script, recipe, extra in (
+            ("run_mim.py", pretrain, []),
+            ("run_image_classification.py", finetune, ["--model_name_or_path", pretrained[name]]),
+        ):
             short, long = measured[name][f"{script}_{args.short_steps}"], measured[name][f"{script}_{args.long_steps}"]
             per_step = (long["cpu_s"] - short["cpu_s"]) / (args.long_steps - args.short_steps)
             fixed = short["cpu_s"] - args.short_steps * per_step
             steps, _ = recipe_steps(script, recipe, extra)
             cpu = fixed + steps * per_step
-            estimate.setdefault(name, {})[script] = {"steps": steps, "cpu_per_step_s": round(per_step, 4),
-                                                     "fixed_cpu_s": round(fixed, 1), "cpu_s": round(cpu, 1)}
+            estimate.setdefault(name, {})[script] = {
+                "steps": steps,
+                "cpu_per_step_s": round(per_step, 4),
+                "fixed_cpu_s": round(fixed, 1),
+                "cpu_s": round(cpu, 1),
+            }
             total += cpu
         estimate[name]["total_cpu_s"] = round(total, 1)
     ratio = estimate["candidate"]["total_cpu_s"] / estimate["reference"]["total_cpu_s"]
-    result = {"measured": measured, "estimate": estimate, "ratio": round(ratio, 3),
-              "candidate_idle_estimate_s": round(args.reference_idle_s * ratio, 1),
-              "load_average": os.getloadavg(), "args": vars(args)}
+    result = {
+        "measured": measured,
+        "estimate": estimate,
+        "ratio": round(ratio, 3),
+        "candidate_idle_estimate_s": round(args.reference_idle_s * ratio, 1),
+        "load_average": os.getloadavg(),
+        "args": vars(args),
+    }
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as handle:

@@ -60,16 +60,37 @@ def finetune(args, seed: int, pretrained: str, output_dir: str, scratch: bool) -
 
     import run_image_classification
 
-    argv = [args.finetune, "--model_name_or_path", pretrained, *shlex.split(args.finetune_args),
-            "--seed", str(seed), "--output_dir", output_dir, "--overwrite_output_dir", "true",
-            "--load_best_model_at_end", "false", "--save_strategy", "no", "--report_to", "none",
-            "--disable_tqdm", "true"]
+    argv = [
+        args.finetune,
+        "--model_name_or_path",
+        pretrained,
+        *shlex.split(args.finetune_args),
+        "--seed",
+        str(seed),
+        "--output_dir",
+        output_dir,
+        "--overwrite_output_dir",
+        "true",
+        "--load_best_model_at_end",
+        "false",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+    ]
     if scratch:
         argv += ["--from_scratch", "true"]
     transformers.set_seed(seed)
     results, times = timed(run_image_classification.main, argv)
-    return {"top1": round(results["eval_accuracy"], 4), "top5": round(results["eval_top5_accuracy"], 4),
-            "curve": eval_curve(output_dir), "steps": results.get("train_steps"), **times}
+    return {
+        "top1": round(results["eval_accuracy"], 4),
+        "top5": round(results["eval_top5_accuracy"], 4),
+        "curve": eval_curve(output_dir),
+        "steps": results.get("train_steps"),
+        **times,
+    }
 
 
 def probes(pretrained: str, image_size: int, seed: int) -> dict[str, float]:
@@ -121,9 +142,12 @@ def apply_experiment_patches(args) -> None:
 
 
 def summary(values: list[float]) -> dict[str, float]:
-    return {"mean": round(statistics.mean(values), 4),
-            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values)}
+    return {
+        "mean": round(statistics.mean(values), 4),
+        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -134,18 +158,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--finetune", default="configs/finetune/demo_swin_tiny_cpu.yaml")
     parser.add_argument("--pretrain_args", default="", help="Extra run_mim.py flags (one string).")
     parser.add_argument("--finetune_args", default="", help="Extra run_image_classification.py flags (one string).")
-    parser.add_argument("--pretrained", default=None,
-                        help="Reuse this pretraining folder ('{seed}' is replaced by the seed) instead of pretraining: "
-                        "ablations of the finetuning recipe.")
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="Reuse this pretraining folder ('{seed}' is replaced by the seed) instead of pretraining: "
+        "ablations of the finetuning recipe.",
+    )
     parser.add_argument("--no_scratch", action="store_true", help="Skip the from-scratch finetuning.")
     parser.add_argument("--no_probes", action="store_true", help="Skip kNN / linear probes / raw-pixel baselines.")
-    parser.add_argument("--eval_full_image", action="store_true",
-                        help="Experiment: evaluate on the whole image (resize to the model size, no centre crop of "
-                        "224/256; patches the finetuning's evaluation transform).")
+    parser.add_argument(
+        "--eval_full_image",
+        action="store_true",
+        help="Experiment: evaluate on the whole image (resize to the model size, no centre crop of "
+        "224/256; patches the finetuning's evaluation transform).",
+    )
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "outputs", "digits_demo_study"))
     parser.add_argument("--results_dir", default=os.path.join(ROOT, "benchmarks", "results", "digits_demo"))
-    parser.add_argument("--merge", nargs="+", default=None,
-                        help="Merge these studies (names in --results_dir) into --name instead of running.")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="Merge these studies (names in --results_dir) into --name instead of running.",
+    )
     args = parser.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.name, args.results_dir)
@@ -154,11 +188,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import run_mim
 
     record: dict[str, Any] = {
-        "name": args.name, "command": "python benchmarks/digits_demo_study.py " + shlex.join(argv or sys.argv[1:]),
-        "pretrain": args.pretrain, "finetune": args.finetune, "pretrain_args": args.pretrain_args,
-        "finetune_args": args.finetune_args, "eval_full_image": args.eval_full_image,
+        "name": args.name,
+        "command": "python benchmarks/digits_demo_study.py " + shlex.join(argv or sys.argv[1:]),
+        "pretrain": args.pretrain,
+        "finetune": args.finetune,
+        "pretrain_args": args.pretrain_args,
+        "finetune_args": args.finetune_args,
+        "eval_full_image": args.eval_full_image,
         "machine": f"{platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start", "runs": [],
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start",
+        "runs": [],
     }
     os.makedirs(args.results_dir, exist_ok=True)
     results_path = os.path.join(args.results_dir, f"{args.name}.json")
@@ -173,11 +212,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             pretrained = os.path.join(base, "pretrain")
             transformers.set_seed(seed)
-            pre_results, pre_times = timed(run_mim.main, [
-                args.pretrain, *shlex.split(args.pretrain_args), "--seed", str(seed), "--output_dir", pretrained,
-                "--overwrite_output_dir", "true", "--report_to", "none", "--disable_tqdm", "true"])
-            run["pretrain"] = {"eval_loss": round(pre_results.get("eval_loss", float("nan")), 4),
-                               "train_loss": round(pre_results.get("train_loss", float("nan")), 4), **pre_times}
+            pre_results, pre_times = timed(
+                run_mim.main,
+                [
+                    args.pretrain,
+                    *shlex.split(args.pretrain_args),
+                    "--seed",
+                    str(seed),
+                    "--output_dir",
+                    pretrained,
+                    "--overwrite_output_dir",
+                    "true",
+                    "--report_to",
+                    "none",
+                    "--disable_tqdm",
+                    "true",
+                ],
+            )
+            run["pretrain"] = {
+                "eval_loss": round(pre_results.get("eval_loss", float("nan")), 4),
+                "train_loss": round(pre_results.get("train_loss", float("nan")), 4),
+                **pre_times,
+            }
         run["finetune"] = finetune(args, seed, pretrained, os.path.join(base, "finetune"), scratch=False)
         if not args.no_scratch:
             run["scratch"] = finetune(args, seed, pretrained, os.path.join(base, "scratch"), scratch=True)
@@ -206,7 +262,9 @@ def finish(record: dict[str, Any], results_path: str) -> None:
         record["summary"][key] = summary([run["probes"][key] for run in record["runs"]])
     record["summary"]["time_s"] = {
         phase: summary([run[phase]["cpu_s"] for run in record["runs"] if phase in run])
-        for phase in ("pretrain", "finetune", "scratch") if phase in record["runs"][0]}
+        for phase in ("pretrain", "finetune", "scratch")
+        if phase in record["runs"][0]
+    }
     with open(results_path, "w") as handle:
         json.dump(record, handle, indent=1)
     print(json.dumps(record["summary"], indent=1))
@@ -218,8 +276,12 @@ def merge(names: list[str], name: str, results_dir: str) -> dict[str, Any]:
     for part in names:
         with open(os.path.join(results_dir, f"{part}.json")) as handle:
             records.append(json.load(handle))
-    record = {**records[0], "name": name, "command": [part["command"] for part in records],
-              "runs": [run for part in records for run in part["runs"]]}
+    record = {
+        **records[0],
+        "name": name,
+        "command": [part["command"] for part in records],
+        "runs": [run for part in records for run in part["runs"]],
+    }
     finish(record, os.path.join(results_dir, f"{name}.json"))
     return record
 

@@ -47,14 +47,34 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
-FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-CLASS_NAMES = ("0_tshirt_top", "1_trouser", "2_pullover", "3_dress", "4_coat", "5_sandal", "6_shirt", "7_sneaker",
-               "8_bag", "9_ankle_boot")  # sorted folder names = label order
-IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"),
-             0x0E: np.dtype(">f8")}
-INSTALL_HINT = ("Fashion-MNIST not found in {dir}: install Debian's package (sudo apt-get install -y "
-                "dataset-fashion-mnist) or pass --data_dir DIR holding the four idx files (.gz or not).")
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+CLASS_NAMES = (
+    "0_tshirt_top",
+    "1_trouser",
+    "2_pullover",
+    "3_dress",
+    "4_coat",
+    "5_sandal",
+    "6_shirt",
+    "7_sneaker",
+    "8_bag",
+    "9_ankle_boot",
+)  # sorted folder names = label order
+IDX_TYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+INSTALL_HINT = (
+    "Fashion-MNIST not found in {dir}: install Debian's package (sudo apt-get install -y "
+    "dataset-fashion-mnist) or pass --data_dir DIR holding the four idx files (.gz or not)."
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,7 +87,7 @@ def read_idx(path: str) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_TYPES:
         raise ValueError(f"{path} is not an idx file (bad magic number {data[:4].hex()}).")
     ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(IDX_TYPES[data[2]])
     offset = 4 + 4 * ndim
     expected = int(np.prod(shape)) * dtype.itemsize
@@ -104,8 +124,9 @@ def write_image_folder(images: np.ndarray, labels: np.ndarray, root: str) -> str
     for name in CLASS_NAMES:
         os.makedirs(os.path.join(root, name), exist_ok=True)
     for index, (image, label) in enumerate(zip(images, labels)):
-        Image.fromarray(image, mode="L").save(os.path.join(root, CLASS_NAMES[label], f"{index:05d}.png"),
-                                              compress_level=1)
+        Image.fromarray(image, mode="L").save(
+            os.path.join(root, CLASS_NAMES[label], f"{index:05d}.png"), compress_level=1
+        )
     open(marker, "w").close()
     return root
 
@@ -165,17 +186,45 @@ def finetune_steps(args, shot: int | None, num_images: int) -> int:
     return args.finetune_steps
 
 
-def run_finetune(args, pretrained: str, train_dir: str, test_dir: str, output_dir: str, seed: int, steps: int,
-                 scratch: bool = False) -> dict[str, Any]:
+def run_finetune(
+    args, pretrained: str, train_dir: str, test_dir: str, output_dir: str, seed: int, steps: int, scratch: bool = False
+) -> dict[str, Any]:
     import transformers
 
     import run_image_classification
 
-    argv = [args.finetune_recipe, "--model_name_or_path", pretrained, "--train_dir", train_dir,
-            "--validation_dir", test_dir, "--max_steps", str(steps), "--per_device_train_batch_size",
-            str(args.batch_size), "--seed", str(seed), "--output_dir", output_dir, "--overwrite_output_dir", "true",
-            "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
-            "--report_to", "none", "--disable_tqdm", "true", "--verify_images", "false", *shlex.split(args.finetune_args)]
+    argv = [
+        args.finetune_recipe,
+        "--model_name_or_path",
+        pretrained,
+        "--train_dir",
+        train_dir,
+        "--validation_dir",
+        test_dir,
+        "--max_steps",
+        str(steps),
+        "--per_device_train_batch_size",
+        str(args.batch_size),
+        "--seed",
+        str(seed),
+        "--output_dir",
+        output_dir,
+        "--overwrite_output_dir",
+        "true",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--load_best_model_at_end",
+        "false",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--verify_images",
+        "false",
+        *shlex.split(args.finetune_args),
+    ]
     if scratch:
         argv += ["--from_scratch", "true"]
     transformers.set_seed(seed)  # the script builds the model (new head / scratch weights) before the Trainer seeds
@@ -194,7 +243,9 @@ def encoder_features(model, images: np.ndarray, image_size: int, batch_size: int
     transform = build_classification_transform(image_size, train=False)
     features = []
     for start in range(0, len(images), batch_size):
-        batch = torch.stack([transform(Image.fromarray(image, mode="L")) for image in images[start:start + batch_size]])
+        batch = torch.stack(
+            [transform(Image.fromarray(image, mode="L")) for image in images[start : start + batch_size]]
+        )
         features.append(extract_features(model, batch, batch_size=batch_size))
     return torch.cat(features)
 
@@ -214,10 +265,14 @@ def run_probes(pretrained: str, data: dict, subsets: dict, seeds: Sequence[int],
     encoders = {"pretrained": model, "random": SimMIMForMaskedImageModeling(model.config)}
     features = {}
     for name, encoder in encoders.items():
-        features[name] = (encoder_features(encoder, train_images, image_size),
-                          encoder_features(encoder, test_images, image_size))
-    features["pixels"] = (torch.from_numpy(train_images.reshape(len(train_images), -1) / 255.0).float(),
-                          torch.from_numpy(test_images.reshape(len(test_images), -1) / 255.0).float())
+        features[name] = (
+            encoder_features(encoder, train_images, image_size),
+            encoder_features(encoder, test_images, image_size),
+        )
+    features["pixels"] = (
+        torch.from_numpy(train_images.reshape(len(train_images), -1) / 255.0).float(),
+        torch.from_numpy(test_images.reshape(len(test_images), -1) / 255.0).float(),
+    )
     y_train, y_test = torch.from_numpy(train_labels), torch.from_numpy(test_labels)
     results: dict[str, dict[str, list[float]]] = {}
     for shot_name, per_seed in subsets.items():
@@ -226,32 +281,52 @@ def run_probes(pretrained: str, data: dict, subsets: dict, seeds: Sequence[int],
             index = torch.from_numpy(per_seed[seed])
             for name, (f_train, f_test) in features.items():
                 table.setdefault(f"knn_{name}", []).append(
-                    round(100 * knn_accuracy(f_train[index], y_train[index], f_test, y_test), 2))
-                table.setdefault(f"linear_probe_{name}", []).append(round(100 * linear_probe_accuracy(
-                    f_train[index], y_train[index], f_test, y_test, seed=seed), 2))
+                    round(100 * knn_accuracy(f_train[index], y_train[index], f_test, y_test), 2)
+                )
+                table.setdefault(f"linear_probe_{name}", []).append(
+                    round(100 * linear_probe_accuracy(f_train[index], y_train[index], f_test, y_test, seed=seed), 2)
+                )
             if len(index) <= 20000:  # scikit-learn's solver on 60,000 x 784 takes minutes; the probe above is there
-                table.setdefault("logreg_pixels", []).append(round(100 * logistic_regression_accuracy(
-                    features["pixels"][0][index], y_train[index], features["pixels"][1], y_test), 2))
+                table.setdefault("logreg_pixels", []).append(
+                    round(
+                        100
+                        * logistic_regression_accuracy(
+                            features["pixels"][0][index], y_train[index], features["pixels"][1], y_test
+                        ),
+                        2,
+                    )
+                )
     return results
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
-    return {"mean": round(statistics.mean(values), 2),
-            "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0, "values": list(values)}
+    return {
+        "mean": round(statistics.mean(values), 2),
+        "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
+        "values": list(values),
+    }
 
 
-ROWS = [("finetune_pretrained", "finetuned, SimMIM-pretrained"), ("finetune_scratch", "finetuned, from scratch"),
-        ("linear_probe_pretrained", "linear probe, frozen pretrained encoder"),
-        ("linear_probe_random", "linear probe, frozen random encoder"), ("linear_probe_pixels", "linear probe, raw pixels"),
-        ("logreg_pixels", "logistic regression (scikit-learn), raw pixels"),
-        ("knn_pretrained", "kNN, frozen pretrained encoder"), ("knn_random", "kNN, frozen random encoder"),
-        ("knn_pixels", "kNN, raw pixels")]
+ROWS = [
+    ("finetune_pretrained", "finetuned, SimMIM-pretrained"),
+    ("finetune_scratch", "finetuned, from scratch"),
+    ("linear_probe_pretrained", "linear probe, frozen pretrained encoder"),
+    ("linear_probe_random", "linear probe, frozen random encoder"),
+    ("linear_probe_pixels", "linear probe, raw pixels"),
+    ("logreg_pixels", "logistic regression (scikit-learn), raw pixels"),
+    ("knn_pretrained", "kNN, frozen pretrained encoder"),
+    ("knn_random", "kNN, frozen random encoder"),
+    ("knn_pixels", "kNN, raw pixels"),
+]
 
 
 def markdown_table(summary: dict[str, dict[str, dict[str, float]]], shots: Sequence[str]) -> str:
-    lines = ["| top-1 on the 10,000 test images (mean ± std) | " + " | ".join(
-        f"k = {shot} / class" if shot != "all" else "all 60,000" for shot in shots) + " |",
-        "|---|" + "---:|" * len(shots)]
+    lines = [
+        "| top-1 on the 10,000 test images (mean ± std) | "
+        + " | ".join(f"k = {shot} / class" if shot != "all" else "all 60,000" for shot in shots)
+        + " |",
+        "|---|" + "---:|" * len(shots),
+    ]
     for key, label in ROWS:
         cells = []
         for shot in shots:
@@ -278,29 +353,45 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=DEBIAN_DIR, help="Folder of the four idx files (.gz or not).")
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "outputs", "fashion_mnist"))
-    parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "fashion_mnist_transfer.json"))
+    parser.add_argument(
+        "--results", default=os.path.join(ROOT, "benchmarks", "results", "fashion_mnist_transfer.json")
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--shots", nargs="+", default=["10", "100", "all"], help="Labelled images per class, or all.")
-    parser.add_argument("--pretrain_recipe", default=os.path.join(ROOT, "benchmarks", "recipes",
-                                                                  "fashion_mnist_pretrain.yaml"))
-    parser.add_argument("--finetune_recipe", default=os.path.join(ROOT, "benchmarks", "recipes",
-                                                                  "fashion_mnist_finetune.yaml"))
+    parser.add_argument(
+        "--pretrain_recipe", default=os.path.join(ROOT, "benchmarks", "recipes", "fashion_mnist_pretrain.yaml")
+    )
+    parser.add_argument(
+        "--finetune_recipe", default=os.path.join(ROOT, "benchmarks", "recipes", "fashion_mnist_finetune.yaml")
+    )
     parser.add_argument("--pretrain_seed", type=int, default=0)
     parser.add_argument("--pretrain_args", default="", help="Extra run_mim.py flags (one string).")
     parser.add_argument("--finetune_args", default="", help="Extra run_image_classification.py flags (one string).")
     parser.add_argument("--batch_size", type=int, default=64, help="Finetuning batch size.")
     parser.add_argument("--finetune_steps", type=int, default=400, help="Optimizer steps of a k-shot finetuning.")
     parser.add_argument("--all_epochs", type=float, default=1.0, help="Epochs of the finetuning on all images.")
-    parser.add_argument("--knn_monitor_per_class", type=int, default=100,
-                        help="Labelled training images per class for the pretraining's kNN monitor (bank and "
-                        "queries each; 0 = no monitor).")
+    parser.add_argument(
+        "--knn_monitor_per_class",
+        type=int,
+        default=100,
+        help="Labelled training images per class for the pretraining's kNN monitor (bank and "
+        "queries each; 0 = no monitor).",
+    )
     parser.add_argument("--no_probes", action="store_true", help="Skip the frozen-encoder and raw-pixel probes.")
     parser.add_argument("--max_pretrain_images", type=int, default=None, help="Tiny runs: fewer pretraining images.")
-    parser.add_argument("--pretrained", default=None,
-                        help="Skip step 1: reuse this pretraining output folder (e.g. to run seeds in parallel "
-                             "processes, each with its own --seeds and --results, then --merge).")
-    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                        help="Only combine results files of the same protocol (other seeds) into --results.")
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="Skip step 1: reuse this pretraining output folder (e.g. to run seeds in parallel "
+        "processes, each with its own --seeds and --results, then --merge).",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="Only combine results files of the same protocol (other seeds) into --results.",
+    )
     args = parser.parse_args(argv)
     shots = parse_shots(args.shots)
     if args.merge:
@@ -310,19 +401,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     data = load_fashion_mnist(args.data_dir)
     if args.max_pretrain_images is not None:
-        data = {"train": (data["train"][0][:args.max_pretrain_images], data["train"][1][:args.max_pretrain_images]),
-                "test": data["test"]}
+        data = {
+            "train": (data["train"][0][: args.max_pretrain_images], data["train"][1][: args.max_pretrain_images]),
+            "test": data["test"],
+        }
     train_labels = data["train"][1]
-    folders = {split: write_image_folder(*data[split], os.path.join(args.work_dir, "images", split))
-               for split in ("train", "test")}
+    folders = {
+        split: write_image_folder(*data[split], os.path.join(args.work_dir, "images", split))
+        for split in ("train", "test")
+    }
     record: dict[str, Any] = {
-        "command": "python benchmarks/fashion_mnist_transfer.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/fashion_mnist_transfer.py "
+        + shlex.join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                   f"load average {os.getloadavg()[0]:.1f} at start",
+        f"load average {os.getloadavg()[0]:.1f} at start",
         "protocol": "pretrain once on all training images (labels unused); per seed a class-balanced k-shot subset; "
-                    "finetune pretrained and from scratch with the same recipe; last-step top-1 on the test set",
+        "finetune pretrained and from scratch with the same recipe; last-step top-1 on the test set",
         "pretrain_recipe": os.path.relpath(args.pretrain_recipe, ROOT),
-        "finetune_recipe": os.path.relpath(args.finetune_recipe, ROOT), "runs": {},
+        "finetune_recipe": os.path.relpath(args.finetune_recipe, ROOT),
+        "runs": {},
     }
 
     # 1. pretraining (labels unused), kNN monitor on held-out labelled training images
@@ -331,9 +428,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         record["pretrain"] = reused_pretraining(pretrained)
     else:
         pretrained = os.path.join(args.work_dir, "pretrain")
-        pretrain_argv = [args.pretrain_recipe, "--train_dir", folders["train"], "--validation_dir", folders["test"],
-                         "--seed", str(args.pretrain_seed), "--output_dir", pretrained, "--overwrite_output_dir", "true",
-                         "--report_to", "none", "--disable_tqdm", "true", "--verify_images", "false"]
+        pretrain_argv = [
+            args.pretrain_recipe,
+            "--train_dir",
+            folders["train"],
+            "--validation_dir",
+            folders["test"],
+            "--seed",
+            str(args.pretrain_seed),
+            "--output_dir",
+            pretrained,
+            "--overwrite_output_dir",
+            "true",
+            "--report_to",
+            "none",
+            "--disable_tqdm",
+            "true",
+            "--verify_images",
+            "false",
+        ]
         if args.knn_monitor_per_class:
             bank = balanced_subset(train_labels, args.knn_monitor_per_class, seed=10_000)
             queries = balanced_subset(train_labels, args.knn_monitor_per_class, seed=10_001, exclude=bank)
@@ -347,9 +460,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         pretrain_results, pretrain_times = timed(run_mim.main, pretrain_argv + shlex.split(args.pretrain_args))
         with open(os.path.join(pretrained, "trainer_state.json")) as handle:
             history = json.load(handle)["log_history"]
-        record["pretrain"] = {"eval_loss": pretrain_results.get("eval_loss"), **pretrain_times,
-                              "knn_top1_curve": [(entry["step"], entry["knn_top1"]) for entry in history
-                                                 if "knn_top1" in entry]}
+        record["pretrain"] = {
+            "eval_loss": pretrain_results.get("eval_loss"),
+            **pretrain_times,
+            "knn_top1_curve": [(entry["step"], entry["knn_top1"]) for entry in history if "knn_top1" in entry],
+        }
         print(json.dumps({"pretrain": record["pretrain"]}), flush=True)
 
     # 2. finetuning, pretrained and from scratch, per shot and seed
@@ -359,8 +474,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         subsets[name] = {seed: balanced_subset(train_labels, shot, seed) for seed in args.seeds}
         for seed in args.seeds:
             indices = subsets[name][seed]
-            train_dir = folders["train"] if shot is None else link_subset(
-                folders["train"], train_labels, indices, os.path.join(args.work_dir, "subsets", f"k{name}_seed{seed}"))
+            train_dir = (
+                folders["train"]
+                if shot is None
+                else link_subset(
+                    folders["train"],
+                    train_labels,
+                    indices,
+                    os.path.join(args.work_dir, "subsets", f"k{name}_seed{seed}"),
+                )
+            )
             steps = finetune_steps(args, shot, len(indices))
             for kind, scratch in (("pretrained", False), ("scratch", True)):
                 output_dir = os.path.join(args.work_dir, "finetune", f"k{name}_seed{seed}_{kind}")
@@ -372,8 +495,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # 3. frozen encoders and raw pixels
     probe_results = {}
     if not args.no_probes:
-        probe_results, record["probe_times"] = timed(run_probes, pretrained, data, subsets, args.seeds,
-                                                     args.pretrain_seed)
+        probe_results, record["probe_times"] = timed(
+            run_probes, pretrained, data, subsets, args.seeds, args.pretrain_seed
+        )
     record["probes"] = probe_results
     return summarize_and_save(record, args.results)
 
@@ -397,8 +521,11 @@ def reused_pretraining(folder: str) -> dict[str, Any]:
         history = json.load(handle)["log_history"]
     with open(os.path.join(folder, "all_results.json")) as handle:
         results = json.load(handle)
-    return {"eval_loss": results.get("eval_loss"), "reused": os.path.abspath(folder),
-            "knn_top1_curve": [(entry["step"], entry["knn_top1"]) for entry in history if "knn_top1" in entry]}
+    return {
+        "eval_loss": results.get("eval_loss"),
+        "reused": os.path.abspath(folder),
+        "knn_top1_curve": [(entry["step"], entry["knn_top1"]) for entry in history if "knn_top1" in entry],
+    }
 
 
 def merge_results(paths: Sequence[str], output: str) -> dict[str, Any]:

@@ -104,23 +104,51 @@ class Suite:
     budget_s: float = 420.0
 
 
-FULL = Suite(archs=(
-    Arch("swin_base", "Swin-B 192/w6", "swin", "swin_base", ("ours_fast", "ours_plain", "hf_sdpa", "hf_eager"),
-         ("ours_fast", "hf_sdpa"), ("ours_fast", "ours_plain", "hf_sdpa")),
-    Arch("vit_base", "BEiT ViT-B/16 224 (SimMIM)", "vit", "vit_base", ("ours",), ("ours",)),
-    Arch("vit_b16", "ViT-B/16 224 (transformers)", "vit", None, ("hf_sdpa", "hf_eager"), ("hf_sdpa",)),
-))
+FULL = Suite(
+    archs=(
+        Arch(
+            "swin_base",
+            "Swin-B 192/w6",
+            "swin",
+            "swin_base",
+            ("ours_fast", "ours_plain", "hf_sdpa", "hf_eager"),
+            ("ours_fast", "hf_sdpa"),
+            ("ours_fast", "ours_plain", "hf_sdpa"),
+        ),
+        Arch("vit_base", "BEiT ViT-B/16 224 (SimMIM)", "vit", "vit_base", ("ours",), ("ours",)),
+        Arch("vit_b16", "ViT-B/16 224 (transformers)", "vit", None, ("hf_sdpa", "hf_eager"), ("hf_sdpa",)),
+    )
+)
 SMOKE = Suite(
     archs=(
-        Arch("swin_test", "Swin tiny (test)", "swin", "swin_test", ("ours_fast", "ours_plain", "hf_sdpa", "hf_eager"),
-             ("ours_fast",), ("ours_fast", "hf_sdpa")),
+        Arch(
+            "swin_test",
+            "Swin tiny (test)",
+            "swin",
+            "swin_test",
+            ("ours_fast", "ours_plain", "hf_sdpa", "hf_eager"),
+            ("ours_fast",),
+            ("ours_fast", "hf_sdpa"),
+        ),
         Arch("beit_test", "BEiT tiny (test)", "vit", "beit_test", ("ours",), ()),
         Arch("vit_test", "ViT tiny (test)", "vit", "vit_test", ("hf_eager",), ()),
     ),
-    batch_size=4, warmup_steps=1, rounds=2, steps_per_round=1, compile_dtypes=("fp32",), compile_backend="eager",
+    batch_size=4,
+    warmup_steps=1,
+    rounds=2,
+    steps_per_round=1,
+    compile_dtypes=("fp32",),
+    compile_backend="eager",
     compile_impls=("ours_fast", "hf_sdpa"),  # the Swin pair only (the tiny ViT reference is "hf_eager")
-    compile_estimate_s=5.0, max_batch_cap=8, max_batch_cap_checkpointing=8, max_batch_probes=4, loader_files=12,
-    loader_workers=2, loader_batches=2, matmul_size=128, budget_s=120.0,
+    compile_estimate_s=5.0,
+    max_batch_cap=8,
+    max_batch_cap_checkpointing=8,
+    max_batch_probes=4,
+    loader_files=12,
+    loader_workers=2,
+    loader_batches=2,
+    matmul_size=128,
+    budget_s=120.0,
 )
 
 
@@ -146,6 +174,7 @@ def build_model(arch: Arch, impl: str, device: torch.device) -> torch.nn.Module:
 
         def make() -> torch.nn.Module:
             return AutoModelForMaskedImageModeling.from_config(backbone_config, attn_implementation=attention)
+
     with torch.device(device):
         model = make()
     return model.to(device).train()
@@ -160,16 +189,18 @@ class Batch:
 def make_batch(arch: Arch, impl: str, batch_size: int, device: torch.device) -> Batch:
     """Random images and SimMIM masks; transformers' classes take the mask flattened to (B, num_patches)."""
     config = simmim_config(arch)
-    generator = SimMIMMaskGenerator(config.image_size, config.mask_patch_size, config.model_patch_size,
-                                    config.mask_ratio)
+    generator = SimMIMMaskGenerator(
+        config.image_size, config.mask_patch_size, config.model_patch_size, config.mask_ratio
+    )
     mask = generator(batch_size, device=device)
     if not impl.startswith("ours"):
         mask = mask.flatten(1)
     return Batch(torch.randn(batch_size, config.num_channels, *config.image_size, device=device), mask)
 
 
-def train_step(model: Callable, optimizer: torch.optim.Optimizer, batch: Batch, dtype: str,
-               device: torch.device) -> Callable[[], None]:
+def train_step(
+    model: Callable, optimizer: torch.optim.Optimizer, batch: Batch, dtype: str, device: torch.device
+) -> Callable[[], None]:
     """The full training step as a closure: forward with the SimMIM loss, backward, fused AdamW step."""
 
     def step() -> None:
@@ -214,8 +245,9 @@ def tensor_bytes(tensors: Iterator[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def step_peak_memory_gib(step: Callable[[], None], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                         device: torch.device) -> float | None:
+def step_peak_memory_gib(
+    step: Callable[[], None], model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+) -> float | None:
     """Peak tensor memory of one step of this model alone: its parameters and optimizer state plus the largest
     allocation increase during the step (other models of the group stay resident, so the absolute peak would
     count them too). CUDA only: on a CPU the suite does not measure memory."""
@@ -300,8 +332,9 @@ def image_size_label(arch: Arch) -> str:
     return f"{height}x{width}"
 
 
-def prepare_cell(arch: Arch, impl: str, dtype: str, compiled: bool, suite: Suite, device: torch.device
-                 ) -> tuple[tuple[Callable[[], None], torch.nn.Module, torch.optim.Optimizer], float]:
+def prepare_cell(
+    arch: Arch, impl: str, dtype: str, compiled: bool, suite: Suite, device: torch.device
+) -> tuple[tuple[Callable[[], None], torch.nn.Module, torch.optim.Optimizer], float]:
     """Build, compile (optional), run the first step (the compilation; it also allocates the optimizer state) and
     warm up. Returns (step, model, optimizer) and the seconds until the first step ended."""
     start = time.perf_counter()
@@ -316,16 +349,30 @@ def prepare_cell(arch: Arch, impl: str, dtype: str, compiled: bool, suite: Suite
     return (step, model, optimizer), first_s
 
 
-def measure_group(cells: list[tuple[Arch, str]], dtype: str, compiled: bool, suite: Suite, budget: Budget,
-                  device: torch.device, timings: dict[str, float]) -> list[dict[str, Any]]:
+def measure_group(
+    cells: list[tuple[Arch, str]],
+    dtype: str,
+    compiled: bool,
+    suite: Suite,
+    budget: Budget,
+    device: torch.device,
+    timings: dict[str, float],
+) -> list[dict[str, Any]]:
     """Build, (compile,) warm up and time every cell of one group, round-robin; one row per cell."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     steps: dict[tuple[str, str], tuple[Callable[[], None], torch.nn.Module, torch.optim.Optimizer]] = {}
     for arch, impl in cells:
         key = (arch.key, impl)
-        row = rows[key] = {"model": arch.key, "label": arch.label, "family": arch.family, "impl": impl,
-                           "dtype": dtype, "compiled": compiled, "batch_size": suite.batch_size,
-                           "image_size": image_size_label(arch)}
+        row = rows[key] = {
+            "model": arch.key,
+            "label": arch.label,
+            "family": arch.family,
+            "impl": impl,
+            "dtype": dtype,
+            "compiled": compiled,
+            "batch_size": suite.batch_size,
+            "image_size": image_size_label(arch),
+        }
         estimate = timings.get("compile_s", suite.compile_estimate_s) if compiled else timings.get("build_s", 5.0)
         if not budget.allows(estimate):
             row["status"] = SKIPPED
@@ -382,14 +429,20 @@ def add_derived(rows: list[dict[str, Any]], flops: dict[str, float], peaks: dict
                 row["mfu"] = row["tflops"] / peaks["bf16"]
             if row["dtype"] == "fp32" and "tf32" in peaks:
                 row["fraction_of_tf32_peak"] = row["tflops"] / peaks["tf32"]
-        reference = [r for r in rows if r.get("status") == "ok" and r["impl"] == "hf_sdpa"
-                     and (r["family"], r["dtype"], r["compiled"]) == (row["family"], row["dtype"], row["compiled"])]
+        reference = [
+            r
+            for r in rows
+            if r.get("status") == "ok"
+            and r["impl"] == "hf_sdpa"
+            and (r["family"], r["dtype"], r["compiled"]) == (row["family"], row["dtype"], row["compiled"])
+        ]
         if reference:
             row["vs_hf_sdpa"] = row["images_per_s"] / reference[0]["images_per_s"]
 
 
-def largest_fitting_batch(fits: Callable[[int], bool], start: int, cap: int, max_probes: int,
-                          rel_tol: float = 0.1) -> dict[str, Any]:
+def largest_fitting_batch(
+    fits: Callable[[int], bool], start: int, cap: int, max_probes: int, rel_tol: float = 0.1
+) -> dict[str, Any]:
     """Probe `fits(batch)`: double from `start` (halve while nothing fits), then bisect (multiples of 8 from 16 up)
     until the bracket is within `rel_tol`, at most `max_probes` probes. Returns the largest batch seen to fit and the
     smallest seen to fail (None: nothing failed up to `cap`)."""
@@ -416,12 +469,17 @@ def largest_fitting_batch(fits: Callable[[int], bool], start: int, cap: int, max
             candidate = middle // 8 * 8 if middle >= 16 else middle
             if candidate <= largest:
                 break
-    return {"largest_fitting": largest, "smallest_failing": failing, "probes": probes,
-            "capped": failing is None and largest >= cap}
+    return {
+        "largest_fitting": largest,
+        "smallest_failing": failing,
+        "probes": probes,
+        "capped": failing is None and largest >= cap,
+    }
 
 
-def max_batch_cell(arch: Arch, impl: str, checkpointing: bool, suite: Suite, device: torch.device,
-                   budget: Budget) -> dict[str, Any]:
+def max_batch_cell(
+    arch: Arch, impl: str, checkpointing: bool, suite: Suite, device: torch.device, budget: Budget
+) -> dict[str, Any]:
     """The largest bf16 training-step batch that fits on `device` (eager)."""
     model = build_model(arch, impl, device)
     if checkpointing:
@@ -463,10 +521,17 @@ def loader_cell(config: SimMIMConfig, suite: Suite, device: torch.device, folder
     generator = SimMIMMaskGenerator(image_size, config.mask_patch_size, config.model_patch_size, config.mask_ratio)
     warm_batches = suite.loader_workers
     sampler = torch.utils.data.RandomSampler(
-        dataset, replacement=True, num_samples=suite.batch_size * (warm_batches + suite.loader_batches))
+        dataset, replacement=True, num_samples=suite.batch_size * (warm_batches + suite.loader_batches)
+    )
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=suite.batch_size, sampler=sampler, num_workers=suite.loader_workers,
-        collate_fn=PretrainCollator(SimMIMDataCollator(generator)), pin_memory=device.type == "cuda", drop_last=True)
+        dataset,
+        batch_size=suite.batch_size,
+        sampler=sampler,
+        num_workers=suite.loader_workers,
+        collate_fn=PretrainCollator(SimMIMDataCollator(generator)),
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+    )
     batches = iter(loader)
     for _ in range(warm_batches):
         next(batches)
@@ -492,9 +557,11 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"`{meta['command']}`, {meta['date']}, torch {meta['torch']}, transformers {meta['transformers']}, "
         f"{_fmt(meta.get('elapsed_s'), '.0f')} s of a {meta['budget_s']:.0f} s budget.",
         f"Matmul peak measured in this run (TFLOP/s, {meta['matmul_size']}^3): "
-        + (", ".join(f"{k} {v:.1f}" for k, v in peaks.items()) or "-") + ". "
+        + (", ".join(f"{k} {v:.1f}" for k, v in peaks.items()) or "-")
+        + ". "
         f"FLOPs per image (GFLOP, {meta['flop_method']}): "
-        + (", ".join(f"{k} {v / 1e9:.1f}" for k, v in meta.get("flops_per_image", {}).items()) or "-") + ".",
+        + (", ".join(f"{k} {v / 1e9:.1f}" for k, v in meta.get("flops_per_image", {}).items()) or "-")
+        + ".",
         "",
         f"## Training step, batch {meta['batch_size']} (median of {meta['rounds']} interleaved rounds of "
         f"{meta['steps_per_round']} steps)",
@@ -509,13 +576,21 @@ def format_markdown(report: dict[str, Any]) -> str:
             f"{_fmt(row.get('images_per_s'))} | {_fmt(row.get('step_s') and row['step_s'] * 1e3, '.1f')} | "
             f"{_fmt(row.get('vs_hf_sdpa'), '.2f', 'x')} | {_fmt(row.get('tflops'), '.3g')} | "
             f"{_fmt(row.get('mfu') and row['mfu'] * 100, '.1f', '%')} | {_fmt(row.get('peak_memory_gib'), '.1f')} | "
-            f"{_fmt(row.get('compile_s'))} | {row.get('status', '-')}{'; ' + row['note'] if row.get('note') else ''} |")
-    lines += ["", "Implementations: " + "; ".join(f"`{k}` {v}" for k, v in IMPL_HELP.items()) + ". fp32 rows use "
-              "TF32 matmuls; `vs hf_sdpa` compares with transformers' default class of the same family, dtype and "
-              "compile setting (for ViT: the BEiT-style model against plain ViT-B, indicative only).", ""]
-    lines += [f"## Where a bf16 step's time goes (one profiled eager step, batch {meta['batch_size']})", "",
-              "| model | impl | profiled ms | matmul + conv | fused attention | everything else | top (ms) | status |",
-              "|---|---|---:|---:|---:|---:|---|---|"]
+            f"{_fmt(row.get('compile_s'))} | {row.get('status', '-')}{'; ' + row['note'] if row.get('note') else ''} |"
+        )
+    lines += [
+        "",
+        "Implementations: " + "; ".join(f"`{k}` {v}" for k, v in IMPL_HELP.items()) + ". fp32 rows use "
+        "TF32 matmuls; `vs hf_sdpa` compares with transformers' default class of the same family, dtype and "
+        "compile setting (for ViT: the BEiT-style model against plain ViT-B, indicative only).",
+        "",
+    ]
+    lines += [
+        f"## Where a bf16 step's time goes (one profiled eager step, batch {meta['batch_size']})",
+        "",
+        "| model | impl | profiled ms | matmul + conv | fused attention | everything else | top (ms) | status |",
+        "|---|---|---:|---:|---:|---:|---|---|",
+    ]
     for row in report["profile"]:
         top = "; ".join(f"{name[:60]} {ms:.1f}" for name, ms in row.get("top_ms", [])[:6])
         lines.append(
@@ -523,35 +598,50 @@ def format_markdown(report: dict[str, Any]) -> str:
             f"{_fmt(row.get('matmul_share') and row['matmul_share'] * 100, '.0f', '%')} | "
             f"{_fmt(row.get('fused_attention_share') and row['fused_attention_share'] * 100, '.0f', '%')} | "
             f"{_fmt(row.get('outside_matmul_share') and row['outside_matmul_share'] * 100, '.0f', '%')} | "
-            f"{top or '-'} | {row.get('status', '-')} |")
+            f"{top or '-'} | {row.get('status', '-')} |"
+        )
     lines += ["", "(GPU: kernel time, split by kernel name; CPU: aten ops' self time.)", ""]
-    lines += ["## Largest per-device batch (bf16 training step, eager)", "",
-              "| model | impl | gradient checkpointing | largest that fits | smallest that failed | probes | status |",
-              "|---|---|---|---:|---:|---:|---|"]
+    lines += [
+        "## Largest per-device batch (bf16 training step, eager)",
+        "",
+        "| model | impl | gradient checkpointing | largest that fits | smallest that failed | probes | status |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
     for row in report["max_batch"]:
         failing = row.get("smallest_failing")
         largest = row.get("largest_fitting")
         lines.append(
             f"| {row['label']} | {row['impl']} | {'yes' if row['checkpointing'] else 'no'} | "
             f"{_fmt(largest, 'd')}{' (cap)' if row.get('capped') else ''} | {_fmt(failing, 'd')} | "
-            f"{_fmt(row.get('probes'), 'd')} | {row.get('status', '-')} |")
-    lines += ["", f"## Input pipeline ({meta['loader_workers']} workers, JPEG 500x375 q90) vs the GPU step's appetite",
-              "", "| image size | loader img/s | appetite img/s (fastest bf16 `ours` step) | loader / appetite | status |",
-              "|---|---:|---:|---:|---|"]
+            f"{_fmt(row.get('probes'), 'd')} | {row.get('status', '-')} |"
+        )
+    lines += [
+        "",
+        f"## Input pipeline ({meta['loader_workers']} workers, JPEG 500x375 q90) vs the GPU step's appetite",
+        "",
+        "| image size | loader img/s | appetite img/s (fastest bf16 `ours` step) | loader / appetite | status |",
+        "|---|---:|---:|---:|---|",
+    ]
     for row in report["loader"]:
         lines.append(
             f"| {row['image_size']} | {_fmt(row.get('images_per_s'))} | {_fmt(row.get('appetite_images_per_s'))}"
             f"{' (' + row['appetite_from'] + ')' if row.get('appetite_from') else ''} | "
-            f"{_fmt(row.get('loader_over_appetite'), '.2f', 'x')} | {row.get('status', '-')} |")
-    skipped = [f"{r.get('label', r.get('image_size'))} {r.get('impl', '')} {r.get('dtype', '')}".strip()
-               for section in ("throughput", "profile", "max_batch", "loader") for r in report[section]
-               if r.get("status") == SKIPPED]
+            f"{_fmt(row.get('loader_over_appetite'), '.2f', 'x')} | {row.get('status', '-')} |"
+        )
+    skipped = [
+        f"{r.get('label', r.get('image_size'))} {r.get('impl', '')} {r.get('dtype', '')}".strip()
+        for section in ("throughput", "profile", "max_batch", "loader")
+        for r in report[section]
+        if r.get("status") == SKIPPED
+    ]
     if meta.get("failures"):
         lines += ["", "Failed outside the tables: " + "; ".join(f"{k}: {v}" for k, v in meta["failures"].items())]
     if meta.get("sections_not_run"):
         lines += ["", "Sections not run (--sections): " + ", ".join(meta["sections_not_run"]) + "."]
-    lines += ["", f"Skipped for the time budget: {len(skipped)} cell(s)" + (": " + "; ".join(skipped) if skipped
-                                                                            else ".")]
+    lines += [
+        "",
+        f"Skipped for the time budget: {len(skipped)} cell(s)" + (": " + "; ".join(skipped) if skipped else "."),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -570,19 +660,31 @@ def device_description(device: torch.device) -> str:
 
 
 # ---- main --------------------------------------------------------------------------------------------------------
-def new_report(suite: Suite, sections: tuple[str, ...], device: torch.device, command: str,
-               smoke: bool) -> dict[str, Any]:
+def new_report(
+    suite: Suite, sections: tuple[str, ...], device: torch.device, command: str, smoke: bool
+) -> dict[str, Any]:
     import transformers
 
     meta = {
-        "command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": device_description(device), "torch": torch.__version__, "transformers": transformers.__version__,
-        "smoke": smoke, "budget_s": suite.budget_s, "batch_size": suite.batch_size, "rounds": suite.rounds,
-        "steps_per_round": suite.steps_per_round, "matmul_size": suite.matmul_size,
-        "loader_workers": suite.loader_workers, "compile_backend": suite.compile_backend, "tf32": True,
+        "command": command,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": device_description(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "smoke": smoke,
+        "budget_s": suite.budget_s,
+        "batch_size": suite.batch_size,
+        "rounds": suite.rounds,
+        "steps_per_round": suite.steps_per_round,
+        "matmul_size": suite.matmul_size,
+        "loader_workers": suite.loader_workers,
+        "compile_backend": suite.compile_backend,
+        "tf32": True,
         "sections_not_run": [s for s in SECTIONS if s not in sections],
         "flop_method": "torch.utils.flop_counter, one eager step at batch 2, SDPA math backend, / 2",
-        "matmul_peak_tflops": {}, "flops_per_image": {}, "failures": {},
+        "matmul_peak_tflops": {},
+        "flops_per_image": {},
+        "failures": {},
     }
     return {"meta": meta, "throughput": [], "profile": [], "max_batch": [], "loader": []}
 
@@ -603,9 +705,16 @@ def reference_section(suite: Suite, device: torch.device, meta: dict[str, Any]) 
     free_memory(device, collect=True)
 
 
-def throughput_section(suite: Suite, dtypes: tuple[str, ...], compiled: bool, device: torch.device,
-                       budget: Budget, report: dict[str, Any], save: Callable[[], None],
-                       timings: dict[str, float]) -> None:
+def throughput_section(
+    suite: Suite,
+    dtypes: tuple[str, ...],
+    compiled: bool,
+    device: torch.device,
+    budget: Budget,
+    report: dict[str, Any],
+    save: Callable[[], None],
+    timings: dict[str, float],
+) -> None:
     """One interleaved group per (dtype, family); rows appended to the report, which is saved after each group."""
     families: dict[str, list[tuple[Arch, str]]] = {}
     for arch in suite.archs:
@@ -624,8 +733,13 @@ def profile_section(suite: Suite, device: torch.device, budget: Budget, report: 
 
     for arch in suite.archs:
         for impl in arch.profile_impls:
-            row: dict[str, Any] = {"model": arch.key, "label": arch.label, "impl": impl, "dtype": "bf16",
-                                   "batch_size": suite.batch_size}
+            row: dict[str, Any] = {
+                "model": arch.key,
+                "label": arch.label,
+                "impl": impl,
+                "dtype": "bf16",
+                "batch_size": suite.batch_size,
+            }
             if not budget.allows(10.0 if device.type == "cuda" else 0.0):
                 row["status"] = SKIPPED
             else:
@@ -638,13 +752,19 @@ def profile_section(suite: Suite, device: torch.device, budget: Budget, report: 
             free_memory(device, collect=True)
 
 
-def max_batch_section(suite: Suite, device: torch.device, budget: Budget, report: dict[str, Any],
-                      save: Callable[[], None]) -> None:
+def max_batch_section(
+    suite: Suite, device: torch.device, budget: Budget, report: dict[str, Any], save: Callable[[], None]
+) -> None:
     for arch in suite.archs:
         for impl in arch.max_batch_impls:
             for checkpointing in (False, True):
-                row = {"model": arch.key, "label": arch.label, "impl": impl, "dtype": "bf16",
-                       "checkpointing": checkpointing}
+                row = {
+                    "model": arch.key,
+                    "label": arch.label,
+                    "impl": impl,
+                    "dtype": "bf16",
+                    "checkpointing": checkpointing,
+                }
                 if not budget.allows(30.0 if device.type == "cuda" else 0.0):
                     row["status"] = SKIPPED
                 else:
@@ -659,8 +779,9 @@ def max_batch_section(suite: Suite, device: torch.device, budget: Budget, report
                 save()
 
 
-def run_suite(suite: Suite, sections: tuple[str, ...], device: torch.device, output_dir: Path, command: str,
-              smoke: bool) -> dict[str, Any]:
+def run_suite(
+    suite: Suite, sections: tuple[str, ...], device: torch.device, output_dir: Path, command: str, smoke: bool
+) -> dict[str, Any]:
     """Every section in `sections`, in the order of SECTIONS; the report is saved after each step."""
     budget = Budget(suite.budget_s)
     report = new_report(suite, sections, device, command, smoke)
@@ -709,8 +830,9 @@ def suite_settings(cpu_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def loader_section(suite: Suite, device: torch.device, throughput_rows: list[dict[str, Any]],
-                   budget: Budget) -> list[dict[str, Any]]:
+def loader_section(
+    suite: Suite, device: torch.device, throughput_rows: list[dict[str, Any]], budget: Budget
+) -> list[dict[str, Any]]:
     """One row per image size of the suite's models, on the same generated JPEG folder."""
     from data_throughput import make_jpegs
 
@@ -735,8 +857,14 @@ def loader_section(suite: Suite, device: torch.device, throughput_rows: list[dic
 def update_appetite(loader_rows: list[dict[str, Any]], throughput_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The GPU step's appetite for each image size: the fastest bf16 step of our model (eager or compiled)."""
     for row in loader_rows:
-        candidates = [r for r in throughput_rows if r.get("status") == "ok" and r["impl"].startswith("ours")
-                      and r["dtype"] == "bf16" and r.get("image_size") == row["image_size"]]
+        candidates = [
+            r
+            for r in throughput_rows
+            if r.get("status") == "ok"
+            and r["impl"].startswith("ours")
+            and r["dtype"] == "bf16"
+            and r.get("image_size") == row["image_size"]
+        ]
         if candidates:
             best = max(candidates, key=lambda r: r["images_per_s"])
             row["appetite_images_per_s"] = best["images_per_s"]

@@ -90,24 +90,49 @@ def check(args) -> list[dict]:
         estimate = estimate_memory(model, profile, args.batch_size, num_processes=1)
         measured = measure_training_step(model, make_inputs, args.batch_size)
         del model
-        child = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "rss-child", name,
-                                str(args.image_size), str(args.batch_size)],
-                               capture_output=True, text=True, check=True)
+        child = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--threads",
+                str(args.threads),
+                "rss-child",
+                name,
+                str(args.image_size),
+                str(args.batch_size),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rss = json.loads(child.stdout.strip().splitlines()[-1])["rss_peak_above_start"]
-        rows.append({"model": name, "parameters_m": estimate.num_parameters / 1e6, "batch_size": args.batch_size,
-                     "estimate_gb": estimate.total / GB, "measured_torch_gb": measured / GB, "measured_rss_gb": rss / GB,
-                     "estimate_over_measured": estimate.total / measured,
-                     "activations_per_image_mb": profile.per_image_bytes / 1e6, "seconds": time.time() - start})
+        rows.append(
+            {
+                "model": name,
+                "parameters_m": estimate.num_parameters / 1e6,
+                "batch_size": args.batch_size,
+                "estimate_gb": estimate.total / GB,
+                "measured_torch_gb": measured / GB,
+                "measured_rss_gb": rss / GB,
+                "estimate_over_measured": estimate.total / measured,
+                "activations_per_image_mb": profile.per_image_bytes / 1e6,
+                "seconds": time.time() - start,
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print("| model | parameters | batch | estimate | measured (torch allocations) | estimate / measured | "
-              "measured (peak RSS) |")
+        print(
+            "| model | parameters | batch | estimate | measured (torch allocations) | estimate / measured | "
+            "measured (peak RSS) |"
+        )
         print("|---|---|---|---|---|---|---|")
         for row in rows:
-            print(f"| {row['model']} | {row['parameters_m']:.1f}M | {row['batch_size']} | {row['estimate_gb']:.3f} GB | "
-                  f"{row['measured_torch_gb']:.3f} GB | {row['estimate_over_measured']:.3f} | "
-                  f"{row['measured_rss_gb']:.3f} GB |")
+            print(
+                f"| {row['model']} | {row['parameters_m']:.1f}M | {row['batch_size']} | {row['estimate_gb']:.3f} GB | "
+                f"{row['measured_torch_gb']:.3f} GB | {row['estimate_over_measured']:.3f} | "
+                f"{row['measured_rss_gb']:.3f} GB |"
+            )
     return rows
 
 
@@ -117,8 +142,14 @@ def recipes(args) -> list[dict]:
     for path in args.recipes:
         with torch.device("meta"):
             recipe_model = model_from_recipe(path)
-        key = json.dumps([recipe_model.model.config.to_json_string(), recipe_model.per_device_batch,
-                          recipe_model.bf16, recipe_model.task])
+        key = json.dumps(
+            [
+                recipe_model.model.config.to_json_string(),
+                recipe_model.per_device_batch,
+                recipe_model.bf16,
+                recipe_model.task,
+            ]
+        )
         if key in measured:
             rows.append({**measured[key], "recipe": os.path.relpath(path, ROOT)})
             continue
@@ -126,21 +157,34 @@ def recipes(args) -> list[dict]:
         base, recipe_model = plan(path, num_processes=args.num_processes, device="cpu")
         family = recipe_model.model.config.backbone_type
         # FSDP changes the static part only: the activations measured for DDP apply
-        fsdp = estimate_memory(recipe_model.model, base.activation_profile, base.per_device_batch, fsdp=8,
-                               bf16=base.bf16, fsdp_layer_classes=[BLOCK_CLASSES[family]])
+        fsdp = estimate_memory(
+            recipe_model.model,
+            base.activation_profile,
+            base.per_device_batch,
+            fsdp=8,
+            bf16=base.bf16,
+            fsdp_layer_classes=[BLOCK_CLASSES[family]],
+        )
         del recipe_model
         checkpointed = None
         if args.gradient_checkpointing:
             checkpointed, _ = plan(path, num_processes=args.num_processes, device="cpu", gradient_checkpointing=True)
-        row = {"recipe": os.path.relpath(path, ROOT), "parameters_m": base.num_parameters / 1e6,
-               "batch": base.per_device_batch, "bf16": base.bf16, "seconds": 0.0}
+        row = {
+            "recipe": os.path.relpath(path, ROOT),
+            "parameters_m": base.num_parameters / 1e6,
+            "batch": base.per_device_batch,
+            "bf16": base.bf16,
+            "seconds": 0.0,
+        }
         for label, estimate in (("ddp", base), ("checkpointing", checkpointed), ("fsdp8", fsdp)):
             if estimate is None:
                 continue
-            row[label] = {"total_gb": estimate.total / GB, "static_gb": estimate.static / GB,
-                          "per_image_mb": estimate.activation_profile.per_image_bytes / 1e6,
-                          "max_batch": {f"{gb:g}": estimate.max_batch(gb * GB, args.reserve)
-                                        for gb in args.gpu_memory_gb}}
+            row[label] = {
+                "total_gb": estimate.total / GB,
+                "static_gb": estimate.static / GB,
+                "per_image_mb": estimate.activation_profile.per_image_bytes / 1e6,
+                "max_batch": {f"{gb:g}": estimate.max_batch(gb * GB, args.reserve) for gb in args.gpu_memory_gb},
+            }
         row["seconds"] = time.time() - start
         rows.append(row)
         measured[key] = row
@@ -152,17 +196,25 @@ def recipes(args) -> list[dict]:
     largest = " / ".join(f"{size} GB" for size in sizes)
     columns = [("ddp", "DDP"), ("checkpointing", "DDP + gradient checkpointing"), ("fsdp8", "FSDP x8, block units")]
     columns = [(key, title) for key, title in columns if any(key in row for row in rows)]
-    print("| recipe | parameters | batch | " + " | ".join(
-        f"{title}: total at batch / per image / largest batch {largest}" for _, title in columns) + " |")
+    print(
+        "| recipe | parameters | batch | "
+        + " | ".join(f"{title}: total at batch / per image / largest batch {largest}" for _, title in columns)
+        + " |"
+    )
     print("|" + "---|" * (3 + len(columns)))
     for row in rows:
         cells = []
         for key, _ in columns:
             part = row[key]
-            cells.append(f"{part['total_gb']:.1f} GB / {part['per_image_mb']:.0f} MB / "
-                         + " / ".join(str(part["max_batch"][size]) for size in sizes))
-        print(f"| `{os.path.basename(row['recipe'])}` | {row['parameters_m']:.1f}M | {row['batch']} | "
-              + " | ".join(cells) + " |")
+            cells.append(
+                f"{part['total_gb']:.1f} GB / {part['per_image_mb']:.0f} MB / "
+                + " / ".join(str(part["max_batch"][size]) for size in sizes)
+            )
+        print(
+            f"| `{os.path.basename(row['recipe'])}` | {row['parameters_m']:.1f}M | {row['batch']} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return rows
 
 
@@ -176,14 +228,18 @@ def main() -> None:
     check_parser.add_argument("--batch_size", type=int, default=8)
     check_parser.add_argument("--json", action="store_true")
     recipes_parser = commands.add_parser("recipes")
-    recipes_parser.add_argument("--recipes", nargs="+",
-                                default=sorted(glob.glob(os.path.join(ROOT, "configs", "pretrain", "*.yaml"))))
+    recipes_parser.add_argument(
+        "--recipes", nargs="+", default=sorted(glob.glob(os.path.join(ROOT, "configs", "pretrain", "*.yaml")))
+    )
     recipes_parser.add_argument("--gpu_memory_gb", type=float, nargs="+", default=[80.0, 141.0])
     recipes_parser.add_argument("--reserve", type=float, default=0.1)
     recipes_parser.add_argument("--num_processes", type=int, default=16)
-    recipes_parser.add_argument("--gradient_checkpointing", action="store_true",
-                                help="Also measure with gradient checkpointing (on CPUs without native bf16 matmul "
-                                "its bf16 recomputation uses PyTorch's generic kernel: over 20x slower).")
+    recipes_parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Also measure with gradient checkpointing (on CPUs without native bf16 matmul "
+        "its bf16 recomputation uses PyTorch's generic kernel: over 20x slower).",
+    )
     recipes_parser.add_argument("--json", action="store_true")
     child_parser = commands.add_parser("rss-child")
     child_parser.add_argument("name")

@@ -35,19 +35,21 @@ FINETUNE = os.path.join(ROOT, "configs", "finetune", "demo_swin_tiny_cpu.yaml")
 METHODS = ("geometric", "bicubic", "reinit")
 
 
-def bicubic_resize(table: torch.Tensor, source_window: tuple[int, int], target_window: tuple[int, int],
-                   num_extra_tokens: int = 0) -> torch.Tensor:
+def bicubic_resize(
+    table: torch.Tensor, source_window: tuple[int, int], target_window: tuple[int, int], num_extra_tokens: int = 0
+) -> torch.Tensor:
     """Plain bicubic resampling of each head's (2h-1) x (2w-1) offset grid to the target window's."""
     source_h, source_w = 2 * source_window[0] - 1, 2 * source_window[1] - 1
     target_h, target_w = 2 * target_window[0] - 1, 2 * target_window[1] - 1
-    extra = table[table.shape[0] - num_extra_tokens:] if num_extra_tokens else table[:0]
+    extra = table[table.shape[0] - num_extra_tokens :] if num_extra_tokens else table[:0]
     grid = table[: source_h * source_w].T.reshape(1, -1, source_h, source_w).float()
     resized = torch.nn.functional.interpolate(grid, size=(target_h, target_w), mode="bicubic", align_corners=False)
     return torch.cat([resized.reshape(-1, target_h * target_w).T.to(table.dtype), extra], dim=0)
 
 
-def reinitialized(table: torch.Tensor, source_window: tuple[int, int], target_window: tuple[int, int],
-                  num_extra_tokens: int = 0) -> torch.Tensor:
+def reinitialized(
+    table: torch.Tensor, source_window: tuple[int, int], target_window: tuple[int, int], num_extra_tokens: int = 0
+) -> torch.Tensor:
     """A new table of the target window (official init: truncated normal, std 0.02); nothing transferred."""
     rows = (2 * target_window[0] - 1) * (2 * target_window[1] - 1) + num_extra_tokens
     return torch.nn.init.trunc_normal_(torch.empty(rows, table.shape[1], dtype=table.dtype), std=0.02)
@@ -60,12 +62,18 @@ def use_method(method: str) -> None:
     if not hasattr(transfer, "_official_resize"):
         transfer._official_resize = transfer.resize_relative_position_bias_table
     transfer.resize_relative_position_bias_table = {
-        "geometric": transfer._official_resize, "bicubic": bicubic_resize, "reinit": reinitialized}[method]
+        "geometric": transfer._official_resize,
+        "bicubic": bicubic_resize,
+        "reinit": reinitialized,
+    }[method]
 
 
 def summary(values: list[float]) -> dict[str, float]:
-    return {"mean": round(statistics.mean(values), 4),
-            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0, "n": len(values)}
+    return {
+        "mean": round(statistics.mean(values), 4),
+        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -84,26 +92,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import run_image_classification
 
     record: dict[str, Any] = {
-        "command": "python benchmarks/position_bias_study.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "load_average_at_start": os.getloadavg()[0], "runs": []}
+        "command": "python benchmarks/position_bias_study.py "
+        + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "load_average_at_start": os.getloadavg()[0],
+        "runs": [],
+    }
     os.makedirs(args.results_dir, exist_ok=True)
     path = os.path.join(args.results_dir, f"{args.name}.json")
     for seed in args.seeds:
         for method in args.methods:
             use_method(method)
             output_dir = os.path.join(args.work_dir, args.name, f"{method}_seed{seed}")
-            results = run_image_classification.main([
-                FINETUNE, "--model_name_or_path", args.pretrained.replace("{seed}", str(seed)),
-                "--image_size", str(args.image_size), "--window_size", str(args.window_size),
-                *shlex.split(args.finetune_args), "--seed", str(seed), "--output_dir", output_dir,
-                "--overwrite_output_dir", "true", "--disable_tqdm", "true"])
+            results = run_image_classification.main(
+                [
+                    FINETUNE,
+                    "--model_name_or_path",
+                    args.pretrained.replace("{seed}", str(seed)),
+                    "--image_size",
+                    str(args.image_size),
+                    "--window_size",
+                    str(args.window_size),
+                    *shlex.split(args.finetune_args),
+                    "--seed",
+                    str(seed),
+                    "--output_dir",
+                    output_dir,
+                    "--overwrite_output_dir",
+                    "true",
+                    "--disable_tqdm",
+                    "true",
+                ]
+            )
             run = {"seed": seed, "method": method, "top1": round(results["eval_accuracy"], 4)}
             record["runs"].append(run)
             print(json.dumps(run), flush=True)
             with open(path, "w") as handle:
                 json.dump(record, handle, indent=1)
-    record["summary"] = {method: summary([run["top1"] for run in record["runs"] if run["method"] == method])
-                         for method in args.methods}
+    record["summary"] = {
+        method: summary([run["top1"] for run in record["runs"] if run["method"] == method]) for method in args.methods
+    }
     with open(path, "w") as handle:
         json.dump(record, handle, indent=1)
     print(json.dumps(record["summary"], indent=1))

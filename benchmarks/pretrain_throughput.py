@@ -66,8 +66,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _vit_b16(image_size: int = 224) -> ViTConfig:
-    return ViTConfig(image_size=image_size, patch_size=16, hidden_size=768, num_hidden_layers=12,
-                     num_attention_heads=12, intermediate_size=3072, encoder_stride=16)
+    return ViTConfig(
+        image_size=image_size,
+        patch_size=16,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        encoder_stride=16,
+    )
 
 
 def simmim_config(model: str, **overrides) -> SimMIMConfig:
@@ -97,7 +104,8 @@ def build_models(model: str, impls: list[str], device: torch.device) -> dict[str
             models[impl] = ours
         elif impl in ("ours_fast", "ours_plain"):
             models[impl] = SimMIMForMaskedImageModeling(
-                simmim_config(model, fast_window_attention=impl == "ours_fast"))
+                simmim_config(model, fast_window_attention=impl == "ours_fast")
+            )
             models[impl].load_state_dict(ours.state_dict())
         elif impl == "ours_native_bf16":
             models[impl] = SimMIMForMaskedImageModeling(config)
@@ -105,8 +113,9 @@ def build_models(model: str, impls: list[str], device: torch.device) -> dict[str
         else:
             backbone_config = _reference_backbone_config(model, config)
             backbone_config._attn_implementation = "sdpa" if impl == "hf_sdpa" else "eager"
-            reference_class = SwinForMaskedImageModeling if backbone_config.model_type == "swin" else (
-                ViTForMaskedImageModeling)
+            reference_class = (
+                SwinForMaskedImageModeling if backbone_config.model_type == "swin" else (ViTForMaskedImageModeling)
+            )
             if backbone_config.model_type not in ("swin", "vit"):
                 raise ValueError(f"transformers has no masked-image-modeling class for {model}")
             reference = reference_class(backbone_config)
@@ -202,15 +211,13 @@ def make_step(model, optimizer, pixel_values, mask, dtype: torch.dtype, device: 
     """One full training step as a closure; returns the loss tensor."""
     # transformers' MIM heads take (B, num_patches); ours takes the (B, H/p, W/p) grid directly.
     model_mask = mask if impl.startswith("ours") else mask.flatten(1)
-    autocast = (
-        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    )
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     # Ours: the step runs in the CPU bf16 fallback's context, as the SimMIM Trainer runs it (a no-op except for bf16
     # on CPUs without native bf16 matmul); ours_native_bf16: without it.
     use_fallback = impl.startswith("ours") and impl != "ours_native_bf16"
 
     def step():
-        with autocast, (fallback_context(model, pixel_values) if use_fallback else contextlib.nullcontext()):
+        with autocast, fallback_context(model, pixel_values) if use_fallback else contextlib.nullcontext():
             loss = model(pixel_values, bool_masked_pos=model_mask).loss
         loss.backward()
         optimizer.step()
@@ -222,15 +229,56 @@ def make_step(model, optimizer, pixel_values, mask, dtype: torch.dtype, device: 
 
 # Ops that only create views (no kernel, no memory traffic) are not counted as kernels.
 _VIEW_OPS = {
-    "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice",
-    "select", "as_strided", "detach", "alias", "split", "split_with_sizes", "unbind", "flatten", "unflatten",
-    "view_as", "expand_as", "_reshape_alias", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty",
-    "new_empty_strided", "_has_compatible_shallow_copy_type", "is_same_size", "sym_size", "sym_stride",
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "t",
+    "transpose",
+    "permute",
+    "expand",
+    "unsqueeze",
+    "squeeze",
+    "slice",
+    "select",
+    "as_strided",
+    "detach",
+    "alias",
+    "split",
+    "split_with_sizes",
+    "unbind",
+    "flatten",
+    "unflatten",
+    "view_as",
+    "expand_as",
+    "_reshape_alias",
+    "lift_fresh",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "_has_compatible_shallow_copy_type",
+    "is_same_size",
+    "sym_size",
+    "sym_stride",
 }
 # Ops whose only job is to move or convert data (layout copies, dtype casts, gathers, padding, rolls).
 _COPY_OPS = {
-    "copy_", "clone", "_to_copy", "contiguous", "cat", "index_select", "roll", "constant_pad_nd", "stack",
-    "repeat", "repeat_interleave", "index", "gather", "pixel_shuffle", "pixel_unshuffle",
+    "copy_",
+    "clone",
+    "_to_copy",
+    "contiguous",
+    "cat",
+    "index_select",
+    "roll",
+    "constant_pad_nd",
+    "stack",
+    "repeat",
+    "repeat_interleave",
+    "index",
+    "gather",
+    "pixel_shuffle",
+    "pixel_unshuffle",
 }
 
 
@@ -263,12 +311,14 @@ def format_profiles(report: dict) -> str:
         summary = r["extra"].get("profile")
         if summary:
             top = ", ".join(f"{name} {ms:.0f}" for name, ms in summary["top_ms"])
-            lines.append(f"{r['impl']} {r['dtype']}: matmul kernels {summary['matmul_ms']:.0f} of "
-                         f"{summary['total_ms']:.0f} ms profiled self time ({100 * summary['matmul_share']:.0f}%), "
-                         f"fused attention {summary['fused_attention_ms']:.0f} ms "
-                         f"({100 * summary['fused_attention_share']:.0f}%), outside the matmuls "
-                         f"{summary['outside_matmul_ms']:.0f} ms ({100 * summary['outside_matmul_share']:.0f}%); "
-                         f"top ops (ms): {top}")
+            lines.append(
+                f"{r['impl']} {r['dtype']}: matmul kernels {summary['matmul_ms']:.0f} of "
+                f"{summary['total_ms']:.0f} ms profiled self time ({100 * summary['matmul_share']:.0f}%), "
+                f"fused attention {summary['fused_attention_ms']:.0f} ms "
+                f"({100 * summary['fused_attention_share']:.0f}%), outside the matmuls "
+                f"{summary['outside_matmul_ms']:.0f} ms ({100 * summary['outside_matmul_share']:.0f}%); "
+                f"top ops (ms): {top}"
+            )
     return "\n".join(lines)
 
 
@@ -279,7 +329,9 @@ def count_flops(step) -> tuple[float, dict[str, int]]:
     with FlopCounterMode(display=False) as counter, _OpCounter() as ops:
         step()
     return float(counter.get_total_flops()), {
-        "kernels": ops.kernels, "copy_ops": ops.copy_ops, "copy_mib": round(ops.copy_bytes / 2**20, 1)
+        "kernels": ops.kernels,
+        "copy_ops": ops.copy_ops,
+        "copy_mib": round(ops.copy_bytes / 2**20, 1),
     }
 
 
@@ -310,9 +362,12 @@ def timed_steps(steps: dict, args: argparse.Namespace, device: torch.device, dty
                 times[impl].append(time.perf_counter() - start)
                 cpu_times[impl].append(time.process_time() - start_cpu)
         if args.verbose:
-            print(f"[{dtype_name}] step {index + 1}/{args.warmup + args.steps}: "
-                  + ", ".join(f"{k} {v[-1]:.3f}s wall {cpu_times[k][-1]:.3f}s cpu" for k, v in times.items() if v),
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{dtype_name}] step {index + 1}/{args.warmup + args.steps}: "
+                + ", ".join(f"{k} {v[-1]:.3f}s wall {cpu_times[k][-1]:.3f}s cpu" for k, v in times.items() if v),
+                file=sys.stderr,
+                flush=True,
+            )
     return times, cpu_times
 
 
@@ -437,9 +492,13 @@ def format_table(report: dict) -> str:
         f"model {meta['model']} {meta['image_size'][0]}x{meta['image_size'][1]}, batch {meta['batch_size']}, "
         f"median of {meta['steps']} steps after {meta['warmup']} warm-up ({meta['timer']} time), "
         f"{meta['threads']} threads, {meta['device']}",
-        "matmul peak (TFLOP/s): " + ", ".join(f"{k} {v:.3f}" for k, v in meta["matmul_peak_tflops"].items())
-        + ("" if meta.get("native_cpu_bf16_matmul") is None else
-           f"; native CPU bf16 matmul: {'yes' if meta['native_cpu_bf16_matmul'] else 'no'}"),
+        "matmul peak (TFLOP/s): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in meta["matmul_peak_tflops"].items())
+        + (
+            ""
+            if meta.get("native_cpu_bf16_matmul") is None
+            else f"; native CPU bf16 matmul: {'yes' if meta['native_cpu_bf16_matmul'] else 'no'}"
+        ),
         "",
         "| impl | dtype | compiled | img/s | step ms | vs hf_sdpa | vs hf_eager | GFLOP/step | TFLOP/s | % matmul peak "
         "| peak mem MiB | kernels/step | copy ops (MiB) |",
@@ -466,8 +525,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per implementation (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both",
-                        help="fp32, or bf16 autocast (weights and optimizer stay fp32)")
+    parser.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "both"],
+        default="both",
+        help="fp32, or bf16 autocast (weights and optimizer stay fp32)",
+    )
     parser.add_argument("--impls", default="ours,hf_sdpa,hf_eager", help=f"comma-separated subset of {IMPLS}")
     parser.add_argument("--torch_compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -475,13 +538,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the full report (incl. every step time) here")
     parser.add_argument(
-        "--timer", choices=["wall", "cpu"], default="wall",
+        "--timer",
+        choices=["wall", "cpu"],
+        default="wall",
         help="wall clock (default), or process CPU time: robust on a shared CPU when --threads 1 (with more threads "
         "it counts OpenMP spin-waits); use wall on GPUs",
     )
     parser.add_argument("--verbose", action="store_true", help="print every step's times to stderr")
-    parser.add_argument("--profile", action="store_true",
-                        help="profile one more step per implementation: share of time in matmul kernels, top ops")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile one more step per implementation: share of time in matmul kernels, top ops",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")

@@ -15,10 +15,18 @@ import torch
 # CPU: aten ops of matrix products, and every convolution op (conv2d, convolution_backward, _slow_conv2d_forward,
 # mkldnn_convolution, ...). The wrappers (linear, matmul, ...) have little self time but are listed so that none
 # of it counts as "outside the matmuls".
-MATMUL_OPS = frozenset({
-    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::linear", "aten::matmul",
-    "aten::_mkldnn_linear",
-})
+MATMUL_OPS = frozenset(
+    {
+        "aten::mm",
+        "aten::addmm",
+        "aten::bmm",
+        "aten::baddbmm",
+        "aten::addbmm",
+        "aten::linear",
+        "aten::matmul",
+        "aten::_mkldnn_linear",
+    }
+)
 CONVOLUTION_OP_WORDS = ("convolution", "conv1d", "conv2d", "conv3d", "conv_")
 # Fused attention ops and kernels: matrix products and softmax in one, so neither inside nor outside the matmuls.
 ATTENTION_OP_PREFIXES = ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention")
@@ -27,7 +35,7 @@ MATMUL_KERNEL_WORDS = ("gemm", "nvjet", "xmma", "cutlass", "triton_tem_", "conv"
 
 
 def classify(name: str, on_device: bool) -> str:
-    """"matmul", "attention" or "other" for a profiler event name (aten op on a CPU, kernel on a GPU)."""
+    """ "matmul", "attention" or "other" for a profiler event name (aten op on a CPU, kernel on a GPU)."""
     if not on_device:
         if name in MATMUL_OPS or any(word in name for word in CONVOLUTION_OP_WORDS):
             return "matmul"
@@ -50,8 +58,11 @@ def profile_step(step: Callable[[], object], device: torch.device, top: int = 10
         if on_device:
             torch.cuda.synchronize(device)
     if on_device:  # kernels only: an aten op's device time is that of the kernels it launched (counted once)
-        times = {e.key: e.self_device_time_total / 1e3 for e in profiler.key_averages()
-                 if e.device_type == torch.autograd.DeviceType.CUDA}
+        times = {
+            e.key: e.self_device_time_total / 1e3
+            for e in profiler.key_averages()
+            if e.device_type == torch.autograd.DeviceType.CUDA
+        }
     else:
         times = {e.key: e.self_cpu_time_total / 1e3 for e in profiler.key_averages()}
     parts = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
@@ -60,7 +71,13 @@ def profile_step(step: Callable[[], object], device: torch.device, top: int = 10
     total = sum(parts.values())
     per_total = 1 / total if total else 0.0
     ranked = sorted(times.items(), key=lambda item: item[1], reverse=True)[:top]
-    return {"total_ms": total, "matmul_ms": parts["matmul"], "fused_attention_ms": parts["attention"],
-            "outside_matmul_ms": parts["other"], "matmul_share": parts["matmul"] * per_total,
-            "fused_attention_share": parts["attention"] * per_total, "outside_matmul_share": parts["other"] * per_total,
-            "top_ms": [[name, round(ms, 2)] for name, ms in ranked]}
+    return {
+        "total_ms": total,
+        "matmul_ms": parts["matmul"],
+        "fused_attention_ms": parts["attention"],
+        "outside_matmul_ms": parts["other"],
+        "matmul_share": parts["matmul"] * per_total,
+        "fused_attention_share": parts["attention"] * per_total,
+        "outside_matmul_share": parts["other"] * per_total,
+        "top_ms": [[name, round(ms, 2)] for name, ms in ranked],
+    }

@@ -35,8 +35,9 @@ def eval_resize_size(image_size: int) -> int:
 def check_flip_probability(hflip_prob: float) -> None:
     """A clear error for a flip probability outside [0, 1] (the --hflip_prob flag of both scripts)."""
     if not 0.0 <= hflip_prob <= 1.0:
-        raise ValueError(f"--hflip_prob is a probability in [0, 1] (official 0.5, 0 turns the flip off), "
-                         f"got {hflip_prob}.")
+        raise ValueError(
+            f"--hflip_prob is a probability in [0, 1] (official 0.5, 0 turns the flip off), got {hflip_prob}."
+        )
 
 
 def _posterize(image: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
@@ -160,7 +161,9 @@ class MixupCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if len(examples) % 2:
             if len(examples) == 1:
-                raise ValueError("Mixup/CutMix needs at least 2 images per batch: raise --per_device_train_batch_size.")
+                raise ValueError(
+                    "Mixup/CutMix needs at least 2 images per batch: raise --per_device_train_batch_size."
+                )
             logger.warning("Mixup needs an even batch: dropping 1 of %d examples", len(examples))
             examples = examples[:-1]
         batch = collate_classification(examples)

@@ -165,8 +165,12 @@ class Swinv2Adapter(SwinAdapter):
     model_class = Swinv2Model
     # SwinV2 replaces the bias table by a continuous position bias MLP and a learned logit scale; its finetuning
     # excludes them (`cpb_mlp`, `logit_scale`), its pretraining decays them (the same prefix bug as Swin's tables).
-    finetuning_no_weight_decay_keywords = ("position_embeddings", "relative_position_bias_table",
-                                           "continuous_position_bias_mlp", "logit_scale")
+    finetuning_no_weight_decay_keywords = (
+        "position_embeddings",
+        "relative_position_bias_table",
+        "continuous_position_bias_mlp",
+        "logit_scale",
+    )
 
     def build(self, backbone_config, use_mask_token, add_pooling_layer, fast_window_attention=False):
         # The fast window attention covers transformers' Swin only; SwinV2's cosine attention keeps its own.
@@ -183,8 +187,12 @@ class ViTAdapter(BackboneAdapter):
     def _encode(self, backbone, pixel_values, bool_masked_pos, output_hidden_states):
         config_size = size_pair(backbone.config.image_size)
         interpolate = tuple(pixel_values.shape[-2:]) != config_size
-        return backbone(pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate,
-                        output_hidden_states=output_hidden_states)
+        return backbone(
+            pixel_values,
+            bool_masked_pos=bool_masked_pos,
+            interpolate_pos_encoding=interpolate,
+            output_hidden_states=output_hidden_states,
+        )
 
     def feature_map(self, backbone, pixel_values, bool_masked_pos=None, output_hidden_states=False):
         outputs = self._encode(backbone, pixel_values, bool_masked_pos, output_hidden_states)

@@ -35,8 +35,11 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {"swin": {}, "swinv2": {}, "vit": {
 def setup_logging(training_args: TrainingArguments, script_logger: str) -> None:
     """Timestamped logs on stdout: INFO on the main process (or `--log_level`), the replicas' level elsewhere, for
     the script's logger, this package's and transformers'."""
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
-                        handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
     log_level = training_args.get_process_log_level()
     package_level = min(log_level, logging.INFO) if training_args.should_log else log_level
     for name in (script_logger, "modeling_simmim"):
@@ -86,7 +89,9 @@ def _explicit_flags(parser: HfArgumentParser, argv: Sequence[str]) -> set[str]:
     return dests
 
 
-def parse_recipe_and_flags(parser: HfArgumentParser, argv: Sequence[str] | None = None) -> tuple[tuple, dict[str, Any]]:
+def parse_recipe_and_flags(
+    parser: HfArgumentParser, argv: Sequence[str] | None = None
+) -> tuple[tuple, dict[str, Any]]:
     """Parse `[RECIPE] [--flags]`: recipe values become the parser's defaults, so flags override them and every value
     goes through the same type conversion and validation as a flag. Shared by both scripts.
 
@@ -152,9 +157,11 @@ def check_output_dir(training_args: SimMIMTrainingArguments) -> str | None:
             raise FileNotFoundError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder.")
         problems = checkpoint_problems(resume, require_optimizer)
         if problems:
-            raise ValueError(f"--resume_from_checkpoint {resume!r} is incomplete: {'; '.join(problems)}. Give a "
-                             "complete checkpoint, or leave the flag out to resume from the newest complete checkpoint "
-                             "of --output_dir.")
+            raise ValueError(
+                f"--resume_from_checkpoint {resume!r} is incomplete: {'; '.join(problems)}. Give a "
+                "complete checkpoint, or leave the flag out to resume from the newest complete checkpoint "
+                "of --output_dir."
+            )
         return resume
     output_dir = training_args.output_dir
     if output_dir is None or not os.path.isdir(output_dir) or training_args.overwrite_output_dir:
@@ -163,8 +170,9 @@ def check_output_dir(training_args: SimMIMTrainingArguments) -> str | None:
     for incomplete in skipped:
         logger.warning("Skipping incomplete checkpoint %s: %s.", incomplete.path, incomplete.reason)
     if checkpoint is not None:
-        logger.info("Resuming from %s, the newest complete checkpoint (use --overwrite_output_dir to start over).",
-                    checkpoint)
+        logger.info(
+            "Resuming from %s, the newest complete checkpoint (use --overwrite_output_dir to start over).", checkpoint
+        )
         return checkpoint
     if skipped:
         logger.warning("No complete checkpoint in %s: training starts from scratch.", output_dir)
@@ -172,7 +180,9 @@ def check_output_dir(training_args: SimMIMTrainingArguments) -> str | None:
     if not os.listdir(output_dir):
         return None
     if not holds_only_run_artifacts(output_dir):
-        raise ValueError(f"Output directory {output_dir!r} exists, is not empty and has no checkpoint: use another "
-                         "--output_dir, or --overwrite_output_dir.")
+        raise ValueError(
+            f"Output directory {output_dir!r} exists, is not empty and has no checkpoint: use another "
+            "--output_dir, or --overwrite_output_dir."
+        )
     logger.warning("%s holds an interrupted run's files but no checkpoint: training starts from scratch.", output_dir)
     return None

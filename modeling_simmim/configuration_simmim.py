@@ -46,29 +46,107 @@ BEIT_SIMMIM_FINETUNE: dict[str, Any] = {
 
 # Official backbones (REFERENCE.md table) and tiny ones for tests and CPU demos.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "swin_tiny": ("swin", dict(image_size=192, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
-                               window_size=6, drop_path_rate=0.0)),
-    "swin_base": ("swin", dict(image_size=192, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32],
-                               window_size=6, drop_path_rate=0.0)),
-    "swin_large": ("swin", dict(image_size=192, embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48],
-                                window_size=12, drop_path_rate=0.0)),
-    "swinv2_base": ("swinv2", dict(image_size=192, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32],
-                                   window_size=12, drop_path_rate=0.1)),  # official SwinV2 SimMIM: 0.1
-    "swinv2_huge": ("swinv2", dict(image_size=192, embed_dim=352, depths=[2, 2, 18, 2], num_heads=[11, 22, 44, 88],
-                                   window_size=12, drop_path_rate=0.1)),  # official SwinV2 SimMIM: 0.1
-    "vit_base": ("beit", dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12,
-                              num_attention_heads=12, intermediate_size=3072, drop_path_rate=0.1,
-                              **BEIT_SIMMIM_PRETRAIN)),
+    "swin_tiny": (
+        "swin",
+        dict(
+            image_size=192,
+            embed_dim=96,
+            depths=[2, 2, 6, 2],
+            num_heads=[3, 6, 12, 24],
+            window_size=6,
+            drop_path_rate=0.0,
+        ),
+    ),
+    "swin_base": (
+        "swin",
+        dict(
+            image_size=192,
+            embed_dim=128,
+            depths=[2, 2, 18, 2],
+            num_heads=[4, 8, 16, 32],
+            window_size=6,
+            drop_path_rate=0.0,
+        ),
+    ),
+    "swin_large": (
+        "swin",
+        dict(
+            image_size=192,
+            embed_dim=192,
+            depths=[2, 2, 18, 2],
+            num_heads=[6, 12, 24, 48],
+            window_size=12,
+            drop_path_rate=0.0,
+        ),
+    ),
+    "swinv2_base": (
+        "swinv2",
+        dict(
+            image_size=192,
+            embed_dim=128,
+            depths=[2, 2, 18, 2],
+            num_heads=[4, 8, 16, 32],
+            window_size=12,
+            drop_path_rate=0.1,
+        ),
+    ),  # official SwinV2 SimMIM: 0.1
+    "swinv2_huge": (
+        "swinv2",
+        dict(
+            image_size=192,
+            embed_dim=352,
+            depths=[2, 2, 18, 2],
+            num_heads=[11, 22, 44, 88],
+            window_size=12,
+            drop_path_rate=0.1,
+        ),
+    ),  # official SwinV2 SimMIM: 0.1
+    "vit_base": (
+        "beit",
+        dict(
+            image_size=224,
+            patch_size=16,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            drop_path_rate=0.1,
+            **BEIT_SIMMIM_PRETRAIN,
+        ),
+    ),
     # Tiny presets: 2 stages / 2 blocks, seconds on a CPU. Used by tests and demo recipes.
-    "swin_test": ("swin", dict(image_size=64, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4,
-                               drop_path_rate=0.0)),
-    "swinv2_test": ("swinv2", dict(image_size=64, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4,
-                                   drop_path_rate=0.0)),
-    "vit_test": ("vit", dict(image_size=64, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                             num_attention_heads=2, intermediate_size=64)),
-    "beit_test": ("beit", dict(image_size=64, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                               num_attention_heads=2, intermediate_size=64, drop_path_rate=0.0,
-                               **BEIT_SIMMIM_PRETRAIN)),
+    "swin_test": (
+        "swin",
+        dict(image_size=64, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4, drop_path_rate=0.0),
+    ),
+    "swinv2_test": (
+        "swinv2",
+        dict(image_size=64, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4, drop_path_rate=0.0),
+    ),
+    "vit_test": (
+        "vit",
+        dict(
+            image_size=64,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+        ),
+    ),
+    "beit_test": (
+        "beit",
+        dict(
+            image_size=64,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            drop_path_rate=0.0,
+            **BEIT_SIMMIM_PRETRAIN,
+        ),
+    ),
 }
 
 # SimMIM fields written into the saved (native) config.
@@ -79,8 +157,16 @@ HEAD_FIELDS = ("label_smoothing", "classifier_pooling")
 RUNTIME_FIELDS = ("fast_window_attention",)
 # Fields of every transformers config: they describe the whole model, so they live on the SimMIM config.
 _COMMON_FIELDS = frozenset(PretrainedConfig().to_dict()) | {
-    "num_labels", "name_or_path", "auto_map", "attn_implementation", "experts_implementation", "torch_dtype",
-    "output_attentions", "finetuning_task", "base_config_key", "tie_word_embeddings",
+    "num_labels",
+    "name_or_path",
+    "auto_map",
+    "attn_implementation",
+    "experts_implementation",
+    "torch_dtype",
+    "output_attentions",
+    "finetuning_task",
+    "base_config_key",
+    "tie_word_embeddings",
 }
 _OWN_FIELDS = frozenset(SIMMIM_FIELDS + HEAD_FIELDS + RUNTIME_FIELDS)
 
@@ -230,7 +316,9 @@ class SimMIMConfig(PretrainedConfig):
             backbone_config = dict(backbone_config)
             backbone_type = backbone_config.pop("model_type", None)
             if backbone_type is None:
-                raise ValueError("`backbone_config` given as a dict needs a `model_type` key (swin, swinv2, vit, beit).")
+                raise ValueError(
+                    "`backbone_config` given as a dict needs a `model_type` key (swin, swinv2, vit, beit)."
+                )
             # Labels belong to the SimMIM config (the head); a backbone dict's own (default) labels are dropped.
             for key in ("id2label", "label2id", "num_labels", "transformers_version"):
                 backbone_config.pop(key, None)
@@ -328,7 +416,9 @@ class SimMIMConfig(PretrainedConfig):
     def _fitting_mask_patch_size(self) -> int:
         height, width = self.image_size
         patch = self.model_patch_size
-        fitting = [m for m in (32, self.encoder_stride, patch) if m % patch == 0 and height % m == 0 and width % m == 0]
+        fitting = [
+            m for m in (32, self.encoder_stride, patch) if m % patch == 0 and height % m == 0 and width % m == 0
+        ]
         return fitting[0] if fitting else 32
 
     def validate_geometry(self, image_size: int | tuple[int, int] | None = None) -> None:
@@ -343,8 +433,10 @@ class SimMIMConfig(PretrainedConfig):
             raise ValueError(f"norm_target_window must be an odd size >= 3 (official: 47), got {window}.")
         kernel = self.decoder_kernel_size
         if kernel < 1 or kernel % 2 == 0:
-            raise ValueError(f"decoder_kernel_size must be an odd size >= 1 (official: 1; 3 gives the decoder "
-                             f"spatial context), got {kernel}.")
+            raise ValueError(
+                f"decoder_kernel_size must be an odd size >= 1 (official: 1; 3 gives the decoder "
+                f"spatial context), got {kernel}."
+            )
         if mask_patch <= 0 or mask_patch % patch != 0:
             raise ValueError(
                 f"mask_patch_size ({mask_patch}) must be a positive multiple of the model patch size ({patch})."
@@ -436,8 +528,13 @@ class SimMIMConfig(PretrainedConfig):
     ) -> SimMIMConfig:
         """`PretrainedConfig.from_pretrained` for a SimMIM folder (flat, or the older nested format) or any native
         transformers Swin/SwinV2/ViT/BEiT folder, without transformers' model-type mismatch warning."""
-        kwargs.update(cache_dir=cache_dir, force_download=force_download, local_files_only=local_files_only,
-                      token=token, revision=revision)
+        kwargs.update(
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            revision=revision,
+        )
         if os.path.isfile(pretrained_model_name_or_path) and not str(pretrained_model_name_or_path).endswith(".json"):
             raise ValueError(
                 f"{pretrained_model_name_or_path} is a file; pass the folder that holds config.json and the weights "
@@ -448,9 +545,15 @@ class SimMIMConfig(PretrainedConfig):
 
     # ----------------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_preset(cls, name: str, mask_patch_size: int = 32, mask_ratio: float = 0.6,
-                    norm_target_window: int | None = None, decoder_kernel_size: int = 1,
-                    **backbone_overrides: Any):
+    def from_preset(
+        cls,
+        name: str,
+        mask_patch_size: int = 32,
+        mask_ratio: float = 0.6,
+        norm_target_window: int | None = None,
+        decoder_kernel_size: int = 1,
+        **backbone_overrides: Any,
+    ):
         """Build the config of a named backbone: the official ones ("swin_base", "swin_large", "swinv2_base",
         "swinv2_huge", "vit_base" = BEiT-style ViT-B/16, plus "swin_tiny") and tiny test ones ("swin_test",
         "swinv2_test", "vit_test", "beit_test"). `backbone_overrides` replace preset values (e.g. window_size=7);

@@ -83,6 +83,7 @@ OFFICIAL_DEFAULTS: dict[str, Any] = {
     },
 }
 
+
 @dataclass
 class OfficialArchitecture:
     """The official model's hyper-parameters, in the official vocabulary (``MODEL.SWIN.*`` / ``MODEL.VIT.*``)."""
@@ -118,7 +119,9 @@ class OfficialArchitecture:
                 f"depths {self.depths}, heads {self.num_heads}, window {self.window_size}, mlp_ratio {self.mlp_ratio}"
             )
         else:
-            pos = "shared rel. pos. bias" if self.use_shared_rpb else "per-block rel. pos. bias" if self.use_rpb else ""
+            pos = (
+                "shared rel. pos. bias" if self.use_shared_rpb else "per-block rel. pos. bias" if self.use_rpb else ""
+            )
             body = (
                 f"ViT (BEiT-style): image {self.image_size}, patch {self.patch_size}, embed_dim {self.embed_dim}, "
                 f"depth {self.depths[0]}, heads {self.num_heads[0]}, layer scale {self.init_values}, {pos}"
@@ -645,8 +648,12 @@ def _build_classification_model(arch: OfficialArchitecture) -> SimMIMPreTrainedM
     labels: dict[str, Any] = {"num_labels": arch.num_classes}
     if names := _imagenet_labels(arch.num_classes):
         labels.update(id2label=names, label2id={name: i for i, name in names.items()})
-    config = SimMIMConfig(backbone_config=backbone_config_from_architecture(arch), mask_patch_size=arch.mask_patch_size,
-                          mask_ratio=arch.mask_ratio, **labels)
+    config = SimMIMConfig(
+        backbone_config=backbone_config_from_architecture(arch),
+        mask_patch_size=arch.mask_patch_size,
+        mask_ratio=arch.mask_ratio,
+        **labels,
+    )
     return SimMIMForImageClassification(config)
 
 
@@ -700,10 +707,15 @@ def convert_official_checkpoint(
         model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
         native = model.config.native_architecture(type(model).__name__)
-        log(f"Saved to {os.fspath(output_dir)} ("
-            + (f"a native transformers {native} folder" if native else
-               f"{type(model).__name__}: transformers has no class for it, the folder ships the model code")
-            + ")")
+        log(
+            f"Saved to {os.fspath(output_dir)} ("
+            + (
+                f"a native transformers {native} folder"
+                if native
+                else f"{type(model).__name__}: transformers has no class for it, the folder ships the model code"
+            )
+            + ")"
+        )
     if push_to_hub:
         # transformers declares it with functools.wraps(PushToHubMixin.push_to_hub): typeshed then expects `self`.
         model.push_to_hub(push_to_hub)  # type: ignore[arg-type]

@@ -57,7 +57,7 @@ if _MODE not in _MODES:
 
 
 def set_cpu_bf16_matmul(mode: str) -> str:
-    """"auto": use the fallback on CPUs without native bf16 matmul; "fallback": always on CPU; "native": never.
+    """ "auto": use the fallback on CPUs without native bf16 matmul; "fallback": always on CPU; "native": never.
     Returns the previous value."""
     global _MODE
     if mode not in _MODES:
@@ -88,51 +88,61 @@ def native_cpu_bf16_matmul_supported() -> bool:
 # The functions whose bf16 kernels are the slow ones: the matmul family and the convolutions (nn.Linear -> F.linear,
 # nn.Conv2d -> F.conv2d, attention -> matmul / bmm / baddbmm / SDPA, ...). In-place variants are left alone: their
 # result must stay in the operand's storage.
-_REROUTED = frozenset({
-    F.linear,
-    F.bilinear,
-    F.conv1d,
-    F.conv2d,
-    F.conv3d,
-    F.conv_transpose1d,
-    F.conv_transpose2d,
-    F.conv_transpose3d,
-    F.scaled_dot_product_attention,
-    torch.matmul,
-    torch.mm,
-    torch.bmm,
-    torch.addmm,
-    torch.baddbmm,
-    torch.addbmm,
-    torch.addmv,
-    torch.mv,
-    torch.dot,
-    torch.inner,
-    torch.einsum,
-    torch.tensordot,
-    torch.linalg.matmul,
-    torch.linalg.multi_dot,
-    torch.Tensor.matmul,
-    torch.Tensor.__matmul__,
-    torch.Tensor.__rmatmul__,
-    torch.Tensor.mm,
-    torch.Tensor.bmm,
-    torch.Tensor.addmm,
-    torch.Tensor.baddbmm,
-    torch.Tensor.addbmm,
-    torch.Tensor.addmv,
-    torch.Tensor.mv,
-    torch.Tensor.dot,
-    torch.Tensor.inner,
-})
+_REROUTED = frozenset(
+    {
+        F.linear,
+        F.bilinear,
+        F.conv1d,
+        F.conv2d,
+        F.conv3d,
+        F.conv_transpose1d,
+        F.conv_transpose2d,
+        F.conv_transpose3d,
+        F.scaled_dot_product_attention,
+        torch.matmul,
+        torch.mm,
+        torch.bmm,
+        torch.addmm,
+        torch.baddbmm,
+        torch.addbmm,
+        torch.addmv,
+        torch.mv,
+        torch.dot,
+        torch.inner,
+        torch.einsum,
+        torch.tensordot,
+        torch.linalg.matmul,
+        torch.linalg.multi_dot,
+        torch.Tensor.matmul,
+        torch.Tensor.__matmul__,
+        torch.Tensor.__rmatmul__,
+        torch.Tensor.mm,
+        torch.Tensor.bmm,
+        torch.Tensor.addmm,
+        torch.Tensor.baddbmm,
+        torch.Tensor.addbmm,
+        torch.Tensor.addmv,
+        torch.Tensor.mv,
+        torch.Tensor.dot,
+        torch.Tensor.inner,
+    }
+)
 
 
 # Products that CPU autocast leaves in float32 (it casts only the ops on its lower-precision list; einsum, tensordot,
 # multi_dot and N-d inner reach a listed op inside): under autocast they are rerouted only for all-bf16 operands, so
 # that the fallback never computes in bf16 what PyTorch computes in float32.
-_KEPT_FLOAT32_BY_AUTOCAST = frozenset({
-    F.bilinear, torch.addmv, torch.mv, torch.dot, torch.Tensor.addmv, torch.Tensor.mv, torch.Tensor.dot,
-})
+_KEPT_FLOAT32_BY_AUTOCAST = frozenset(
+    {
+        F.bilinear,
+        torch.addmv,
+        torch.mv,
+        torch.dot,
+        torch.Tensor.addmv,
+        torch.Tensor.mv,
+        torch.Tensor.dot,
+    }
+)
 
 
 def _computes_in_bf16(func, floating: list[torch.Tensor]) -> bool:
@@ -154,9 +164,11 @@ def describe_cpu_bf16_path() -> str:
     if _MODE == "native" or (_MODE == "auto" and native_cpu_bf16_matmul_supported()):
         reason = "native bf16 on this CPU" if native_cpu_bf16_matmul_supported() else "SIMMIM_CPU_BF16_MATMUL=native"
         return f"bf16 on the CPU: PyTorch's bf16 matmul kernels ({reason})."
-    return ("bf16 on the CPU: matrix products run as float32 kernels on bf16-rounded operands with bf16 results "
-            "(modeling_simmim.cpu_bf16; this CPU has no native bf16 matmul, where PyTorch's bf16 kernel is over 20x "
-            "slower than float32), except in training with gradient checkpointing.")
+    return (
+        "bf16 on the CPU: matrix products run as float32 kernels on bf16-rounded operands with bf16 results "
+        "(modeling_simmim.cpu_bf16; this CPU has no native bf16 matmul, where PyTorch's bf16 kernel is over 20x "
+        "slower than float32), except in training with gradient checkpointing."
+    )
 
 
 def _autocast_bf16() -> bool:
@@ -212,13 +224,17 @@ def _bf16_requested(model: nn.Module, reference: torch.Tensor | None, bf16: bool
         return True
     parameter = next(model.parameters(), None)
     return (reference is not None and reference.dtype == torch.bfloat16) or (
-        parameter is not None and parameter.dtype == torch.bfloat16)
+        parameter is not None and parameter.dtype == torch.bfloat16
+    )
 
 
 def _checkpointing(model: nn.Module) -> bool:
     # transformers >= 5.2x calls it `is_activation_checkpointing` (the old name warns); 5.9 only has the old one.
-    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else (
-        "is_gradient_checkpointing")
+    name = (
+        "is_activation_checkpointing"
+        if hasattr(type(model), "is_activation_checkpointing")
+        else ("is_gradient_checkpointing")
+    )
     return bool(getattr(model, name, False))
 
 

@@ -39,6 +39,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 _IMAGE_COLUMN_GUESSES = ("image", "img", "pixel_values", "jpg", "png", "webp")
 _LABEL_COLUMN_GUESSES = ("label", "labels", "fine_label", "class", "cls")
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # Transforms
 def build_pretrain_transform(
@@ -111,8 +112,10 @@ def _check_bad_image_policy(on_bad_image: str) -> None:
 
 
 def _unreadable_error(name: str, error: Exception) -> UnreadableImageError:
-    return UnreadableImageError(f"Unreadable image {name}: {type(error).__name__}: {error} (remove or fix the file, "
-                                "or pass --on_bad_image skip to train without it).")
+    return UnreadableImageError(
+        f"Unreadable image {name}: {type(error).__name__}: {error} (remove or fix the file, "
+        "or pass --on_bad_image skip to train without it)."
+    )
 
 
 class UnreadableImage(NamedTuple):
@@ -169,8 +172,9 @@ class RobustImageDataset(torch.utils.data.Dataset):
         index = item.index if isinstance(item, ExampleKey) else int(item)
         return self.example_from_row(self.dataset[index], index, key)
 
-    def example_from_row(self, row: dict[str, Any], index: int,
-                         key: ExampleKey | None = None) -> dict[str, Any] | UnreadableImage:
+    def example_from_row(
+        self, row: dict[str, Any], index: int, key: ExampleKey | None = None
+    ) -> dict[str, Any] | UnreadableImage:
         """The example of one row (decoded, transformed, keyed by `key` when given), or an `UnreadableImage`."""
         value = row[self.image_column]
         try:
@@ -247,8 +251,9 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
         self.stream = stream
         self.image_column = image_column
         self.shuffle_buffer_size = int(shuffle_buffer_size)
-        self.decoder = RobustImageDataset([], image_column, transform, label_column, on_bad_image=on_bad_image,
-                                          keyed_fn=keyed_fn)
+        self.decoder = RobustImageDataset(
+            [], image_column, transform, label_column, on_bad_image=on_bad_image, keyed_fn=keyed_fn
+        )
         self.seed = 0
         self.epoch = 0
         self._rows_to_skip: dict[int, int] = {}
@@ -321,8 +326,11 @@ class SkipNoneCollator:
                 f"Every image of a batch of {len(examples)} failed to load (see the warnings above naming the files). "
                 "Check the dataset, or remove the unreadable files."
             )
-        skipped = [example.index if isinstance(example, UnreadableImage) else -1
-                   for example in examples if example is None or isinstance(example, UnreadableImage)]
+        skipped = [
+            example.index if isinstance(example, UnreadableImage) else -1
+            for example in examples
+            if example is None or isinstance(example, UnreadableImage)
+        ]
         batch = self.collator(kept)
         batch[SKIPPED_KEY] = torch.tensor(skipped, dtype=torch.long)
         return batch
@@ -339,8 +347,10 @@ class PretrainCollator(SkipNoneCollator):
 
     def _collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         if all("bool_masked_pos" in example for example in examples):
-            batch = {key: torch.stack([torch.as_tensor(example[key]) for example in examples])
-                     for key in ("pixel_values", "bool_masked_pos")}
+            batch = {
+                key: torch.stack([torch.as_tensor(example[key]) for example in examples])
+                for key in ("pixel_values", "bool_masked_pos")
+            }
             if "labels" in examples[0]:
                 batch["labels"] = torch.as_tensor([example["labels"] for example in examples])
             return batch
@@ -442,7 +452,10 @@ def _folder_split(paths: list[str], labels: list[str] | None, class_names: list[
 
 
 def load_image_folders(
-    train_dir: str | None, validation_dir: str | None = None, verify: bool = True, on_bad_image: BadImagePolicy = "skip"
+    train_dir: str | None,
+    validation_dir: str | None = None,
+    verify: bool = True,
+    on_bad_image: BadImagePolicy = "skip",
 ) -> tuple[Any, list[str]]:
     """A DatasetDict ("train" and/or "validation") from image folders of any nesting, with columns "image" (file
     paths, undecoded) and, when every file is in a class folder, "label" (ClassLabel from the first-level folder
@@ -561,14 +574,17 @@ def load_image_datasets(
             files = {"train": [data_files] if isinstance(data_files, str) else list(data_files)}
             source += f" files {files['train']}"
             _check_local_data_files(files["train"])
-        loaded = datasets.load_dataset(dataset_name, dataset_config_name, data_files=files, cache_dir=cache_dir,
-                                       streaming=streaming)
+        loaded = datasets.load_dataset(
+            dataset_name, dataset_config_name, data_files=files, cache_dir=cache_dir, streaming=streaming
+        )
         if not isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
             loaded = (datasets.IterableDatasetDict if streaming else datasets.DatasetDict)({"train": loaded})
         loaded = _rename_eval_split(loaded)
     elif train_dir is not None or validation_dir is not None:
         source = f"image folders train={train_dir} validation={validation_dir}"
-        loaded, skipped = load_image_folders(train_dir, validation_dir, verify=verify_images, on_bad_image=on_bad_image)
+        loaded, skipped = load_image_folders(
+            train_dir, validation_dir, verify=verify_images, on_bad_image=on_bad_image
+        )
     else:
         if demo_dataset not in DEMO_DATASETS:
             raise ValueError(f"Unknown demo dataset {demo_dataset!r}; choose one of {DEMO_DATASETS}.")
@@ -596,15 +612,20 @@ def _check_data_source(dataset_name, train_dir, validation_dir, train_val_split,
     if train_val_split is not None and not 0.0 <= train_val_split < 1.0:
         raise ValueError(f"--train_val_split must be a fraction in [0, 1), got {train_val_split}.")
     if dataset_name is None and (streaming or data_files):
-        raise ValueError("--streaming and --data_files read a datasets source: give --dataset_name too (e.g. "
-                         "'webdataset' with --data_files 'shards/train-*.tar').")
+        raise ValueError(
+            "--streaming and --data_files read a datasets source: give --dataset_name too (e.g. "
+            "'webdataset' with --data_files 'shards/train-*.tar')."
+        )
     if streaming and train_val_split:
-        raise ValueError("--train_val_split needs the whole training split: not with --streaming (give a dataset "
-                         "with a validation split).")
+        raise ValueError(
+            "--train_val_split needs the whole training split: not with --streaming (give a dataset "
+            "with a validation split)."
+        )
 
 
-def _split_and_subsample(loaded, train_val_split, max_train_samples, max_eval_samples, seed: int,
-                         streaming: bool) -> None:
+def _split_and_subsample(
+    loaded, train_val_split, max_train_samples, max_eval_samples, seed: int, streaming: bool
+) -> None:
     """Split a validation part off the training split when there is none; keep `max_*_samples` (a seeded random
     subset, or the first examples of a stream)."""
     if "validation" not in loaded and train_val_split and "train" in loaded:

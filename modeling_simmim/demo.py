@@ -33,8 +33,10 @@ def read_finetune_result(output_dir: str) -> FinetuneResult:
     """Top-1 of the final evaluation of `run_image_classification.py`'s `output_dir`, its image count and size."""
     path = os.path.join(output_dir, "eval_results.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"No {path}: run run_image_classification.py with --output_dir {output_dir} first "
-                                "(with an evaluation split).")
+        raise FileNotFoundError(
+            f"No {path}: run run_image_classification.py with --output_dir {output_dir} first "
+            "(with an evaluation split)."
+        )
     with open(path, encoding="utf-8") as handle:
         metrics = json.load(handle)
     with open(os.path.join(output_dir, "config.json"), encoding="utf-8") as handle:
@@ -89,8 +91,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     rows = []
     for name, result in runs:
         if result.num_images != num_images or result.image_size != image_size:
-            raise ValueError(f"{name}: evaluated on {result.num_images} images at {result.image_size} px, the demo "
-                             f"split has {num_images} at {image_size} px: not the same split, nothing to compare.")
+            raise ValueError(
+                f"{name}: evaluated on {result.num_images} images at {result.image_size} px, the demo "
+                f"split has {num_images} at {image_size} px: not the same split, nothing to compare."
+            )
         when = "best epoch, chosen on these images" if result.selected_on_validation else "last epoch"
         rows.append((f"{name} ({when})", result.top1))
     rows.append(("logistic regression on raw pixels (scikit-learn)", baseline))

@@ -59,7 +59,9 @@ def _photo_crops(image_size: int, crops_per_photo: int, seed: int) -> tuple[list
             side = int(rng.uniform(0.25, 0.6) * min(width, height))
             left = int(rng.integers(0, width - side + 1))
             top = int(rng.integers(0, height - side + 1))
-            crop = photo.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.Resampling.BICUBIC)
+            crop = photo.crop((left, top, left + side, top + side)).resize(
+                (image_size, image_size), Image.Resampling.BICUBIC
+            )
             images.append(crop.convert("RGB"))
             labels.append(label)
         names.append(name)

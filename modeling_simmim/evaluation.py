@@ -55,7 +55,7 @@ def pooled_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tenso
 def _batches(data: torch.Tensor | Iterable, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
     if isinstance(data, torch.Tensor):
         for start in range(0, len(data), batch_size):
-            yield data[start:start + batch_size], None
+            yield data[start : start + batch_size], None
         return
     for batch in data:
         yield batch["pixel_values"], batch.get("labels")
@@ -79,14 +79,20 @@ def _encode(model: nn.Module, data, batch_size: int, autocast_dtype: torch.dtype
     return torch.cat(features), (torch.cat(labels) if labels else None)
 
 
-def extract_features(model: nn.Module, images: torch.Tensor, batch_size: int = 256,
-                     autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+def extract_features(
+    model: nn.Module, images: torch.Tensor, batch_size: int = 256, autocast_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Pooled features (N, C), float32 on the CPU, of normalized images (N, 3, H, W), in eval mode, no gradients."""
     return _encode(model, images, batch_size, autocast_dtype)[0]
 
 
-def dataset_features(model: nn.Module, dataset: Any, batch_size: int = 256, num_workers: int = 0,
-                     autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def dataset_features(
+    model: nn.Module,
+    dataset: Any,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, C), labels (N,)) of a dataset of {"pixel_values", "labels"} examples (e.g. a
     `RobustImageDataset` with a label column; unreadable images are skipped)."""
     from .augmentation import collate_classification
@@ -99,8 +105,9 @@ def dataset_features(model: nn.Module, dataset: Any, batch_size: int = 256, num_
         batch.pop(SKIPPED_KEY, None)
         return batch
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         collate_fn=collate_without_count)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_without_count
+    )
     features, labels = _encode(model, loader, batch_size, autocast_dtype)
     if labels is None:
         raise ValueError("dataset_features needs labelled examples (a 'labels' entry per example).")
@@ -130,8 +137,10 @@ def knn_predict(
 
     `leave_one_out=True`: the queries ARE the bank (same rows, same order) and each one ignores itself."""
     if bank_features.ndim != 2 or query_features.ndim != 2 or bank_features.shape[1] != query_features.shape[1]:
-        raise ValueError(f"features must be (N, C) with the same C, got {tuple(bank_features.shape)} and "
-                         f"{tuple(query_features.shape)}.")
+        raise ValueError(
+            f"features must be (N, C) with the same C, got {tuple(bank_features.shape)} and "
+            f"{tuple(query_features.shape)}."
+        )
     if len(bank_features) != len(bank_labels):
         raise ValueError(f"{len(bank_features)} bank features but {len(bank_labels)} labels.")
     if leave_one_out and len(bank_features) != len(query_features):
@@ -148,7 +157,7 @@ def knn_predict(
     queries = nn.functional.normalize(query_features.float(), dim=1)
     predictions = []
     for start in range(0, len(queries), chunk_size):
-        similarity = queries[start:start + chunk_size] @ bank.T
+        similarity = queries[start : start + chunk_size] @ bank.T
         if leave_one_out:
             rows = torch.arange(len(similarity))
             similarity[rows, rows + start] = -math.inf
@@ -175,8 +184,15 @@ def knn_accuracy(
     elif query_labels is None:
         raise ValueError("knn_accuracy: pass query_labels with query_features (or neither, for leave-one-out).")
     num_classes = int(max(bank_labels.max().item(), query_labels.max().item()) + 1)
-    predictions = knn_predict(bank_features, bank_labels, query_features, k=k, temperature=temperature,
-                              num_classes=num_classes, leave_one_out=leave_one_out)
+    predictions = knn_predict(
+        bank_features,
+        bank_labels,
+        query_features,
+        k=k,
+        temperature=temperature,
+        num_classes=num_classes,
+        leave_one_out=leave_one_out,
+    )
     return (predictions == query_labels.long()).float().mean().item()
 
 
@@ -188,8 +204,15 @@ class KNNMonitorCallback(TrainerCallback):
     evaluation transform. Every process computes the features (sharded models need all ranks); the Trainer's
     reporters write from the main process only. Use `add_knn_monitor` to create and attach it."""
 
-    def __init__(self, bank_dataset: Any, query_dataset: Any | None = None, every_n_steps: int = 0,
-                 k: int = KNN_K, temperature: float = KNN_TEMPERATURE, batch_size: int = 256) -> None:
+    def __init__(
+        self,
+        bank_dataset: Any,
+        query_dataset: Any | None = None,
+        every_n_steps: int = 0,
+        k: int = KNN_K,
+        temperature: float = KNN_TEMPERATURE,
+        batch_size: int = 256,
+    ) -> None:
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0 (0: only at the end of training), got {every_n_steps}.")
         self.bank_dataset, self.query_dataset = bank_dataset, query_dataset
@@ -205,8 +228,9 @@ class KNNMonitorCallback(TrainerCallback):
         bank, bank_labels = dataset_features(model, self.bank_dataset, self.batch_size, autocast_dtype=autocast_dtype)
         if self.query_dataset is None:
             return knn_accuracy(bank, bank_labels, k=self.k, temperature=self.temperature)
-        query, query_labels = dataset_features(model, self.query_dataset, self.batch_size,
-                                               autocast_dtype=autocast_dtype)
+        query, query_labels = dataset_features(
+            model, self.query_dataset, self.batch_size, autocast_dtype=autocast_dtype
+        )
         return knn_accuracy(bank, bank_labels, query, query_labels, k=self.k, temperature=self.temperature)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -215,8 +239,10 @@ class KNNMonitorCallback(TrainerCallback):
         if not due or model is None or (self.history and self.history[-1][0] == step):
             return
         if self.trainer is None:
-            raise RuntimeError("KNNMonitorCallback is not attached to its trainer: use add_knn_monitor(trainer, ...) "
-                               "or callback.attach(trainer).")
+            raise RuntimeError(
+                "KNNMonitorCallback is not attached to its trainer: use add_knn_monitor(trainer, ...) "
+                "or callback.attach(trainer)."
+            )
         dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         top1 = self.evaluate(model, autocast_dtype=dtype)
         self.history.append((step, top1))
@@ -230,10 +256,14 @@ def knn_datasets_from_folder(folder: str, transform: Callable, verify: bool = Tr
     from .data import RobustImageDataset, load_image_folders
 
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--knn_eval_dir {folder!r} is not a folder (it takes labelled images: "
-                                "one sub-folder per class, or train/ and val/ with one sub-folder per class each).")
-    query_dir = next((os.path.join(folder, name) for name in VALIDATION_FOLDER_NAMES
-                      if os.path.isdir(os.path.join(folder, name))), None)
+        raise FileNotFoundError(
+            f"--knn_eval_dir {folder!r} is not a folder (it takes labelled images: "
+            "one sub-folder per class, or train/ and val/ with one sub-folder per class each)."
+        )
+    query_dir = next(
+        (os.path.join(folder, name) for name in VALIDATION_FOLDER_NAMES if os.path.isdir(os.path.join(folder, name))),
+        None,
+    )
     train_dir = os.path.join(folder, "train")
     if query_dir is not None and os.path.isdir(train_dir):
         splits, _ = load_image_folders(train_dir, query_dir, verify=verify)
@@ -250,8 +280,9 @@ def knn_datasets_from_folder(folder: str, transform: Callable, verify: bool = Tr
     return bank, queries
 
 
-def add_knn_monitor(trainer, bank_dataset: Any, query_dataset: Any | None = None, every_n_steps: int = 0,
-                    **kwargs: Any) -> KNNMonitorCallback:
+def add_knn_monitor(
+    trainer, bank_dataset: Any, query_dataset: Any | None = None, every_n_steps: int = 0, **kwargs: Any
+) -> KNNMonitorCallback:
     """Create a `KNNMonitorCallback`, attach it to `trainer` and register it; returns it."""
     callback = KNNMonitorCallback(bank_dataset, query_dataset, every_n_steps=every_n_steps, **kwargs).attach(trainer)
     trainer.add_callback(callback)
@@ -296,8 +327,10 @@ def prepare_linear_probe(model: nn.Module) -> nn.Module:
     `LinearProbeHead`. Returns the model."""
     classifier = getattr(model, "classifier", None)
     if not isinstance(classifier, nn.Linear):
-        raise ValueError("prepare_linear_probe needs a classifier with a linear head `classifier` "
-                         "(SimMIMForImageClassification with num_labels > 0).")
+        raise ValueError(
+            "prepare_linear_probe needs a classifier with a linear head `classifier` "
+            "(SimMIMForImageClassification with num_labels > 0)."
+        )
     backbone = getattr(model, "backbone", None)
     if not isinstance(backbone, nn.Module):
         raise ValueError("prepare_linear_probe needs the encoder as a module `backbone` (a SimMIM model).")
@@ -342,7 +375,7 @@ def linear_probe_accuracy(
     for _ in range(epochs):
         order = torch.randperm(len(train_features), generator=generator)
         for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
+            index = order[start : start + batch_size]
             if len(index) < 2:  # BatchNorm needs two examples
                 continue
             loss = nn.functional.cross_entropy(head(train_features[index]), train_labels[index])
@@ -356,9 +389,13 @@ def linear_probe_accuracy(
     return (predictions == test_labels.long()).float().mean().item()
 
 
-def logistic_regression_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
-                                 test_features: torch.Tensor, test_labels: torch.Tensor,
-                                 max_iter: int = 1000) -> float:
+def logistic_regression_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    max_iter: int = 1000,
+) -> float:
     """scikit-learn's `LogisticRegression` (defaults, `max_iter` raised so that it converges) on the given features:
     the classic raw-pixel baseline."""
     import warnings

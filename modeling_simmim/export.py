@@ -96,7 +96,9 @@ def to_native_model(model):
     native = native_class(native_config)
     missing, unexpected = native.load_state_dict(model.state_dict(), strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"weights do not map onto {native_class.__name__}: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"weights do not map onto {native_class.__name__}: missing {missing}, unexpected {unexpected}"
+        )
     return native.eval()
 
 
@@ -140,19 +142,30 @@ def _swin_to_timm(state: Mapping[str, torch.Tensor], config) -> tuple[str, dict[
     _require(not config.use_absolute_embeddings, "timm's Swin has no absolute position embedding")
     _require(abs(config.layer_norm_eps - 1e-5) < 1e-12, f"layer_norm_eps {config.layer_norm_eps} (timm's Swin: 1e-5)")
     _require(config.hidden_act == "gelu", f"hidden_act {config.hidden_act!r} (timm's Swin: gelu)")
-    kwargs = dict(img_size=_size(config.image_size), patch_size=_size(config.patch_size), in_chans=config.num_channels,
-                  embed_dim=config.embed_dim, depths=tuple(config.depths), num_heads=tuple(config.num_heads),
-                  window_size=config.window_size, mlp_ratio=float(config.mlp_ratio), qkv_bias=config.qkv_bias,
-                  num_classes=0)
-    name = _TIMM_SWIN_NAMES.get((config.embed_dim, tuple(config.depths), tuple(config.num_heads)),
-                                "swin_tiny_patch4_window7_224")
+    kwargs = dict(
+        img_size=_size(config.image_size),
+        patch_size=_size(config.patch_size),
+        in_chans=config.num_channels,
+        embed_dim=config.embed_dim,
+        depths=tuple(config.depths),
+        num_heads=tuple(config.num_heads),
+        window_size=config.window_size,
+        mlp_ratio=float(config.mlp_ratio),
+        qkv_bias=config.qkv_bias,
+        num_classes=0,
+    )
+    name = _TIMM_SWIN_NAMES.get(
+        (config.embed_dim, tuple(config.depths), tuple(config.num_heads)), "swin_tiny_patch4_window7_224"
+    )
     renames = [
         (r"embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
         (r"embeddings\.norm\.", "patch_embed.norm."),
         (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.layernorm_before\.", r"layers.\1.blocks.\2.norm1."),
         (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.layernorm_after\.", r"layers.\1.blocks.\2.norm2."),
-        (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.relative_position_bias\.relative_position_bias_table",
-         r"layers.\1.blocks.\2.attn.relative_position_bias_table"),
+        (
+            r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.relative_position_bias\.relative_position_bias_table",
+            r"layers.\1.blocks.\2.attn.relative_position_bias_table",
+        ),
         (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.o_proj\.", r"layers.\1.blocks.\2.attn.proj."),
         (r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.mlp\.", r"layers.\1.blocks.\2.mlp."),
         # transformers merges patches at the end of a stage, timm at the start of the next one
@@ -176,16 +189,25 @@ def _beit_to_timm(state: Mapping[str, torch.Tensor], config) -> tuple[str, dict[
     _require(abs(config.layer_norm_eps - 1e-6) < 1e-12, f"layer_norm_eps {config.layer_norm_eps} (timm's BEiT: 1e-6)")
     _require(config.hidden_act == "gelu", f"hidden_act {config.hidden_act!r} (timm's BEiT: gelu)")
     layer_scale = config.layer_scale_init_value
-    kwargs = dict(img_size=_size(config.image_size), patch_size=_size(config.patch_size), in_chans=config.num_channels,
-                  embed_dim=config.hidden_size, depth=config.num_hidden_layers, num_heads=config.num_attention_heads,
-                  mlp_ratio=config.intermediate_size / config.hidden_size, qkv_bias=True,
-                  init_values=layer_scale if layer_scale and layer_scale > 0 else None,
-                  use_abs_pos_emb=config.use_absolute_position_embeddings,
-                  use_rel_pos_bias=config.use_relative_position_bias,
-                  use_shared_rel_pos_bias=config.use_shared_relative_position_bias,
-                  global_pool="avg" if config.use_mean_pooling else "token", num_classes=0)
-    name = _TIMM_BEIT_NAMES.get((config.hidden_size, config.num_hidden_layers, config.num_attention_heads),
-                                "beit_base_patch16_224")
+    kwargs = dict(
+        img_size=_size(config.image_size),
+        patch_size=_size(config.patch_size),
+        in_chans=config.num_channels,
+        embed_dim=config.hidden_size,
+        depth=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        mlp_ratio=config.intermediate_size / config.hidden_size,
+        qkv_bias=True,
+        init_values=layer_scale if layer_scale and layer_scale > 0 else None,
+        use_abs_pos_emb=config.use_absolute_position_embeddings,
+        use_rel_pos_bias=config.use_relative_position_bias,
+        use_shared_rel_pos_bias=config.use_shared_relative_position_bias,
+        global_pool="avg" if config.use_mean_pooling else "token",
+        num_classes=0,
+    )
+    name = _TIMM_BEIT_NAMES.get(
+        (config.hidden_size, config.num_hidden_layers, config.num_attention_heads), "beit_base_patch16_224"
+    )
     renames = [
         (r"embeddings\.cls_token", "cls_token"),
         (r"embeddings\.position_embeddings", "pos_embed"),
@@ -194,8 +216,10 @@ def _beit_to_timm(state: Mapping[str, torch.Tensor], config) -> tuple[str, dict[
         (r"layers\.(\d+)\.lambda_(\d)", r"blocks.\1.gamma_\2"),
         (r"layers\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
         (r"layers\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
-        (r"layers\.(\d+)\.relative_position_bias\.relative_position_bias_table",
-         r"blocks.\1.attn.relative_position_bias_table"),
+        (
+            r"layers\.(\d+)\.relative_position_bias\.relative_position_bias_table",
+            r"blocks.\1.attn.relative_position_bias_table",
+        ),
         (r"layers\.(\d+)\.attention\.q_proj\.bias", r"blocks.\1.attn.q_bias"),
         (r"layers\.(\d+)\.attention\.v_proj\.bias", r"blocks.\1.attn.v_bias"),
         (r"layers\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
@@ -234,8 +258,11 @@ def timm_state_dict(
     if family not in ("swin", "beit"):
         raise ValueError(f"timm export covers Swin and BEiT-style ViT, not {family}.")
     prefix = f"{family}."
-    encoder = {key[len(prefix):]: value.detach().contiguous() for key, value in state_dict.items()
-               if key.startswith(prefix) and not key.endswith(("mask_token", "relative_position_index"))}
+    encoder = {
+        key[len(prefix) :]: value.detach().contiguous()
+        for key, value in state_dict.items()
+        if key.startswith(prefix) and not key.endswith(("mask_token", "relative_position_index"))
+    }
     convert = _swin_to_timm if family == "swin" else _beit_to_timm
     return convert(encoder, config.backbone_config)
 
@@ -260,8 +287,7 @@ def export_to_timm(name_or_path: str, output_dir: str, **load_kwargs: Any) -> tu
 def create_model_call(name: str, kwargs: Mapping[str, Any], weights: str) -> str:
     """The Python line that builds the exported encoder with timm."""
     arguments = ", ".join(f"{key}={value!r}" for key, value in kwargs.items())
-    return (f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file={weights!r}), "
-            f"{arguments})")
+    return f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file={weights!r}), {arguments})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -272,7 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.to == "timm":
         name, kwargs, weights = export_to_timm(args.model_name_or_path, args.output_dir)
-        print(f"Encoder written to {weights}; load it with\n  import timm\n  {create_model_call(name, kwargs, weights)}")
+        print(
+            f"Encoder written to {weights}; load it with\n  import timm\n  {create_model_call(name, kwargs, weights)}"
+        )
     else:
         from . import SimMIMForImageClassification
 

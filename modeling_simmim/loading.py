@@ -33,17 +33,47 @@ from .weight_transfer import LoadingReport, adapt_state_dict, finetuning_config
 
 logger = logging.get_logger(__name__)
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 # from_pretrained keyword arguments that locate the checkpoint (download) ...
 HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "subfolder", "proxies")
 # ... and those that transformers' loader reads (never config fields); the first group also applies to the
 # checkpoint's own load.
-SOURCE_LOAD_KWARGS = ("dtype", "torch_dtype", "use_safetensors", "weights_only", "variant", "key_mapping",
-                      "trust_remote_code", "code_revision")
-TARGET_LOAD_KWARGS = ("device_map", "max_memory", "offload_folder", "offload_buffers", "attn_implementation",
-                      "low_cpu_mem_usage", "_from_auto", "_from_pipeline", "adapter_kwargs", "quantization_config",
-                      "distributed_config", "tp_plan", "tp_size", "device_mesh", "use_kernels", "kernel_config",
-                      "disable_mmap", "ignore_mismatched_sizes", "experts_implementation")
+SOURCE_LOAD_KWARGS = (
+    "dtype",
+    "torch_dtype",
+    "use_safetensors",
+    "weights_only",
+    "variant",
+    "key_mapping",
+    "trust_remote_code",
+    "code_revision",
+)
+TARGET_LOAD_KWARGS = (
+    "device_map",
+    "max_memory",
+    "offload_folder",
+    "offload_buffers",
+    "attn_implementation",
+    "low_cpu_mem_usage",
+    "_from_auto",
+    "_from_pipeline",
+    "adapter_kwargs",
+    "quantization_config",
+    "distributed_config",
+    "tp_plan",
+    "tp_size",
+    "device_mesh",
+    "use_kernels",
+    "kernel_config",
+    "disable_mmap",
+    "ignore_mismatched_sizes",
+    "experts_implementation",
+)
 _OUR_CLASSES = {cls.__name__: cls for cls in (SimMIMForMaskedImageModeling, SimMIMForImageClassification)}
 
 
@@ -125,8 +155,10 @@ def _source_class(source_config: SimMIMConfig) -> type[PreTrainedModel]:
         if name in _OUR_CLASSES:
             return _OUR_CLASSES[name]
         candidate = getattr(transformers, name, None)
-        if isinstance(candidate, type) and issubclass(candidate, PreTrainedModel) and (
-            candidate.config_class is config_class
+        if (
+            isinstance(candidate, type)
+            and issubclass(candidate, PreTrainedModel)
+            and (candidate.config_class is config_class)
         ):
             return candidate
     return get_adapter(source_config).model_class
@@ -186,8 +218,11 @@ def _split_kwargs(kwargs: dict[str, Any], source_config: SimMIMConfig) -> tuple[
     hub = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
     source_load = {key: kwargs.pop(key) for key in SOURCE_LOAD_KWARGS if key in kwargs}
     target_load = {key: kwargs.pop(key) for key in TARGET_LOAD_KWARGS if key in kwargs}
-    fields = {key: kwargs.pop(key) for key in list(kwargs)
-              if hasattr(source_config, key) or key in HEAD_FIELDS + RUNTIME_FIELDS}
+    fields = {
+        key: kwargs.pop(key)
+        for key in list(kwargs)
+        if hasattr(source_config, key) or key in HEAD_FIELDS + RUNTIME_FIELDS
+    }
     if kwargs:
         raise TypeError(
             f"SimMIMForImageClassification.from_pretrained got unexpected keyword arguments {sorted(kwargs)}: they are "
@@ -218,33 +253,53 @@ def load_classifier(model_class, pretrained_model_name_or_path, *model_args, **k
     architectures = list(source_config.architectures or [])
     from_mim = not any("ImageClassification" in arch for arch in architectures)
     target_config = finetuning_config(
-        source_config, from_mim, config=config, overrides=overrides, fields=fields,
-        architecture=model_class.__name__, **labels,
+        source_config,
+        from_mim,
+        config=config,
+        overrides=overrides,
+        fields=fields,
+        architecture=model_class.__name__,
+        **labels,
     )
     plain_load = SimMIMPreTrainedModel.from_pretrained.__func__
 
     same_head = not from_mim and target_config.num_labels == source_config.num_labels
     if same_head and not overrides and config is None:
         # nothing to move: one transformers load, with transformers' own loading report
-        model, info = plain_load(model_class, pretrained_model_name_or_path, config=target_config,
-                                 output_loading_info=True, **hub, **source_load, **target_load)
+        model, info = plain_load(
+            model_class,
+            pretrained_model_name_or_path,
+            config=target_config,
+            output_loading_info=True,
+            **hub,
+            **source_load,
+            **target_load,
+        )
         report = _report_from_info(info, model, name)
     else:
         state = source_state_dict(pretrained_model_name_or_path, source_config, **hub, **source_load)
         with torch.device("meta"):
             target_shapes = {key: tuple(value.shape) for key, value in model_class(target_config).state_dict().items()}
         weights, report = adapt_state_dict(
-            state, target_shapes, get_adapter(target_config).base_model_prefix,
+            state,
+            target_shapes,
+            get_adapter(target_config).base_model_prefix,
             source_backbone_config=source_config.backbone_config,
-            target_backbone_config=target_config.backbone_config, source=name,
+            target_backbone_config=target_config.backbone_config,
+            source=name,
         )
         if from_mim and architectures:
             report.source += " (pretraining checkpoint)"
         with _without_transformers_report():
-            model, info = plain_load(model_class, None, config=target_config, state_dict=weights,
-                                     output_loading_info=True,
-                                     **{k: v for k, v in source_load.items() if k in ("dtype", "torch_dtype")},
-                                     **target_load)
+            model, info = plain_load(
+                model_class,
+                None,
+                config=target_config,
+                state_dict=weights,
+                output_loading_info=True,
+                **{k: v for k, v in source_load.items() if k in ("dtype", "torch_dtype")},
+                **target_load,
+            )
         unexpected = set(info.get("unexpected_keys") or ())
         if unexpected or info.get("mismatched_keys"):  # adapt_state_dict keeps only fitting keys: this is a bug
             raise RuntimeError(f"adapted weights do not fit {model_class.__name__}: {info}")

@@ -44,9 +44,7 @@ class SimMIMMaskGenerator:
                 f"({model_patch_size})."
             )
         if height % mask_patch_size != 0 or width % mask_patch_size != 0:
-            raise ValueError(
-                f"Image size {height}x{width} is not divisible by mask_patch_size ({mask_patch_size})."
-            )
+            raise ValueError(f"Image size {height}x{width} is not divisible by mask_patch_size ({mask_patch_size}).")
         self.input_size = (height, width)
         self.mask_patch_size = mask_patch_size
         self.model_patch_size = model_patch_size
@@ -153,8 +151,9 @@ class SimMIMDataCollator:
         if len(kept) < len(examples):
             skipped = len(examples) - len(kept)
             self.num_skipped += skipped
-            logger.warning("SimMIMDataCollator: dropped %d example(s) without pixel_values (unreadable images).",
-                           skipped)
+            logger.warning(
+                "SimMIMDataCollator: dropped %d example(s) without pixel_values (unreadable images).", skipped
+            )
         if not kept:
             raise ValueError("Every example in this batch lacks pixel_values: no image could be read.")
         pixel_values = torch.stack([torch.as_tensor(example["pixel_values"]) for example in kept])
@@ -168,8 +167,10 @@ class SimMIMDataCollator:
             carried = [torch.as_tensor(example["bool_masked_pos"]) for example in kept]
             wrong = {tuple(mask.shape) for mask in carried} - {self.mask_generator.model_grid}
             if wrong:
-                raise ValueError(f"Examples carry masks of shape {sorted(wrong)} but the mask generator's "
-                                 f"model-patch grid is {self.mask_generator.model_grid}.")
+                raise ValueError(
+                    f"Examples carry masks of shape {sorted(wrong)} but the mask generator's "
+                    f"model-patch grid is {self.mask_generator.model_grid}."
+                )
             masks = torch.stack(carried)
             masks = masks.to(self.device) if self.device is not None else masks
         else:

@@ -89,8 +89,11 @@ def peak_allocated_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     results = profiler.profiler.kineto_results if profiler.profiler is not None else None
     if results is None:  # stop() sets them; None means the profiler never ran
         raise RuntimeError("The CPU profiler recorded nothing: memory cannot be measured.")
-    events = [event for event in results.events()
-              if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU]
+    events = [
+        event
+        for event in results.events()
+        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
+    ]
     live = peak = 0
     for event in sorted(events, key=lambda event: event.start_ns()):
         live += event.nbytes()  # type: ignore[attr-defined]  # torch's _KinetoEvent stub lacks nbytes (memory events)
@@ -143,8 +146,13 @@ def measure_activations(
     for param in model.parameters():
         param.grad = None
     per_image = (peaks[1] - peaks[0]) / (batches[1] - batches[0])
-    return ActivationProfile(intercept_bytes=peaks[0] - per_image * batches[0], per_image_bytes=per_image,
-                             batches=(batches[0], batches[1]), peaks_bytes=(peaks[0], peaks[1]), device=str(device))
+    return ActivationProfile(
+        intercept_bytes=peaks[0] - per_image * batches[0],
+        per_image_bytes=per_image,
+        batches=(batches[0], batches[1]),
+        peaks_bytes=(peaks[0], peaks[1]),
+        device=str(device),
+    )
 
 
 def measure_training_step(
@@ -171,8 +179,12 @@ def measure_training_step(
 
     step()
     resident = sum(t.numel() * t.element_size() for t in model.parameters())
-    resident += sum(value.numel() * value.element_size() for state in optimizer.state.values()
-                    for value in state.values() if torch.is_tensor(value))
+    resident += sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if torch.is_tensor(value)
+    )
     return resident + peak_allocated_bytes(step, device)
 
 
@@ -322,11 +334,17 @@ def model_from_recipe(path: str, num_labels: int = 1000) -> RecipeModel:
         task = "finetune"
     else:
         unknown = sorted(set(recipe) - pretrain_keys - finetune_keys)
-        raise ValueError(f"{path} is neither a run_mim.py nor a run_image_classification.py recipe "
-                         f"(unknown keys {unknown}).")
-    return RecipeModel(model=model, task=task, image_size=tuple(config.image_size),
-                       per_device_batch=training_args.per_device_train_batch_size,
-                       bf16=bool(recipe.get("bf16", False)), num_labels=num_labels if task == "finetune" else 0)
+        raise ValueError(
+            f"{path} is neither a run_mim.py nor a run_image_classification.py recipe (unknown keys {unknown})."
+        )
+    return RecipeModel(
+        model=model,
+        task=task,
+        image_size=tuple(config.image_size),
+        per_device_batch=training_args.per_device_train_batch_size,
+        bf16=bool(recipe.get("bf16", False)),
+        num_labels=num_labels if task == "finetune" else 0,
+    )
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
@@ -346,8 +364,9 @@ def input_maker(recipe_model: RecipeModel, device: torch.device, seed: int = 0) 
     def make(batch: int) -> dict[str, torch.Tensor]:
         pixel_values = torch.randn(batch, 3, height, width, generator=generator).to(device)
         if recipe_model.task == "pretrain":
-            masks = SimMIMMaskGenerator((height, width), config.mask_patch_size, config.model_patch_size,
-                                        config.mask_ratio)
+            masks = SimMIMMaskGenerator(
+                (height, width), config.mask_patch_size, config.model_patch_size, config.mask_ratio
+            )
             return {"pixel_values": pixel_values, "bool_masked_pos": masks(batch, generator=generator).to(device)}
         labels = torch.randint(0, recipe_model.num_labels, (batch,), generator=generator).to(device)
         return {"pixel_values": pixel_values, "labels": labels}
@@ -377,9 +396,16 @@ def plan(
         enable_activation_checkpointing(model)
     use_bf16 = recipe_model.bf16 if bf16 is None else bf16
     profile = measure_activations(model, input_maker(recipe_model, device), probe_batches, bf16=use_bf16)
-    estimate = estimate_memory(model, profile, per_device_batch or recipe_model.per_device_batch, fsdp=fsdp,
-                               num_processes=num_processes, bf16=use_bf16,
-                               gradient_checkpointing=gradient_checkpointing, fsdp_layer_classes=fsdp_layer_classes)
+    estimate = estimate_memory(
+        model,
+        profile,
+        per_device_batch or recipe_model.per_device_batch,
+        fsdp=fsdp,
+        num_processes=num_processes,
+        bf16=use_bf16,
+        gradient_checkpointing=gradient_checkpointing,
+        fsdp_layer_classes=fsdp_layer_classes,
+    )
     return estimate, recipe_model
 
 
@@ -397,50 +423,83 @@ def render(estimate: MemoryEstimate, recipe: str, capacities_gb: Sequence[float]
     else:
         setup = "one process"
     setup += (", bf16 autocast" if estimate.bf16 else ", fp32") + (
-        ", gradient checkpointing" if estimate.gradient_checkpointing else "")
+        ", gradient checkpointing" if estimate.gradient_checkpointing else ""
+    )
     buffers = "FSDP gather/scatter buffers" if estimate.fsdp > 1 else "DDP gradient buckets"
     rows = [
         ("parameters", _gb(estimate.parameters), ""),
         ("gradients", _gb(estimate.gradients), ""),
         ("optimizer state", _gb(estimate.optimizer_state), "AdamW"),
         (buffers, _gb(estimate.communication_buffers), ""),
-        ("activations", _gb(estimate.activations),
-         f"{profile.per_image_bytes / 1e6:.1f} MB per image + {profile.intercept_bytes / 1e6:.1f} MB, measured on "
-         f"{profile.device} at batches {list(profile.batches)}"),
+        (
+            "activations",
+            _gb(estimate.activations),
+            f"{profile.per_image_bytes / 1e6:.1f} MB per image + {profile.intercept_bytes / 1e6:.1f} MB, measured on "
+            f"{profile.device} at batches {list(profile.batches)}",
+        ),
         ("total", _gb(estimate.total), ""),
     ]
-    lines = [f"{recipe}: {estimate.num_parameters / 1e6:.1f}M parameters, {setup}, {estimate.per_device_batch} images "
-             "per device"]
+    lines = [
+        f"{recipe}: {estimate.num_parameters / 1e6:.1f}M parameters, {setup}, {estimate.per_device_batch} images "
+        "per device"
+    ]
     lines += [f"  {name:<28}{value:>10}" + (f"  ({note})" if note else "") for name, value, note in rows]
     for capacity in capacities_gb:
         fits = "fits" if estimate.total <= capacity * GB * (1 - reserve) else "does NOT fit"
-        lines.append(f"  {capacity:g} GB GPU ({reserve:.0%} kept free): {fits}; largest per-device batch "
-                     f"{estimate.max_batch(capacity * GB, reserve)}")
+        lines.append(
+            f"  {capacity:g} GB GPU ({reserve:.0%} kept free): {fits}; largest per-device batch "
+            f"{estimate.max_batch(capacity * GB, reserve)}"
+        )
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m modeling_simmim.memory", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m modeling_simmim.memory",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("recipe", help="A recipe of configs/pretrain or configs/finetune (YAML/JSON).")
     parser.add_argument("--per_device_batch", type=int, default=None, help="Images per device (default: recipe's).")
     parser.add_argument("--fsdp", type=int, default=1, help="Shard over N processes (FSDP); 1 = DDP.")
-    parser.add_argument("--fsdp_layers", default=None,
-                        help="FSDP unit classes, comma-separated, as --fsdp_transformer_layer_cls_to_wrap (default: "
-                        "the model's _no_split_modules, as configs/accelerate/fsdp.yaml).")
-    parser.add_argument("--num_processes", type=int, default=8,
-                        help="Processes of a DDP run (more than 1 adds DDP's gradient buckets).")
+    parser.add_argument(
+        "--fsdp_layers",
+        default=None,
+        help="FSDP unit classes, comma-separated, as --fsdp_transformer_layer_cls_to_wrap (default: "
+        "the model's _no_split_modules, as configs/accelerate/fsdp.yaml).",
+    )
+    parser.add_argument(
+        "--num_processes",
+        type=int,
+        default=8,
+        help="Processes of a DDP run (more than 1 adds DDP's gradient buckets).",
+    )
     parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in backward.")
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--bf16", dest="bf16", action="store_true", default=None, help="bf16 autocast.")
     precision.add_argument("--fp32", dest="bf16", action="store_false", help="fp32 (default: the recipe's bf16).")
     parser.add_argument("--device", default=None, help="Where activations are measured (default: cuda if any).")
-    parser.add_argument("--probe_batches", type=int, nargs=2, default=[1, 2], metavar=("B1", "B2"),
-                        help="The two small batches the activations are measured at.")
-    parser.add_argument("--gpu_memory_gb", type=float, nargs="*", default=[80.0, 141.0],
-                        help="GPU sizes to fit (GB): the largest per-device batch of each is printed.")
-    parser.add_argument("--reserve", type=float, default=0.1,
-                        help="Fraction of the GPU kept free (CUDA context, workspaces, fragmentation).")
+    parser.add_argument(
+        "--probe_batches",
+        type=int,
+        nargs=2,
+        default=[1, 2],
+        metavar=("B1", "B2"),
+        help="The two small batches the activations are measured at.",
+    )
+    parser.add_argument(
+        "--gpu_memory_gb",
+        type=float,
+        nargs="*",
+        default=[80.0, 141.0],
+        help="GPU sizes to fit (GB): the largest per-device batch of each is printed.",
+    )
+    parser.add_argument(
+        "--reserve",
+        type=float,
+        default=0.1,
+        help="Fraction of the GPU kept free (CUDA context, workspaces, fragmentation).",
+    )
     parser.add_argument("--json", action="store_true", help="Print the numbers as JSON.")
     return parser
 
@@ -449,13 +508,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if not 0.0 <= args.reserve < 1.0:
         raise SystemExit(f"--reserve must lie in [0, 1), got {args.reserve}.")
-    estimate, _ = plan(args.recipe, args.per_device_batch, fsdp=args.fsdp,
-                       gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16,
-                       num_processes=args.num_processes, device=args.device, probe_batches=tuple(args.probe_batches),
-                       fsdp_layer_classes=args.fsdp_layers.split(",") if args.fsdp_layers else None)
-    result = {"recipe": args.recipe, **estimate.to_dict(),
-              "max_per_device_batch": {f"{gb:g}": estimate.max_batch(gb * GB, args.reserve)
-                                       for gb in args.gpu_memory_gb}}
+    estimate, _ = plan(
+        args.recipe,
+        args.per_device_batch,
+        fsdp=args.fsdp,
+        gradient_checkpointing=args.gradient_checkpointing,
+        bf16=args.bf16,
+        num_processes=args.num_processes,
+        device=args.device,
+        probe_batches=tuple(args.probe_batches),
+        fsdp_layer_classes=args.fsdp_layers.split(",") if args.fsdp_layers else None,
+    )
+    result = {
+        "recipe": args.recipe,
+        **estimate.to_dict(),
+        "max_per_device_batch": {f"{gb:g}": estimate.max_batch(gb * GB, args.reserve) for gb in args.gpu_memory_gb},
+    }
     if args.json:
         print(json.dumps(result, indent=2))
     else:

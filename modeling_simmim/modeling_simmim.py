@@ -134,8 +134,12 @@ class SimMIMPreTrainedModel(PreTrainedModel):
         config = self.config
         fast = bool(config.fast_window_attention) or config._attn_implementation == FAST_WINDOW_ATTENTION
         adapter = get_adapter(config)
-        backbone = adapter.build(config.backbone_config, use_mask_token=use_mask_token,
-                                 add_pooling_layer=add_pooling_layer, fast_window_attention=fast)
+        backbone = adapter.build(
+            config.backbone_config,
+            use_mask_token=use_mask_token,
+            add_pooling_layer=add_pooling_layer,
+            fast_window_attention=fast,
+        )
         setattr(self, adapter.base_model_prefix, backbone)
 
     def get_input_embeddings(self) -> nn.Module:
@@ -207,8 +211,11 @@ class SimMIMPreTrainedModel(PreTrainedModel):
 
 def _check_checkpoint_family(name_or_path, config: SimMIMConfig, kwargs: dict[str, Any]) -> None:
     """Raise when the checkpoint's backbone family differs from `config`'s (swin vs vit, ...)."""
-    hub = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only", "force_download",
-                                         "subfolder", "proxies") if key in kwargs}
+    hub = {
+        key: kwargs[key]
+        for key in ("cache_dir", "revision", "token", "local_files_only", "force_download", "subfolder", "proxies")
+        if key in kwargs
+    }
     try:
         saved = SimMIMConfig.from_pretrained(name_or_path, **hub)
     except OSError:  # no readable config.json: transformers reports it when it loads the weights

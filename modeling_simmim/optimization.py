@@ -63,7 +63,7 @@ def param_groups_layer_decay(
             continue
         no_decay = _no_weight_decay(name, param, keywords)
         if name.startswith(prefix):
-            layer_id = adapter.layer_id(name[len(prefix):], backbone_config)
+            layer_id = adapter.layer_id(name[len(prefix) :], backbone_config)
         else:
             layer_id = num_layers + 1  # decoder, classifier: the top
         if not use_layer_decay:
@@ -98,8 +98,14 @@ def create_optimizer(
 ) -> torch.optim.AdamW:
     """AdamW over `param_groups_layer_decay` (official betas, eps and weight decay). `fused=None` picks the fused
     kernel when every parameter is a floating tensor on CPU or CUDA (faster: one kernel instead of many)."""
-    groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay, base_lr=learning_rate,
-                                      stage=stage, extra_no_weight_decay_keywords=extra_no_weight_decay_keywords)
+    groups = param_groups_layer_decay(
+        model,
+        weight_decay=weight_decay,
+        layer_decay=layer_decay,
+        base_lr=learning_rate,
+        stage=stage,
+        extra_no_weight_decay_keywords=extra_no_weight_decay_keywords,
+    )
     params = [param for group in groups for param in group["params"]]
     if fused is None:
         fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
@@ -159,11 +165,25 @@ def get_simmim_scheduler(
     is exactly the official schedule; deeper groups scale warmup and minimum lrs by their decay too."""
     if base_lr <= 0:
         raise ValueError(f"base_lr must be positive, got {base_lr}.")
-    simmim_lr_at(0, base_lr, num_training_steps, num_warmup_steps, warmup_lr, min_lr, scheduler_type, milestones, gamma)
+    simmim_lr_at(
+        0, base_lr, num_training_steps, num_warmup_steps, warmup_lr, min_lr, scheduler_type, milestones, gamma
+    )
 
     def factor(step: int) -> float:
-        return simmim_lr_at(step, base_lr, num_training_steps, num_warmup_steps, warmup_lr, min_lr,
-                            scheduler_type, milestones, gamma) / base_lr
+        return (
+            simmim_lr_at(
+                step,
+                base_lr,
+                num_training_steps,
+                num_warmup_steps,
+                warmup_lr,
+                min_lr,
+                scheduler_type,
+                milestones,
+                gamma,
+            )
+            / base_lr
+        )
 
     return LambdaLR(optimizer, factor, last_epoch=last_epoch)
 

@@ -71,8 +71,12 @@ def _generator_seeds(seed: int) -> tuple[int, int, int, int]:
     # One hash for the three generators, each with its own bits so that their streams are unrelated: torch (64 bits),
     # Python (64 bits), numpy's PCG64 state and increment (128 bits each).
     digest = hashlib.blake2b(b"%d" % operator.index(seed), digest_size=48, person=b"simmim-hf-rngs").digest()
-    return (int.from_bytes(digest[0:8], "little"), int.from_bytes(digest[8:16], "little"),
-            int.from_bytes(digest[16:32], "little"), int.from_bytes(digest[32:48], "little"))
+    return (
+        int.from_bytes(digest[0:8], "little"),
+        int.from_bytes(digest[8:16], "little"),
+        int.from_bytes(digest[16:32], "little"),
+        int.from_bytes(digest[32:48], "little"),
+    )
 
 
 # The PCG64 that numpy's global functions draw from inside `seeded_global_rngs` (one per process; setting its state
@@ -90,8 +94,12 @@ def _keyed_numpy_generator(state: int, increment: int) -> np.random.PCG64:
         generator = np.random.PCG64(0)
     else:
         generator = shared
-    generator.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": increment | 1},
-                       "has_uint32": 0, "uinteger": 0}
+    generator.state = {
+        "bit_generator": "PCG64",
+        "state": {"state": state, "inc": increment | 1},
+        "has_uint32": 0,
+        "uinteger": 0,
+    }
     return generator
 
 
@@ -109,14 +117,18 @@ def seeded_global_rngs(seed: int) -> Iterator[None]:
     torch_seed, python_seed, numpy_state, numpy_increment = _generator_seeds(seed)
     torch_state = torch.default_generator.get_state()
     python_state = random.getstate()
-    numpy_outer = (np.random.get_bit_generator()  # type: ignore[attr-defined]  # see _NUMPY_KEYED
-                   if _NUMPY_KEYED is not None else np.random.get_state())
+    numpy_outer = (
+        np.random.get_bit_generator()  # type: ignore[attr-defined]  # see _NUMPY_KEYED
+        if _NUMPY_KEYED is not None
+        else np.random.get_state()
+    )
     try:
         torch.default_generator.manual_seed(torch_seed)
         random.seed(python_seed)
         if _NUMPY_KEYED is not None:
             np.random.set_bit_generator(  # type: ignore[attr-defined]  # see _NUMPY_KEYED
-                _keyed_numpy_generator(numpy_state, numpy_increment))
+                _keyed_numpy_generator(numpy_state, numpy_increment)
+            )
         else:
             np.random.seed(numpy_state % 2**32)
         yield
@@ -161,8 +173,9 @@ class KeyedEpochSampler(torch.utils.data.Sampler):
         yield_keys: bool = True,
     ) -> None:
         if num_examples < 0 or global_batch_size < 1:
-            raise ValueError(f"num_examples must be >= 0 and global_batch_size >= 1, got {num_examples}, "
-                             f"{global_batch_size}.")
+            raise ValueError(
+                f"num_examples must be >= 0 and global_batch_size >= 1, got {num_examples}, {global_batch_size}."
+            )
         self.num_examples = int(num_examples)
         self.seed = int(seed)
         self.global_batch_size = int(global_batch_size)

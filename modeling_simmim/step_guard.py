@@ -147,8 +147,9 @@ class StepGuardCallback(TrainerCallback):
         else:
             grad_flag = torch.tensor(float(not _is_finite(grad_norm)), device=device)
         received = self.signals is not None and self.signals.received is not None
-        flags = torch.stack([grad_flag, (~torch.isfinite(loss)).float(), torch.tensor(float(received), device=device),
-                             loss])
+        flags = torch.stack(
+            [grad_flag, (~torch.isfinite(loss)).float(), torch.tensor(float(received), device=device), loss]
+        )
         world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if world_size > 1:
             torch.distributed.all_reduce(flags)  # sums: a flag > 0 means "on some process"
@@ -179,9 +180,13 @@ class StepGuardCallback(TrainerCallback):
         lr = max(lr_scheduler.get_last_lr()) if lr_scheduler is not None else float("nan")
         norm = float(grad_norm) if grad_norm is not None else float("nan")
         details = f"step {step}, lr {lr:.4g}, loss {loss:.4g}, grad norm {norm:.4g}"
-        logger.warning("Non-finite loss or gradient norm at %s: update skipped (weights and optimizer state "
-                       "unchanged), %d in a row, %d in this run.", details, self.consecutive_nonfinite_steps,
-                       self.nonfinite_steps)
+        logger.warning(
+            "Non-finite loss or gradient norm at %s: update skipped (weights and optimizer state "
+            "unchanged), %d in a row, %d in this run.",
+            details,
+            self.consecutive_nonfinite_steps,
+            self.nonfinite_steps,
+        )
         if self.consecutive_nonfinite_steps >= self.max_nonfinite_steps:
             raise NonFiniteTrainingError(
                 f"Training diverged: {self.consecutive_nonfinite_steps} optimizer steps in a row had a non-finite loss "

@@ -65,7 +65,8 @@ class StreamPosition:
             raise FileNotFoundError(
                 f"{checkpoint} has no stream position for process {process_index} ({os.path.basename(path)}): it was "
                 "not saved by a --streaming run on this number of processes. Resume with the launch that saved it, "
-                "or pass --ignore_data_skip true to restart the stream from its beginning.")
+                "or pass --ignore_data_skip true to restart the stream from its beginning."
+            )
         with open(path, encoding="utf-8") as handle:
             fields = json.load(handle)
         return cls(**{**fields, "batches": tuple(int(count) for count in fields["batches"])})
@@ -80,7 +81,8 @@ class StreamPosition:
                 f"DataLoader worker(s) x batches of {self.batch_size}; this run has {world_size} x {num_workers} x "
                 f"{batch_size}. A stream's position is per worker: resume with --dataloader_num_workers "
                 f"{self.num_workers} --per_device_train_batch_size {self.batch_size} on {self.world_size} "
-                "process(es), or pass --ignore_data_skip true to restart the stream from its beginning.")
+                "process(es), or pass --ignore_data_skip true to restart the stream from its beginning."
+            )
 
     def rows_to_skip(self) -> dict[int, int]:
         """Rows of the stream each worker has already given (per worker id)."""
@@ -114,8 +116,9 @@ class StreamDataLoader(torch.utils.data.DataLoader):
     One iteration is one pass over the process's part of the stream. The Trainer numbers passes from 0 at every
     `train()` call (`set_epoch`); a resumed loader adds the pass it resumed in."""
 
-    def __init__(self, dataset: Any, collate_fn: Callable[[list[Any]], dict[str, Any]], world_size: int = 1,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, dataset: Any, collate_fn: Callable[[list[Any]], dict[str, Any]], world_size: int = 1, **kwargs: Any
+    ) -> None:
         super().__init__(dataset, collate_fn=_TaggingCollator(collate_fn), **kwargs)
         self.world_size = int(world_size)
         self.epoch = 0
@@ -143,8 +146,9 @@ class StreamDataLoader(torch.utils.data.DataLoader):
         self.epoch = epoch
 
     def position(self) -> StreamPosition:
-        return StreamPosition(self.epoch, tuple(self._batches), self._last_worker, self._batch_size,
-                              self.num_workers, self.world_size)
+        return StreamPosition(
+            self.epoch, tuple(self._batches), self._last_worker, self._batch_size, self.num_workers, self.world_size
+        )
 
     # A generator over DataLoader's own iterator (the stub types __iter__ as returning the iterator class).
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]

@@ -54,7 +54,9 @@ def window_attention_forward(
     flat_query = query.reshape(batch_windows * heads, tokens, head_dim)
     flat_key_t = key.reshape(batch_windows * heads, tokens, head_dim).transpose(1, 2)
     if attention_mask is not None and attention_mask.dtype == query.dtype and query.dtype in _FUSED_DTYPES:
-        bias = attention_mask.expand(batch_windows, heads, tokens, tokens).reshape(batch_windows * heads, tokens, tokens)
+        bias = attention_mask.expand(batch_windows, heads, tokens, tokens).reshape(
+            batch_windows * heads, tokens, tokens
+        )
         scores = torch.baddbmm(bias, flat_query, flat_key_t, alpha=scaling)
         probs = torch.softmax(scores, dim=-1)
     else:

@@ -87,7 +87,9 @@ class SimMIMTrainingArguments(TrainingArguments):
     )
     lr_scheduler_type: SimMIMSchedulerType | str = field(
         default="cosine",
-        metadata={"help": "cosine: warmup then cosine to min lr; multistep: warmup then x lr_gamma at each milestone."},
+        metadata={
+            "help": "cosine: warmup then cosine to min lr; multistep: warmup then x lr_gamma at each milestone."
+        },
     )
     lr_milestones: list[float] = field(
         default_factory=list, metadata={"help": "Epochs at which multistep multiplies the lr by lr_gamma (e.g. 700)."}
@@ -98,20 +100,26 @@ class SimMIMTrainingArguments(TrainingArguments):
     )
     no_weight_decay_keywords: list[str] = field(
         default_factory=list,
-        metadata={"help": "More parameters to exclude from weight decay (substrings of their names), beyond the "
-                  "official exclusions of the family and stage, e.g. `relative_position_bias_table` (which the "
-                  "official code decays in pretraining and in ViT finetuning)."},
+        metadata={
+            "help": "More parameters to exclude from weight decay (substrings of their names), beyond the "
+            "official exclusions of the family and stage, e.g. `relative_position_bias_table` (which the "
+            "official code decays in pretraining and in ViT finetuning)."
+        },
     )
     visualize_steps: int = field(
         default=0,
-        metadata={"help": "Save reconstructions/step_XXXXX.png every N optimizer steps (and at the last step); 0 = "
-                  "only at the last step."},
+        metadata={
+            "help": "Save reconstructions/step_XXXXX.png every N optimizer steps (and at the last step); 0 = "
+            "only at the last step."
+        },
     )
     num_visualize_images: int = field(default=8, metadata={"help": "Images (rows) in each reconstruction grid."})
     torch_num_threads: int | None = field(
         default=None,
-        metadata={"help": "CPU threads of torch in this process (default: torch's choice). 1 is fastest for tiny "
-                  "models on a busy or small CPU."},
+        metadata={
+            "help": "CPU threads of torch in this process (default: torch's choice). 1 is fastest for tiny "
+            "models on a busy or small CPU."
+        },
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into a non-empty --output_dir that has no checkpoint."}
@@ -132,19 +140,25 @@ class SimMIMTrainingArguments(TrainingArguments):
     )
     max_nonfinite_steps: int = field(
         default=20,
-        metadata={"help": "Stop the run (non-zero exit) after this many optimizer steps in a row with a NaN/inf loss "
-                  "or gradient norm; each such step is skipped (weights and optimizer state untouched) and counted."},
+        metadata={
+            "help": "Stop the run (non-zero exit) after this many optimizer steps in a row with a NaN/inf loss "
+            "or gradient norm; each such step is skipped (weights and optimizer state untouched) and counted."
+        },
     )
     logging_nan_inf_filter: bool = field(
         default=False,
-        metadata={"help": "No effect on the logs: non-finite steps are skipped and counted (nonfinite_steps); the "
-                  "logged loss is the mean of the applied steps, NaN when there were none."},
+        metadata={
+            "help": "No effect on the logs: non-finite steps are skipped and counted (nonfinite_steps); the "
+            "logged loss is the mean of the applied steps, NaN when there were none."
+        },
     )
     ddp_find_unused_parameters: bool | None = field(
         default=False,
-        metadata={"help": "DDP searches the graph for unused parameters every step (TrainingArguments: yes). Every "
-                  "parameter of the SimMIM models is used in every step, so no; set true for a model that leaves "
-                  "some out."},
+        metadata={
+            "help": "DDP searches the graph for unused parameters every step (TrainingArguments: yes). Every "
+            "parameter of the SimMIM models is used in every step, so no; set true for a model that leaves "
+            "some out."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -175,11 +189,14 @@ class SimMIMTrainingArguments(TrainingArguments):
 
     def _check_training_arguments(self) -> None:
         """Values that cannot train, refused at parse time (before any data or weights are loaded)."""
-        positive = {"--base_learning_rate": self.base_learning_rate, "--lr_gamma": self.lr_gamma,
-                    "--per_device_train_batch_size": self.per_device_train_batch_size,
-                    "--per_device_eval_batch_size": self.per_device_eval_batch_size,
-                    "--gradient_accumulation_steps": self.gradient_accumulation_steps,
-                    "--max_nonfinite_steps": self.max_nonfinite_steps}
+        positive = {
+            "--base_learning_rate": self.base_learning_rate,
+            "--lr_gamma": self.lr_gamma,
+            "--per_device_train_batch_size": self.per_device_train_batch_size,
+            "--per_device_eval_batch_size": self.per_device_eval_batch_size,
+            "--gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "--max_nonfinite_steps": self.max_nonfinite_steps,
+        }
         if self.save_strategy == SaveStrategy.STEPS:
             positive["--save_steps"] = self.save_steps
         if self.eval_strategy == "steps" and self.eval_steps is not None:
@@ -187,18 +204,23 @@ class SimMIMTrainingArguments(TrainingArguments):
         for flag, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{flag} must be > 0, got {value}.")
-        non_negative = {"--warmup_learning_rate": self.warmup_learning_rate,
-                        "--min_learning_rate": self.min_learning_rate, "--warmup_epochs": self.warmup_epochs,
-                        "--num_train_epochs": self.num_train_epochs,
-                        "--dataloader_num_workers": self.dataloader_num_workers}
+        non_negative = {
+            "--warmup_learning_rate": self.warmup_learning_rate,
+            "--min_learning_rate": self.min_learning_rate,
+            "--warmup_epochs": self.warmup_epochs,
+            "--num_train_epochs": self.num_train_epochs,
+            "--dataloader_num_workers": self.dataloader_num_workers,
+        }
         for flag, value in non_negative.items():
             if value < 0:
                 raise ValueError(f"{flag} must be >= 0, got {value}.")
         if self.max_steps < -1:
             raise ValueError(f"--max_steps must be > 0 (or -1: use --num_train_epochs), got {self.max_steps}.")
         if self.do_train and self.max_steps <= 0 and self.num_train_epochs == 0:
-            raise ValueError("--num_train_epochs 0 (and no --max_steps) trains 0 steps: give a positive "
-                             "--num_train_epochs or --max_steps, or --do_train false to only evaluate.")
+            raise ValueError(
+                "--num_train_epochs 0 (and no --max_steps) trains 0 steps: give a positive "
+                "--num_train_epochs or --max_steps, or --do_train false to only evaluate."
+            )
 
     def resolve_schedule(
         self, total_batch_size: int, num_update_steps_per_epoch: int, num_training_steps: int | None = None
@@ -360,8 +382,14 @@ class ReconstructionCallback(TrainerCallback):
         dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         with torch.autocast(device_type=parameter.device.type, dtype=dtype, enabled=dtype is not None):
             reconstruction = reconstruct(model, pixel_values, mask)
-        return make_reconstruction_grid(self.pixel_values, self.bool_masked_pos, reconstruction.float().cpu(),
-                                        self.mean, self.std, max_images=len(self.pixel_values))
+        return make_reconstruction_grid(
+            self.pixel_values,
+            self.bool_masked_pos,
+            reconstruction.float().cpu(),
+            self.mean,
+            self.std,
+            max_images=len(self.pixel_values),
+        )
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
@@ -401,9 +429,13 @@ def check_launch(accelerator: Any) -> None:
         )
     distributed_type = getattr(accelerator.distributed_type, "value", accelerator.distributed_type)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and distributed_type != "FSDP":
-        logger.warning("The launch config asks for FSDP, but accelerate applies it on GPUs only: these %d %s "
-                       "processes train with %s (every process holds the whole model).", accelerator.num_processes,
-                       accelerator.device.type, distributed_type)
+        logger.warning(
+            "The launch config asks for FSDP, but accelerate applies it on GPUs only: these %d %s "
+            "processes train with %s (every process holds the whole model).",
+            accelerator.num_processes,
+            accelerator.device.type,
+            distributed_type,
+        )
 
 
 def per_example_reconstruction_loss(
@@ -416,10 +448,12 @@ def per_example_reconstruction_loss(
     if getattr(config, "norm_target_window", None):
         target = normalize_targets(pixel_values, config.norm_target_window)
     grid = bool_masked_pos.reshape(len(pixel_values), *config.mask_grid_size(tuple(pixel_values.shape[-2:])))
-    return torch.stack([
-        simmim_loss(target[i : i + 1], reconstruction[i : i + 1], grid[i : i + 1], config.model_patch_size)
-        for i in range(len(pixel_values))
-    ])
+    return torch.stack(
+        [
+            simmim_loss(target[i : i + 1], reconstruction[i : i + 1], grid[i : i + 1], config.model_patch_size)
+            for i in range(len(pixel_values))
+        ]
+    )
 
 
 class SimMIMTrainer(Trainer):
@@ -458,8 +492,9 @@ class SimMIMTrainer(Trainer):
             torch.set_num_threads(self.args.torch_num_threads)
         self.throughput = ThroughputCallback(num_processes=self.accelerator.num_processes)
         self.add_callback(self.throughput)
-        tensorboard = next((cb for cb in self.callback_handler.callbacks if type(cb).__name__ == "TensorBoardCallback"),
-                           None)
+        tensorboard = next(
+            (cb for cb in self.callback_handler.callbacks if type(cb).__name__ == "TensorBoardCallback"), None
+        )
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, ReconstructionCallback):
                 callback.tensorboard = tensorboard
@@ -494,8 +529,9 @@ class SimMIMTrainer(Trainer):
         if steps_per_epoch is None:  # called outside train(): derive it the way the Trainer does
             dataloader = self.get_train_dataloader()
             steps_per_epoch = max(math.ceil(len(dataloader) / self.args.gradient_accumulation_steps), 1)
-        return self.args.resolve_schedule(self.get_total_train_batch_size(self.args), steps_per_epoch,
-                                          num_training_steps)
+        return self.args.resolve_schedule(
+            self.get_total_train_batch_size(self.args), steps_per_epoch, num_training_steps
+        )
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -562,17 +598,24 @@ class SimMIMTrainer(Trainer):
             return super().get_train_dataloader()
         args = self.args
         if args.remove_unused_columns:  # the Trainer's column filtering, with its own order
-            logger.warning("--remove_unused_columns true: the training order and augmentations are not keyed by seed "
-                           "and epoch (keep it false for reproducible, resumable runs).")
+            logger.warning(
+                "--remove_unused_columns true: the training order and augmentations are not keyed by seed "
+                "and epoch (keep it false for reproducible, resumable runs)."
+            )
             return super().get_train_dataloader()
         sampler = KeyedEpochSampler(
-            len(dataset), seed=self.data_seed, global_batch_size=self.get_total_train_batch_size(args),
-            drop_last=args.dataloader_drop_last, yield_keys=getattr(dataset, "accepts_example_keys", False),
+            len(dataset),
+            seed=self.data_seed,
+            global_batch_size=self.get_total_train_batch_size(args),
+            drop_last=args.dataloader_drop_last,
+            yield_keys=getattr(dataset, "accepts_example_keys", False),
         )
         self.sampler_epoch.sampler = sampler
         num_workers = args.dataloader_num_workers
         options: dict[str, Any] = {}
-        if not getattr(args, "dataloader_in_order", True):  # TrainingArguments >= 5.x; out of order is not reproducible
+        if not getattr(
+            args, "dataloader_in_order", True
+        ):  # TrainingArguments >= 5.x; out of order is not reproducible
             options["in_order"] = False
         dataloader = torch.utils.data.DataLoader(
             dataset,
@@ -601,8 +644,10 @@ class SimMIMTrainer(Trainer):
         # (`_init_training_state`).
         args = self.args
         if args.dataloader_persistent_workers:
-            raise ValueError("--dataloader_persistent_workers keeps each worker's copy of the stream at epoch 0 "
-                             "(same shuffle and augmentations every epoch): leave it off with --streaming.")
+            raise ValueError(
+                "--dataloader_persistent_workers keeps each worker's copy of the stream at epoch 0 "
+                "(same shuffle and augmentations every epoch): leave it off with --streaming."
+            )
         num_workers = args.dataloader_num_workers
         loader = StreamDataLoader(
             dataset.for_process(self.data_seed, args.process_index, args.world_size),
@@ -620,8 +665,12 @@ class SimMIMTrainer(Trainer):
         if self._resume_checkpoint is not None and not args.ignore_data_skip:
             position = StreamPosition.load(self._resume_checkpoint, args.process_index)
             loader.resume_from(position, self._resume_checkpoint)
-            logger.info("Resuming the stream in pass %d after %s batches (per DataLoader worker) of process %d.",
-                        position.epoch, list(position.batches), args.process_index)
+            logger.info(
+                "Resuming the stream in pass %d after %s batches (per DataLoader worker) of process %d.",
+                position.epoch,
+                list(position.batches),
+                args.process_index,
+            )
         self._stream_loader = loader
         return loader
 
@@ -707,7 +756,8 @@ class SimMIMTrainer(Trainer):
         # which the model's dropout / drop path use: how often that happens depends on persistent workers (cached
         # loaders) and on resumes. A generator of its own keeps evaluation out of the training's random stream.
         getattr(dataloader, "base_dataloader", dataloader).generator = torch.Generator().manual_seed(
-            mix_seed(self.data_seed, "eval_dataloader"))
+            mix_seed(self.data_seed, "eval_dataloader")
+        )
         return dataloader
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -718,18 +768,19 @@ class SimMIMTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             outputs = model(**inputs)
         config = self.accelerator.unwrap_model(model).config
-        losses = per_example_reconstruction_loss(config, inputs["pixel_values"], outputs.reconstruction,
-                                                 inputs["bool_masked_pos"])
+        losses = per_example_reconstruction_loss(
+            config, inputs["pixel_values"], outputs.reconstruction, inputs["bool_masked_pos"]
+        )
         return losses.mean(), losses, None
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         # With several processes, accelerate completes the last evaluation batch of a process with images from the
         # start of the set, and the stock loop averages batch losses, so those images leak into eval_loss. The
         # per-image losses are gathered with the padding dropped: eval_loss is the mean over the evaluation set,
         # the same for any number of processes and any batch size.
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                         metric_key_prefix)
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         if not self.eval_loss_per_example or output.predictions is None:
             return output
         losses = np.asarray(output.predictions, dtype=np.float64).reshape(-1)
@@ -761,8 +812,9 @@ class SimMIMTrainer(Trainer):
             return self.num_skipped_images
         from accelerate.utils import gather_object
 
-        parts = gather_object([(sorted(self.skipped_train_images), sorted(self.skipped_eval_images),
-                                self.num_anonymous_skips)])
+        parts = gather_object(
+            [(sorted(self.skipped_train_images), sorted(self.skipped_eval_images), self.num_anonymous_skips)]
+        )
         train = set().union(*(set(part[0]) for part in parts))
         evaluation = set().union(*(set(part[1]) for part in parts))
         return len(train) + len(evaluation) + sum(part[2] for part in parts)
@@ -791,16 +843,21 @@ class SimMIMTrainer(Trainer):
         finally:
             self._staging_checkpoint = False
             self.args.push_to_hub = push_to_hub
-        if self.state.best_model_checkpoint is not None and \
-                os.path.normpath(self.state.best_model_checkpoint) == os.path.normpath(staged):
+        if self.state.best_model_checkpoint is not None and os.path.normpath(
+            self.state.best_model_checkpoint
+        ) == os.path.normpath(staged):
             self.state.best_model_checkpoint = final
         self.accelerator.wait_for_everyone()  # every process has written its part (RNG states, shards)
         if self.args.should_save:
             self.state.save_to_json(os.path.join(staged, "trainer_state.json"))  # with the published best path
             publish_checkpoint(staged, final)
             shutil.rmtree(staging_root, ignore_errors=True)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
         self.accelerator.wait_for_everyone()
         self.last_checkpoint = final
         if push_to_hub:
@@ -867,12 +924,16 @@ def check_training_data_size(num_examples: int, args: SimMIMTrainingArguments, d
     per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
     if args.dataloader_drop_last and num_examples < per_step:
         processes = f" x {args.world_size} processes" if args.world_size > 1 else ""
-        accumulation = (f" x {args.gradient_accumulation_steps} accumulation steps"
-                        if args.gradient_accumulation_steps > 1 else "")
+        accumulation = (
+            f" x {args.gradient_accumulation_steps} accumulation steps" if args.gradient_accumulation_steps > 1 else ""
+        )
         largest = max(num_examples // (args.world_size * args.gradient_accumulation_steps), 1)
-        advice = (f"lower --per_device_train_batch_size to at most {largest}"
-                  + (" or run on fewer processes" if args.world_size > 1 else "")
-                  + (" or accumulate fewer steps" if accumulation else "") + ", or add images")
+        advice = (
+            f"lower --per_device_train_batch_size to at most {largest}"
+            + (" or run on fewer processes" if args.world_size > 1 else "")
+            + (" or accumulate fewer steps" if accumulation else "")
+            + ", or add images"
+        )
         if not drop_last_fixed_by:
             advice += ", or keep the last incomplete batch with --dataloader_drop_last false"
         else:
@@ -906,13 +967,19 @@ def train_and_evaluate(
     if do_train:
         train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         if trainer.stop_signal is not None:
-            logger.warning("Stopped by %s at step %d after saving %s: run the same command to resume (exit code %d).",
-                           trainer.stop_signal, trainer.state.global_step, trainer.last_checkpoint,
-                           PREEMPTED_EXIT_CODE)
+            logger.warning(
+                "Stopped by %s at step %d after saving %s: run the same command to resume (exit code %d).",
+                trainer.stop_signal,
+                trainer.state.global_step,
+                trainer.last_checkpoint,
+                PREEMPTED_EXIT_CODE,
+            )
             raise SystemExit(PREEMPTED_EXIT_CODE)
         if trainer.step_guard.nonfinite_steps:
-            logger.warning("%d optimizer step(s) had a non-finite loss or gradient norm and were skipped.",
-                           trainer.step_guard.nonfinite_steps)
+            logger.warning(
+                "%d optimizer step(s) had a non-finite loss or gradient norm and were skipped.",
+                trainer.step_guard.nonfinite_steps,
+            )
         if save_model:
             trainer.save_model()
         metrics = dict(train_result.metrics)
@@ -966,16 +1033,32 @@ def render_model_card(
     description = "A SimMIM encoder (masked image modeling, Xie et al., CVPR 2022)"
     if backbone is not None:
         height, width = config.image_size
-        description += (f" with a {backbone.model_type} backbone at {height}x{width} px, "
-                        f"mask patch {config.mask_patch_size}, mask ratio {config.mask_ratio}")
+        description += (
+            f" with a {backbone.model_type} backbone at {height}x{width} px, "
+            f"mask patch {config.mask_patch_size}, mask ratio {config.mask_ratio}"
+        )
     lines += [description + ", pretrained with simmim-hf's `run_mim.py`.", ""]
-    lines += ["## Use", "", "```python", "from transformers import AutoImageProcessor, AutoModelForMaskedImageModeling", "",
-              "# The repository carries the model code (auto_map); with simmim-hf installed, `import modeling_simmim`",
-              "# registers the classes and trust_remote_code is not needed.",
-              f'model = AutoModelForMaskedImageModeling.from_pretrained("{model_name}", trust_remote_code=True)',
-              f'processor = AutoImageProcessor.from_pretrained("{model_name}")', "```", ""]
-    lines += ["## Training", "", "| | |", "|---|---|", f"| data | {data or 'unknown'} |",
-              f"| optimizer steps | {global_step} |"]
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoImageProcessor, AutoModelForMaskedImageModeling",
+        "",
+        "# The repository carries the model code (auto_map); with simmim-hf installed, `import modeling_simmim`",
+        "# registers the classes and trust_remote_code is not needed.",
+        f'model = AutoModelForMaskedImageModeling.from_pretrained("{model_name}", trust_remote_code=True)',
+        f'processor = AutoImageProcessor.from_pretrained("{model_name}")',
+        "```",
+        "",
+    ]
+    lines += [
+        "## Training",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| data | {data or 'unknown'} |",
+        f"| optimizer steps | {global_step} |",
+    ]
     if epoch is not None:
         lines.append(f"| epochs | {epoch:.2f} |")
     if final_loss is not None:
@@ -985,22 +1068,29 @@ def render_model_card(
     if eval_loss is not None:
         lines.append(f"| final evaluation loss | {eval_loss:.4f} |")
     if schedule is not None:
-        lines += [f"| total batch size | {schedule.total_batch_size} |",
-                  f"| peak / warmup / min lr | {schedule.learning_rate:.4g} / {schedule.warmup_learning_rate:.4g} / "
-                  f"{schedule.min_learning_rate:.4g} |",
-                  f"| schedule | {schedule.scheduler_type}, warmup {schedule.num_warmup_steps} of "
-                  f"{schedule.num_training_steps} steps"
-                  + (f", milestones {list(schedule.milestones)} x{schedule.gamma}" if schedule.milestones else "")
-                  + " |"]
+        lines += [
+            f"| total batch size | {schedule.total_batch_size} |",
+            f"| peak / warmup / min lr | {schedule.learning_rate:.4g} / {schedule.warmup_learning_rate:.4g} / "
+            f"{schedule.min_learning_rate:.4g} |",
+            f"| schedule | {schedule.scheduler_type}, warmup {schedule.num_warmup_steps} of "
+            f"{schedule.num_training_steps} steps"
+            + (f", milestones {list(schedule.milestones)} x{schedule.gamma}" if schedule.milestones else "")
+            + " |",
+        ]
     lines.append("")
     if recipe:
         lines += ["### Recipe (arguments that differ from the defaults)", "", "```yaml"]
         lines += [f"{key}: {_format_value(value)}" for key, value in sorted(recipe.items())]
         lines += ["```", ""]
     if reconstruction:
-        lines += ["## Reconstructions", "",
-                  "Columns: input | masked input | reconstruction | reconstruction pasted into the visible pixels.", "",
-                  f"![reconstructions]({reconstruction})", ""]
+        lines += [
+            "## Reconstructions",
+            "",
+            "Columns: input | masked input | reconstruction | reconstruction pasted into the visible pixels.",
+            "",
+            f"![reconstructions]({reconstruction})",
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -32,8 +32,14 @@ RUN_ARTIFACTS = frozenset({STAGING_DIR, "reconstructions", "runs"})
 
 TRAINER_STATE = "trainer_state.json"
 # Weights as the Trainer saves them: safetensors (possibly sharded), legacy pickles, FSDP shards, DeepSpeed folders.
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+)
 _WEIGHT_PREFIXES = ("pytorch_model_fsdp_", "global_step")
 _OPTIMIZER_PREFIXES = ("optimizer", "global_step")
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -150,8 +156,11 @@ def list_checkpoints(output_dir: str) -> list[str]:
     if not os.path.isdir(output_dir):
         return []
     found = [(checkpoint_step(name), os.path.join(output_dir, name)) for name in os.listdir(output_dir)]
-    return [path for step, path in sorted((item for item in found if item[0] is not None), reverse=True)
-            if os.path.isdir(path)]
+    return [
+        path
+        for step, path in sorted((item for item in found if item[0] is not None), reverse=True)
+        if os.path.isdir(path)
+    ]
 
 
 def find_resumable_checkpoint(

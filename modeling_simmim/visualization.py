@@ -49,7 +49,9 @@ def reconstruction_panels(
 ) -> torch.Tensor:
     """(B, 4, 3, H, W) in [0, 1]: input, masked input, reconstruction, reconstruction pasted into the visible pixels."""
     if pixel_values.shape != reconstruction.shape:
-        raise ValueError(f"pixel_values {tuple(pixel_values.shape)} and reconstruction {tuple(reconstruction.shape)} differ")
+        raise ValueError(
+            f"pixel_values {tuple(pixel_values.shape)} and reconstruction {tuple(reconstruction.shape)} differ"
+        )
     image = denormalize(pixel_values.detach().cpu(), mean, std)
     recon = denormalize(reconstruction.detach().cpu(), mean, std)
     mask = mask_to_pixels(bool_masked_pos.detach().cpu(), (image.shape[-2], image.shape[-1]))
@@ -72,8 +74,9 @@ def make_reconstruction_grid(
     """The reconstruction grid as a PIL RGB image: one row per image (at most `max_images`), four columns (see the
     module docstring), white `padding` between cells. Small inputs are upscaled (nearest) to `min_cell_size` so the
     grid stays readable. Pure function: no model, no I/O."""
-    panels = reconstruction_panels(pixel_values[:max_images], bool_masked_pos[:max_images], reconstruction[:max_images],
-                                   mean, std)
+    panels = reconstruction_panels(
+        pixel_values[:max_images], bool_masked_pos[:max_images], reconstruction[:max_images], mean, std
+    )
     rows, cols, _, height, width = panels.shape
     scale = max(1, -(-min_cell_size // max(height, width)))  # ceil division
     cell_h, cell_w = height * scale, width * scale
@@ -84,7 +87,9 @@ def make_reconstruction_grid(
             if scale > 1:
                 cell = F.interpolate(cell[None], scale_factor=scale, mode="nearest")[0]
             top, left = padding + r * (cell_h + padding), padding + c * (cell_w + padding)
-            grid[top : top + cell_h, left : left + cell_w] = (cell.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+            grid[top : top + cell_h, left : left + cell_w] = (cell.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(
+                np.uint8
+            )
     return Image.fromarray(grid)
 
 

@@ -72,8 +72,13 @@ def geometric_source_coordinates(source_length: int, target_length: int) -> np.n
     if n > 1 and q > 1.5 - 1e-5:
         # the official bracket [1.01, 1.5] covers growths like 6 -> 7 and 12 -> 14; beyond it the source grid cannot
         # reach the target offsets and the outer rows are extrapolated (the official code does the same, silently)
-        logger.warning("relative position bias resize %d -> %d offsets is outside the official geometric range "
-                       "(q=%.4f at the bracket end): outer offsets are extrapolated", source_length, target_length, q)
+        logger.warning(
+            "relative position bias resize %d -> %d offsets is outside the official geometric range "
+            "(q=%.4f at the bracket end): outer offsets are extrapolated",
+            source_length,
+            target_length,
+            q,
+        )
     distances = [1.0]
     for k in range(1, n):
         distances.append(distances[-1] + q**k)
@@ -144,9 +149,7 @@ def interpolate_position_embeddings(
     prefix = position_embeddings[:, :num_prefix_tokens]
     patch = position_embeddings[:, num_prefix_tokens:]
     if patch.shape[1] != source_grid[0] * source_grid[1]:
-        raise ValueError(
-            f"position embeddings with {patch.shape[1]} patch positions do not fit a {source_grid} grid"
-        )
+        raise ValueError(f"position embeddings with {patch.shape[1]} patch positions do not fit a {source_grid} grid")
     channels = patch.shape[-1]
     patch = patch.reshape(1, source_grid[0], source_grid[1], channels).permute(0, 3, 1, 2).float()
     patch = torch.nn.functional.interpolate(patch, size=tuple(target_grid), mode="bicubic", align_corners=False)
@@ -203,11 +206,16 @@ def _finetuning_overrides(config: SimMIMConfig, from_mim: bool, overrides: dict[
     if family == "swinv2" and overrides.get("window_size", backbone_config.window_size) != backbone_config.window_size:
         # SwinV2's continuous position bias is rescaled by the pretraining window (official SwinV2 finetuning)
         if not any(getattr(backbone_config, "pretrained_window_sizes", None) or [0]):
-            overrides.setdefault("pretrained_window_sizes", [
-                min(backbone_config.window_size, res) for res in stage_resolutions(backbone_config)])
+            overrides.setdefault(
+                "pretrained_window_sizes",
+                [min(backbone_config.window_size, res) for res in stage_resolutions(backbone_config)],
+            )
     if family == "vit" and overrides.get("drop_path_rate"):
-        logger.warning("transformers' ViT has no stochastic depth: drop_path_rate=%s is ignored (BEiT-style ViT and "
-                       "Swin support it)", overrides["drop_path_rate"])
+        logger.warning(
+            "transformers' ViT has no stochastic depth: drop_path_rate=%s is ignored (BEiT-style ViT and "
+            "Swin support it)",
+            overrides["drop_path_rate"],
+        )
     unknown = sorted(key for key in overrides if not hasattr(backbone_config, key) and key != "drop_path_rate")
     if unknown:
         raise ValueError(f"{type(backbone_config).__name__} has no fields {unknown} to override")
@@ -249,16 +257,20 @@ def _compress_names(names) -> list[str]:
     groups: dict[str, list[str]] = {}
     for name in names:
         groups.setdefault(re.sub(r"\.\d+(?=\.|$)", ".*", name), []).append(name)
-    return sorted(members[0] if len(members) == 1 else f"{pattern} (x{len(members)})"
-                  for pattern, members in groups.items())
+    return sorted(
+        members[0] if len(members) == 1 else f"{pattern} (x{len(members)})" for pattern, members in groups.items()
+    )
 
 
 def _table(rows: list[tuple[str, str, str]]) -> list[str]:
     headers = ("Key", "Status", "Details")
     widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(3)]
     line = " | ".join(f"{{:<{width}}}" for width in widths)
-    return [line.format(*headers).rstrip(), "-+-".join("-" * width for width in widths),
-            *(line.format(*row).rstrip() for row in rows)]
+    return [
+        line.format(*headers).rstrip(),
+        "-+-".join("-" * width for width in widths),
+        *(line.format(*row).rstrip() for row in rows),
+    ]
 
 
 @dataclass
@@ -319,8 +331,10 @@ def _grid(config) -> tuple[int, int] | None:
 def _square_grid(num_positions: int, what: str) -> tuple[int, int]:
     side = math.isqrt(num_positions)
     if side * side != num_positions:
-        raise ValueError(f"cannot infer the patch grid of {what} ({num_positions} positions is not a square); "
-                         "pass the source config")
+        raise ValueError(
+            f"cannot infer the patch grid of {what} ({num_positions} positions is not a square); "
+            "pass the source config"
+        )
     return (side, side)
 
 
@@ -364,13 +378,24 @@ def adapt_state_dict(
     _unshare_position_bias(weights, target, backbone_prefix, report)
     for key in list(weights):
         if key in target and tuple(weights[key].shape) != target[key]:
-            _reshape_mismatch(key, weights, target[key], backbone_prefix, source_backbone_config,
-                              target_backbone_config, report, source)
+            _reshape_mismatch(
+                key,
+                weights,
+                target[key],
+                backbone_prefix,
+                source_backbone_config,
+                target_backbone_config,
+                report,
+                source,
+            )
     for key in list(weights):
         if key not in target:
             pooled_norm = backbone_prefix == "beit" and key.startswith("beit.layernorm.")
-            report.unused[key] = ("final norm: the classifier pools with mean + fc_norm instead (official)"
-                                  if pooled_norm else "not in this model")
+            report.unused[key] = (
+                "final norm: the classifier pools with mean + fc_norm instead (official)"
+                if pooled_norm
+                else "not in this model"
+            )
             del weights[key]
     report.loaded = sorted(weights)
     report.newly_initialized = sorted(k for k in target if k not in weights)
@@ -408,7 +433,9 @@ def _drop_pretraining_only(
 
 
 def _unshare_position_bias(
-    weights: dict[str, torch.Tensor], target: Mapping[str, tuple[int, ...]], backbone_prefix: str,
+    weights: dict[str, torch.Tensor],
+    target: Mapping[str, tuple[int, ...]],
+    backbone_prefix: str,
     report: LoadingReport,
 ) -> None:
     # BEiT-style ViT: pretraining shares one table, finetuning gives every block its own copy (official recipe)
@@ -416,8 +443,13 @@ def _unshare_position_bias(
     if shared_key not in weights or shared_key in target:
         return
     shared = weights.pop(shared_key)
-    block_keys = [k for k in target if re.fullmatch(
-        rf"{re.escape(backbone_prefix)}\.layers\.\d+\.relative_position_bias\.relative_position_bias_table", k)]
+    block_keys = [
+        k
+        for k in target
+        if re.fullmatch(
+            rf"{re.escape(backbone_prefix)}\.layers\.\d+\.relative_position_bias\.relative_position_bias_table", k
+        )
+    ]
     if not block_keys:
         report.unused[shared_key] = "the model has no relative position bias"
     for key in block_keys:
@@ -427,14 +459,21 @@ def _unshare_position_bias(
 
 
 def _reshape_mismatch(
-    key: str, weights: dict[str, torch.Tensor], target_shape: tuple[int, ...], backbone_prefix: str,
-    source_backbone_config, target_backbone_config, report: LoadingReport, source: str,
+    key: str,
+    weights: dict[str, torch.Tensor],
+    target_shape: tuple[int, ...],
+    backbone_prefix: str,
+    source_backbone_config,
+    target_backbone_config,
+    report: LoadingReport,
+    source: str,
 ) -> None:
     """Resize a tensor whose shape differs from the model's by the rule of its kind, or raise."""
     source_shape = tuple(weights[key].shape)
     if key.endswith("relative_position_bias_table"):
-        weights[key], how = _resize_table(key, weights[key], target_shape, backbone_prefix,
-                                          source_backbone_config, target_backbone_config)
+        weights[key], how = _resize_table(
+            key, weights[key], target_shape, backbone_prefix, source_backbone_config, target_backbone_config
+        )
         previous = report.resized.get(key)
         report.resized[key] = f"{previous}, {how}" if previous else how
     elif key.endswith("embeddings.position_embeddings"):

@@ -38,8 +38,9 @@ from modeling_simmim.masking import SimMIMMaskGenerator  # noqa: E402
 BATCH, STEPS = 2, 2
 
 
-def plugin_from_yaml(path: str, wrap_policy: str | None = None, layers: str | None = None
-                     ) -> FullyShardedDataParallelPlugin:
+def plugin_from_yaml(
+    path: str, wrap_policy: str | None = None, layers: str | None = None
+) -> FullyShardedDataParallelPlugin:
     """The plugin `accelerate launch --config_file path` builds (its `fsdp_config`); `wrap_policy` and `layers`
     override the file's, as `--fsdp_auto_wrap_policy` and `--fsdp_transformer_layer_cls_to_wrap` do."""
     with open(path, encoding="utf-8") as handle:
@@ -60,8 +61,10 @@ def plugin_from_yaml(path: str, wrap_policy: str | None = None, layers: str | No
 def batch_of(rank: int, config: SimMIMConfig) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(100 + rank)
     masks = SimMIMMaskGenerator(64, config.mask_patch_size, config.model_patch_size, config.mask_ratio)
-    return {"pixel_values": torch.randn(BATCH, 3, 64, 64, generator=generator),
-            "bool_masked_pos": masks(BATCH, generator=generator)}
+    return {
+        "pixel_values": torch.randn(BATCH, 3, 64, 64, generator=generator),
+        "bool_masked_pos": masks(BATCH, generator=generator),
+    }
 
 
 def train(model, batches, steps=STEPS) -> list[float]:
@@ -99,17 +102,30 @@ def main() -> None:
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         # one process, both ranks' batches: the whole batch's gradient (equal masked counts per image)
-        whole = {key: torch.cat([batch_of(r, config)[key] for r in range(world_size)]) for key in ("pixel_values",
-                                                                                                 "bool_masked_pos")}
+        whole = {
+            key: torch.cat([batch_of(r, config)[key] for r in range(world_size)])
+            for key in ("pixel_values", "bool_masked_pos")
+        }
         reference_losses = train(reference, whole)
         difference = max(float((state[name] - value).abs().max()) for name, value in reference.state_dict().items())
         keys = sorted(state)
         # save_pretrained empties the dict it is given
         SimMIMForMaskedImageModeling(config).save_pretrained(os.path.join(record_dir, "model"), state_dict=dict(state))
         with open(os.path.join(record_dir, "record.json"), "w", encoding="utf-8") as handle:
-            json.dump({"distributed_type": chosen, "world_size": world_size, "units": units, "sharded": sharded,
-                       "fsdp2": isinstance(model, FSDPModule), "losses": losses, "reference_losses": reference_losses,
-                       "max_difference_to_one_process": difference, "state_dict_keys": keys}, handle)
+            json.dump(
+                {
+                    "distributed_type": chosen,
+                    "world_size": world_size,
+                    "units": units,
+                    "sharded": sharded,
+                    "fsdp2": isinstance(model, FSDPModule),
+                    "losses": losses,
+                    "reference_losses": reference_losses,
+                    "max_difference_to_one_process": difference,
+                    "state_dict_keys": keys,
+                },
+                handle,
+            )
     dist.barrier()
     dist.destroy_process_group()
 

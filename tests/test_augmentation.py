@@ -89,8 +89,11 @@ def test_mixup_collator_batches():
 def test_horizontal_flip_probability_is_a_setting():
     """`hflip_prob` (the scripts' --hflip_prob): 0.5 official, 0 removes the flip (digits: a mirrored digit is another
     shape), 1 always mirrors; outside [0, 1] is an error naming the flag."""
-    flips = [step for step in build_classification_transform(32, train=True).transforms[1].transforms
-             if type(step).__name__ == "RandomHorizontalFlip"]
+    flips = [
+        step
+        for step in build_classification_transform(32, train=True).transforms[1].transforms
+        if type(step).__name__ == "RandomHorizontalFlip"
+    ]
     assert len(flips) == 1 and flips[0].p == 0.5
     assert "RandomHorizontalFlip" not in _names(build_classification_transform(32, train=True, hflip_prob=0.0))
     # a left/right ramp: with the flip always on (and nothing else random), the output is the mirrored ramp

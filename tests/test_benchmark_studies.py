@@ -41,7 +41,9 @@ def test_bias_table_moves():
     resized = position_bias_study.bicubic_resize(table, (4, 4), (8, 8))
     assert resized.shape == (15 * 15, 3)
     constant = torch.full((7 * 7, 2), 0.25)
-    torch.testing.assert_close(position_bias_study.bicubic_resize(constant, (4, 4), (8, 8)), torch.full((225, 2), 0.25))
+    torch.testing.assert_close(
+        position_bias_study.bicubic_resize(constant, (4, 4), (8, 8)), torch.full((225, 2), 0.25)
+    )
     grid = table.T.reshape(3, 7, 7)
     centre = position_bias_study.bicubic_resize(table, (4, 4), (8, 8)).T.reshape(3, 15, 15)[:, 7, 7]
     assert torch.allclose(centre, grid[:, 3, 3], atol=0.5)  # the zero offset stays near the zero offset

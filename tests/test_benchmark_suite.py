@@ -51,8 +51,10 @@ def test_smoke_suite_measures_every_section_and_records_a_failing_cell(suite, tm
     # every implementation in bf16 and fp32 eager; the smoke suite compiles two of them in fp32
     eager = {(r["model"], r["impl"], r["dtype"]) for r in rows if not r["compiled"]}
     assert len(eager) == 2 * sum(len(arch.impls) for arch in suite.SMOKE.archs)
-    assert {(r["model"], r["impl"]) for r in rows if r["compiled"]} == {("swin_test", "ours_fast"),
-                                                                       ("swin_test", "hf_sdpa")}
+    assert {(r["model"], r["impl"]) for r in rows if r["compiled"]} == {
+        ("swin_test", "ours_fast"),
+        ("swin_test", "hf_sdpa"),
+    }
     failed = [row for row in rows if row["impl"] == "ours_plain"]
     assert [row["status"] for row in failed] == ["failed: RuntimeError: CUDA out of memory (simulated)"] * 2
     assert "build_or_fail" in saved["throughput"][rows.index(failed[0])]["traceback"]
@@ -72,7 +74,10 @@ def test_smoke_suite_measures_every_section_and_records_a_failing_cell(suite, tm
         assert row["status"] == "ok" and 0 < row["outside_matmul_share"] < 1 and 0 < row["matmul_share"] < 1
         assert row["top_ms"] and all(_positive(ms) for _, ms in row["top_ms"])
 
-    assert [(r["impl"], r["checkpointing"]) for r in report["max_batch"]] == [("ours_fast", False), ("ours_fast", True)]
+    assert [(r["impl"], r["checkpointing"]) for r in report["max_batch"]] == [
+        ("ours_fast", False),
+        ("ours_fast", True),
+    ]
     for row in report["max_batch"]:  # the smoke cap is 8: nothing fails below it on a CPU
         assert row["status"] == "ok" and row["largest_fitting"] == 8 and row["capped"]
 
@@ -84,15 +89,28 @@ def test_smoke_suite_measures_every_section_and_records_a_failing_cell(suite, tm
     markdown = (tmp_path / "gpu_suite.md").read_text()
     assert markdown.count("| Swin tiny (test) |") == sum(r["model"] == "swin_test" for r in rows) + 2 + 2
     assert markdown.count("| failed: RuntimeError: CUDA out of memory (simulated) |") == 2
-    for heading in ("## Training step", "## Where a bf16 step's time goes", "## Largest per-device batch",
-                    "## Input pipeline"):
+    for heading in (
+        "## Training step",
+        "## Where a bf16 step's time goes",
+        "## Largest per-device batch",
+        "## Input pipeline",
+    ):
         assert heading in markdown
     assert "Skipped for the time budget: 0 cell(s)." in markdown
 
 
 def test_time_budget_skips_cells_and_says_so(suite, tmp_path):
-    report = suite.main(["--smoke", "--output_dir", str(tmp_path), "--budget_s", "0", "--sections",
-                         "throughput,profile,loader,max_batch"])
+    report = suite.main(
+        [
+            "--smoke",
+            "--output_dir",
+            str(tmp_path),
+            "--budget_s",
+            "0",
+            "--sections",
+            "throughput,profile,loader,max_batch",
+        ]
+    )
     cells = report["throughput"] + report["profile"] + report["max_batch"] + report["loader"]
     assert cells and all(row["status"] == suite.SKIPPED for row in cells)
     markdown = (tmp_path / "gpu_suite.md").read_text()
@@ -150,9 +168,27 @@ def test_unknown_section_is_rejected(suite):
 
 def test_cpu_profile_reports_the_time_outside_the_matmuls():
     benchmark = _load("pretrain_throughput")
-    report = benchmark.main(["--model", "swin_test", "--batch_size", "2", "--steps", "1", "--warmup", "0",
-                             "--dtype", "fp32", "--impls", "ours_fast,hf_sdpa", "--timer", "cpu",
-                             "--threads", "1", "--profile"])
+    report = benchmark.main(
+        [
+            "--model",
+            "swin_test",
+            "--batch_size",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--dtype",
+            "fp32",
+            "--impls",
+            "ours_fast,hf_sdpa",
+            "--timer",
+            "cpu",
+            "--threads",
+            "1",
+            "--profile",
+        ]
+    )
     for row in report["results"]:
         profile = row["extra"]["profile"]
         assert 0 < profile["outside_matmul_share"] < 1 and 0 < profile["matmul_share"] < 1

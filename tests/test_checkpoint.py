@@ -93,8 +93,10 @@ def test_loading_report_is_one_readable_table():
         source="ckpt",
         model="SimMIMForImageClassification",
         loaded=[f"swin.encoder.layers.0.blocks.{i}.mlp.fc1.weight" for i in range(2)],
-        resized={f"swin.encoder.layers.0.blocks.{i}.attention.relative_position_bias.relative_position_bias_table":
-                 "6x6 -> 7x7 (geometric bicubic)" for i in range(2)},
+        resized={
+            f"swin.encoder.layers.0.blocks.{i}.attention.relative_position_bias.relative_position_bias_table": "6x6 -> 7x7 (geometric bicubic)"
+            for i in range(2)
+        },
         newly_initialized=["classifier.weight", "classifier.bias"],
         unused={"decoder.0.weight": "SimMIM decoder (pretraining only)"},
     )
@@ -104,8 +106,11 @@ def test_loading_report_is_one_readable_table():
     assert [cell.strip() for cell in lines[2].split("|")] == ["Key", "Status", "Details"]
     rows = [[cell.strip() for cell in line.split("|")] for line in lines[4:]]
     assert rows == [
-        ["swin.encoder.layers.*.blocks.*.attention.relative_position_bias.relative_position_bias_table (x2)",
-         "RESIZED", "6x6 -> 7x7 (geometric bicubic)"],
+        [
+            "swin.encoder.layers.*.blocks.*.attention.relative_position_bias.relative_position_bias_table (x2)",
+            "RESIZED",
+            "6x6 -> 7x7 (geometric bicubic)",
+        ],
         ["classifier.bias", "NEW", "newly initialized: train these"],
         ["classifier.weight", "NEW", "newly initialized: train these"],
         ["decoder.0.weight", "UNUSED", "SimMIM decoder (pretraining only)"],

@@ -37,7 +37,8 @@ def test_transfer_192w6_to_224w7_keeps_every_backbone_weight(tmp_path):
     _symmetrize_tables(mim)
     mim.save_pretrained(folder)
     model = SimMIMForImageClassification.from_pretrained(
-        folder, num_labels=5, image_size=56, window_size=7, drop_path_rate=0.1)
+        folder, num_labels=5, image_size=56, window_size=7, drop_path_rate=0.1
+    )
     report = model.loading_report
     assert model.config.backbone_config.window_size == 7 and model.config.backbone_config.image_size == 56
     assert model.config.backbone_config.drop_path_rate == 0.1
@@ -82,8 +83,9 @@ def test_classification_checkpoint_round_trip_and_labels(tmp_path):
 
 
 def test_native_transformers_checkpoint_loads(tmp_path):
-    native_config = SwinConfig(image_size=48, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
-                               window_size=6, num_labels=4)
+    native_config = SwinConfig(
+        image_size=48, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=6, num_labels=4
+    )
     native = SwinForImageClassification(native_config).eval()
     native.save_pretrained(tmp_path / "native")
     model = SimMIMForImageClassification.from_pretrained(tmp_path / "native")
@@ -110,15 +112,21 @@ def test_transfer_other_families(tmp_path, preset):
     new = set(report.newly_initialized)
     if preset == "beit_test":
         # official finetuning: one table per block copied from the shared one, mean pooling + fc_norm
-        assert new == {"classifier.weight", "classifier.bias", "beit.pooler.layernorm.weight",
-                       "beit.pooler.layernorm.bias"}
+        assert new == {
+            "classifier.weight",
+            "classifier.bias",
+            "beit.pooler.layernorm.weight",
+            "beit.pooler.layernorm.bias",
+        }
         shared = mim.state_dict()["beit.shared_position_bias.relative_position_bias_table"]
         for i in range(2):
             table = model.state_dict()[f"beit.layers.{i}.relative_position_bias.relative_position_bias_table"]
             assert table.shape[0] == 19 * 19 + 3
             torch.testing.assert_close(table[-3:], shared[-3:])  # CLS entries carried over
-            assert "copied from the shared table" in report.resized[
-                f"beit.layers.{i}.relative_position_bias.relative_position_bias_table"]
+            assert (
+                "copied from the shared table"
+                in report.resized[f"beit.layers.{i}.relative_position_bias.relative_position_bias_table"]
+            )
         assert model.config.backbone_config.use_mean_pooling
     else:
         assert new == {"classifier.weight", "classifier.bias"}

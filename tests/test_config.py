@@ -29,12 +29,21 @@ def test_defaults_are_the_paper_setting():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(backbone_config=SwinConfig(image_size=200, window_size=5)), r"200x200 is not divisible by mask_patch_size \(32\)"),
-        (dict(backbone_config=ViTConfig(image_size=224, patch_size=16), mask_patch_size=40), r"mask_patch_size \(40\).*model patch size \(16\)"),
+        (
+            dict(backbone_config=SwinConfig(image_size=200, window_size=5)),
+            r"200x200 is not divisible by mask_patch_size \(32\)",
+        ),
+        (
+            dict(backbone_config=ViTConfig(image_size=224, patch_size=16), mask_patch_size=40),
+            r"mask_patch_size \(40\).*model patch size \(16\)",
+        ),
         (dict(mask_ratio=0.0), r"mask_ratio must lie in \(0, 1\), got 0.0"),
         (dict(mask_ratio=1.0), r"got 1.0"),
         (dict(mask_ratio=-0.2), r"got -0.2"),
-        (dict(backbone_config=SwinConfig(image_size=48, window_size=3), mask_patch_size=16), r"48x48 is not divisible by the encoder stride \(32\)"),
+        (
+            dict(backbone_config=SwinConfig(image_size=48, window_size=3), mask_patch_size=16),
+            r"48x48 is not divisible by the encoder stride \(32\)",
+        ),
     ],
 )
 def test_impossible_geometry_names_the_numbers(kwargs, message):
@@ -78,10 +87,18 @@ def test_saved_config_is_the_native_backbone_config_with_the_simmim_fields(tmp_p
 
 def test_folders_of_the_earlier_nested_format_still_load(tmp_path):
     backbone = SimMIMConfig.from_preset("swin_test").backbone_config.to_dict()
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "simmim", "backbone_config": backbone, "mask_patch_size": 16, "mask_ratio": 0.5,
-        "fast_window_attention": True, "auto_map": {"AutoConfig": "configuration_simmim.SimMIMConfig"},
-    }))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "simmim",
+                "backbone_config": backbone,
+                "mask_patch_size": 16,
+                "mask_ratio": 0.5,
+                "fast_window_attention": True,
+                "auto_map": {"AutoConfig": "configuration_simmim.SimMIMConfig"},
+            }
+        )
+    )
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, SimMIMConfig) and loaded.backbone_type == "swin" and loaded.mask_patch_size == 16
     assert loaded.fast_window_attention is False  # the saved kernel choice of the earlier default is not followed
@@ -117,15 +134,29 @@ def test_backbone_fields_read_and_write_through_and_update_works():
 
 
 def test_backbone_config_from_dict():
-    config = SimMIMConfig(backbone_config={"model_type": "swin", "image_size": 96, "embed_dim": 32, "depths": [1, 1],
-                                           "num_heads": [1, 2], "window_size": 3})
+    config = SimMIMConfig(
+        backbone_config={
+            "model_type": "swin",
+            "image_size": 96,
+            "embed_dim": 32,
+            "depths": [1, 1],
+            "num_heads": [1, 2],
+            "window_size": 3,
+        }
+    )
     assert isinstance(config.backbone_config, SwinConfig)
     assert config.image_size == (96, 96) and config.encoder_stride == 8 and config.hidden_size == 64
 
 
 def test_from_preset_routes_simmim_and_head_fields_to_the_simmim_config():
-    config = SimMIMConfig.from_preset("swin_test", window_size=2, num_labels=5, fast_window_attention=False,
-                                      label_smoothing=0.1, id2label={0: "a", 1: "b", 2: "c", 3: "d", 4: "e"})
+    config = SimMIMConfig.from_preset(
+        "swin_test",
+        window_size=2,
+        num_labels=5,
+        fast_window_attention=False,
+        label_smoothing=0.1,
+        id2label={0: "a", 1: "b", 2: "c", 3: "d", 4: "e"},
+    )
     assert config.num_labels == 5 and config.id2label[4] == "e" and config.label_smoothing == 0.1
     assert config.fast_window_attention is False
     assert config.backbone_config.window_size == 2  # backbone fields still go to the backbone

@@ -53,8 +53,17 @@ VIT_OFFICIAL = {
         "TYPE": "vit",
         "NUM_CLASSES": 0,
         "DROP_PATH_RATE": 0.1,
-        "VIT": {"PATCH_SIZE": 16, "EMBED_DIM": 32, "DEPTH": 2, "NUM_HEADS": 2, "MLP_RATIO": 4,
-                "USE_APE": False, "USE_RPB": False, "USE_SHARED_RPB": True, "USE_MEAN_POOLING": False},
+        "VIT": {
+            "PATCH_SIZE": 16,
+            "EMBED_DIM": 32,
+            "DEPTH": 2,
+            "NUM_HEADS": 2,
+            "MLP_RATIO": 4,
+            "USE_APE": False,
+            "USE_RPB": False,
+            "USE_SHARED_RPB": True,
+            "USE_MEAN_POOLING": False,
+        },
     },
 }
 
@@ -133,9 +142,9 @@ def official_vit_encoder(beit) -> dict[str, torch.Tensor]:
         _linear(sd, f"{prefix}.norm1", layer.layernorm_before)
         attention = layer.attention
         assert attention.k_proj.bias is None  # BEiT: q and v biases only
-        sd[f"{prefix}.attn.qkv.weight"] = torch.cat(
-            [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]
-        ).detach().clone()
+        sd[f"{prefix}.attn.qkv.weight"] = (
+            torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]).detach().clone()
+        )
         sd[f"{prefix}.attn.q_bias"] = attention.q_proj.bias.detach().clone()
         sd[f"{prefix}.attn.v_bias"] = attention.v_proj.bias.detach().clone()
         if layer.relative_position_bias is not None:
@@ -178,29 +187,57 @@ def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def tiny_swin_mim() -> SimMIMForMaskedImageModeling:
     # two blocks per stage so that stage 0 has a shifted block (the official attn_mask buffer)
-    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=4,
-                          drop_path_rate=0.0)
+    backbone = SwinConfig(
+        image_size=64, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=4, drop_path_rate=0.0
+    )
     return _perturb(SimMIMForMaskedImageModeling(SimMIMConfig(backbone_config=backbone)))
 
 
 def tiny_vit_mim() -> SimMIMForMaskedImageModeling:
-    backbone = BeitConfig(image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=128, layer_scale_init_value=0.1, use_absolute_position_embeddings=False,
-                          use_relative_position_bias=False, use_shared_relative_position_bias=True,
-                          use_mean_pooling=False, layer_norm_eps=1e-6, drop_path_rate=0.1)
+    backbone = BeitConfig(
+        image_size=64,
+        patch_size=16,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        layer_scale_init_value=0.1,
+        use_absolute_position_embeddings=False,
+        use_relative_position_bias=False,
+        use_shared_relative_position_bias=True,
+        use_mean_pooling=False,
+        layer_norm_eps=1e-6,
+        drop_path_rate=0.1,
+    )
     return _perturb(SimMIMForMaskedImageModeling(SimMIMConfig(backbone_config=backbone)))
 
 
 def tiny_swin_classifier() -> SwinForImageClassification:
-    return _perturb(SwinForImageClassification(SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[2, 2],
-                                                          num_heads=[1, 2], window_size=4, num_labels=5)))
+    return _perturb(
+        SwinForImageClassification(
+            SwinConfig(
+                image_size=64, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=4, num_labels=5
+            )
+        )
+    )
 
 
 def tiny_vit_classifier() -> BeitForImageClassification:
-    config = BeitConfig(image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=128, layer_scale_init_value=0.1, use_absolute_position_embeddings=False,
-                        use_relative_position_bias=True, use_shared_relative_position_bias=False,
-                        use_mean_pooling=True, layer_norm_eps=1e-6, num_labels=5)
+    config = BeitConfig(
+        image_size=64,
+        patch_size=16,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        layer_scale_init_value=0.1,
+        use_absolute_position_embeddings=False,
+        use_relative_position_bias=True,
+        use_shared_relative_position_bias=False,
+        use_mean_pooling=True,
+        layer_norm_eps=1e-6,
+        num_labels=5,
+    )
     return _perturb(BeitForImageClassification(config))
 
 
@@ -243,9 +280,14 @@ def fake_yacs():
 
 def save_official(path: Path, state_dict: dict, config: dict | None = None, **extras) -> Path:
     """torch.save in the layout of the official `save_checkpoint` (config pickled as a yacs CfgNode)."""
-    payload = {"model": state_dict, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0]}]},
-               "lr_scheduler": {"t_initial": 100, "warmup_t": 10, "base_values": [1e-4]}, "max_accuracy": 0.0,
-               "epoch": 99, **extras}
+    payload = {
+        "model": state_dict,
+        "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0]}]},
+        "lr_scheduler": {"t_initial": 100, "warmup_t": 10, "base_values": [1e-4]},
+        "max_accuracy": 0.0,
+        "epoch": 99,
+        **extras,
+    }
     if config is None:
         torch.save(payload, path)
         return path
@@ -414,24 +456,35 @@ def test_imagenet_heads_get_imagenet_label_names(tmp_path):
     official["head.weight"], official["head.bias"] = torch.randn(1000, 32), torch.randn(1000)
     converted = convert_official_checkpoint(save_official(tmp_path / "ft.pth", official))
     assert converted.config.num_labels == 1000
-    assert converted.config.id2label[0].startswith("tench") and converted.config.label2id["goldfish, Carassius auratus"] == 1
+    assert (
+        converted.config.id2label[0].startswith("tench")
+        and converted.config.label2id["goldfish, Carassius auratus"] == 1
+    )
 
 
 def test_swin_stage_smaller_than_window(tmp_path):
     """Official Swin shrinks the window (and bias table) of stages smaller than it, like Swin-L's last stage."""
-    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[2, 2, 2], num_heads=[1, 2, 2],
-                          window_size=8)  # stage resolutions 16, 8, 4: the last one runs a 4x4 window
+    backbone = SwinConfig(
+        image_size=64, patch_size=4, embed_dim=16, depths=[2, 2, 2], num_heads=[1, 2, 2], window_size=8
+    )  # stage resolutions 16, 8, 4: the last one runs a 4x4 window
     official = official_pretraining_state_dict(_perturb(SimMIMForMaskedImageModeling(SimMIMConfig(backbone))))
     for j in range(2):
         official[f"encoder.layers.2.blocks.{j}.attn.relative_position_bias_table"] = torch.randn(7 * 7, 2)
-    config = {**SWIN_OFFICIAL, "MODEL": {**SWIN_OFFICIAL["MODEL"], "SWIN": {
-        **SWIN_OFFICIAL["MODEL"]["SWIN"], "DEPTHS": [2, 2, 2], "NUM_HEADS": [1, 2, 2], "WINDOW_SIZE": 8}}}
+    config = {
+        **SWIN_OFFICIAL,
+        "MODEL": {
+            **SWIN_OFFICIAL["MODEL"],
+            "SWIN": {**SWIN_OFFICIAL["MODEL"]["SWIN"], "DEPTHS": [2, 2, 2], "NUM_HEADS": [1, 2, 2], "WINDOW_SIZE": 8},
+        },
+    }
     path = save_official(tmp_path / "pt.pth", official, config)
     target = SimMIMForMaskedImageModeling(SimMIMConfig(backbone))
     table = target.swin.encoder.layers[2].blocks[0].attention.relative_position_bias.relative_position_bias_table
     assert table.shape[0] == 7 * 7  # the swin adapter clamps windows like the official model
     converted = convert_official_checkpoint(path)
-    converted_table = converted.swin.encoder.layers[2].blocks[1].attention.relative_position_bias.relative_position_bias_table
+    converted_table = (
+        converted.swin.encoder.layers[2].blocks[1].attention.relative_position_bias.relative_position_bias_table
+    )
     assert torch.equal(converted_table, official["encoder.layers.2.blocks.1.attn.relative_position_bias_table"])
     output = converted(torch.randn(1, 3, 64, 64), bool_masked_pos=_mask(4, batch=1))
     assert torch.isfinite(output.loss)
@@ -442,8 +495,10 @@ def test_vit_without_qkv_bias_gets_zero_biases(tmp_path):
     official = official_pretraining_state_dict(model)
     for key in [k for k in official if k.endswith(("q_bias", "v_bias"))]:
         del official[key]
-    config = {**VIT_OFFICIAL, "MODEL": {**VIT_OFFICIAL["MODEL"], "VIT": {**VIT_OFFICIAL["MODEL"]["VIT"],
-                                                                         "QKV_BIAS": False}}}
+    config = {
+        **VIT_OFFICIAL,
+        "MODEL": {**VIT_OFFICIAL["MODEL"], "VIT": {**VIT_OFFICIAL["MODEL"]["VIT"], "QKV_BIAS": False}},
+    }
     converted = convert_official_checkpoint(save_official(tmp_path / "pt.pth", official, config))
     assert not converted.beit.layers[0].attention.q_proj.bias.any()
     assert not converted.beit.layers[1].attention.v_proj.bias.any()
@@ -453,15 +508,31 @@ def test_vit_without_qkv_bias_gets_zero_biases(tmp_path):
 # Where the architecture comes from
 # ----------------------------------------------------------------------------------------------------------------
 
-ARCH_FIELDS = ("family", "image_size", "patch_size", "in_chans", "embed_dim", "depths", "num_heads", "mlp_ratio",
-               "qkv_bias", "ape", "use_rpb", "use_shared_rpb", "use_mean_pooling")
+ARCH_FIELDS = (
+    "family",
+    "image_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depths",
+    "num_heads",
+    "mlp_ratio",
+    "qkv_bias",
+    "ape",
+    "use_rpb",
+    "use_shared_rpb",
+    "use_mean_pooling",
+)
 
 
 @pytest.mark.parametrize("family", ["swin", "vit"])
 def test_inferred_architecture_matches_the_config(family):
     model = tiny_swin_mim() if family == "swin" else tiny_vit_mim()
-    encoder = {k.removeprefix("encoder."): v for k, v in official_pretraining_state_dict(model).items()
-               if k.startswith("encoder.")}
+    encoder = {
+        k.removeprefix("encoder."): v
+        for k, v in official_pretraining_state_dict(model).items()
+        if k.startswith("encoder.")
+    }
     inferred = infer_architecture(encoder)
     stated = architecture_from_config(SWIN_OFFICIAL if family == "swin" else VIT_OFFICIAL, "test")
     for name in ARCH_FIELDS + (("window_size",) if family == "swin" else ()):
@@ -477,8 +548,10 @@ def test_bare_state_dict_is_inferred_and_yaml_overrides(tmp_path, capsys):
     assert "Architecture: inferred from the tensor shapes" in capsys.readouterr().out
 
     recipe = tmp_path / "recipe.yaml"  # an official-style recipe, fields missing -> official defaults
-    recipe.write_text("MODEL:\n  TYPE: swin\n  SWIN:\n    EMBED_DIM: 16\n    DEPTHS: [2, 2]\n    NUM_HEADS: [1, 2]\n"
-                      "    WINDOW_SIZE: 4\nDATA:\n  IMG_SIZE: 64\n  MASK_RATIO: 0.5\n")
+    recipe.write_text(
+        "MODEL:\n  TYPE: swin\n  SWIN:\n    EMBED_DIM: 16\n    DEPTHS: [2, 2]\n    NUM_HEADS: [1, 2]\n"
+        "    WINDOW_SIZE: 4\nDATA:\n  IMG_SIZE: 64\n  MASK_RATIO: 0.5\n"
+    )
     assert main(["--checkpoint", str(path), "--output_dir", str(tmp_path / "b"), "--config", str(recipe)]) == 0
     assert f"Architecture: --config {recipe}" in capsys.readouterr().out
     assert SimMIMConfig.from_pretrained(tmp_path / "b").mask_ratio == 0.5
@@ -518,8 +591,10 @@ def test_unknown_missing_and_mismatched_tensors_are_listed(tmp_path):
     with pytest.raises(ValueError, match=r"missing in the checkpoint: swin\.layernorm\.weight"):
         convert_official_checkpoint(save_official(tmp_path / "b.pth", missing, SWIN_OFFICIAL))
 
-    wrong_window = {**SWIN_OFFICIAL, "MODEL": {**SWIN_OFFICIAL["MODEL"],
-                                               "SWIN": {**SWIN_OFFICIAL["MODEL"]["SWIN"], "WINDOW_SIZE": 2}}}
+    wrong_window = {
+        **SWIN_OFFICIAL,
+        "MODEL": {**SWIN_OFFICIAL["MODEL"], "SWIN": {**SWIN_OFFICIAL["MODEL"]["SWIN"], "WINDOW_SIZE": 2}},
+    }
     with pytest.raises(ValueError, match=r"shape mismatches: .*relative_position_bias_table: checkpoint \(49, 1\)"):
         convert_official_checkpoint(save_official(tmp_path / "c.pth", official, wrong_window))
 
@@ -552,15 +627,32 @@ def test_push_to_hub_uploads_model_and_processor(tmp_path, monkeypatch):
 
 def test_cli_help_and_conversion_in_a_subprocess(tmp_path):
     model = tiny_vit_classifier()
-    path = save_official(tmp_path / "ft.pth", official_finetuned_state_dict(model), {
-        **VIT_OFFICIAL, "MODEL": {**VIT_OFFICIAL["MODEL"], "NUM_CLASSES": 5, "VIT": {
-            **VIT_OFFICIAL["MODEL"]["VIT"], "USE_RPB": True, "USE_SHARED_RPB": False, "USE_MEAN_POOLING": True}}})
+    path = save_official(
+        tmp_path / "ft.pth",
+        official_finetuned_state_dict(model),
+        {
+            **VIT_OFFICIAL,
+            "MODEL": {
+                **VIT_OFFICIAL["MODEL"],
+                "NUM_CLASSES": 5,
+                "VIT": {
+                    **VIT_OFFICIAL["MODEL"]["VIT"],
+                    "USE_RPB": True,
+                    "USE_SHARED_RPB": False,
+                    "USE_MEAN_POOLING": True,
+                },
+            },
+        },
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     command = [sys.executable, "-m", "modeling_simmim.convert_official"]
     # Both runs at once: each spends most of its time importing torch and transformers.
-    runs = [subprocess.Popen(command + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                             cwd=tmp_path)
-            for args in (["--help"], ["--checkpoint", str(path), "--output_dir", str(tmp_path / "out")])]
+    runs = [
+        subprocess.Popen(
+            command + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path
+        )
+        for args in (["--help"], ["--checkpoint", str(path), "--output_dir", str(tmp_path / "out")])
+    ]
     (help_out, _), (out, err) = (run.communicate(timeout=300) for run in runs)
     assert runs[0].returncode == 0
     for flag in ("--checkpoint", "--output_dir", "--config", "--push_to_hub"):
@@ -569,7 +661,7 @@ def test_cli_help_and_conversion_in_a_subprocess(tmp_path):
     assert "Architecture: the config stored in the checkpoint" in out
     assert "finetuned classifier, 5 classes" in out
     saved_class = json.loads((tmp_path / "out" / "config.json").read_text())["architectures"][0]
-    reloaded = (getattr(modeling_simmim, saved_class, None) or getattr(transformers, saved_class))
+    reloaded = getattr(modeling_simmim, saved_class, None) or getattr(transformers, saved_class)
     reloaded = reloaded.from_pretrained(tmp_path / "out").eval()
     pixels = torch.randn(1, 3, 64, 64)
     with torch.no_grad():

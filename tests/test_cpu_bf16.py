@@ -89,8 +89,11 @@ def _relative_error(got, reference):
         ("einsum list", lambda a, b: torch.einsum("bij,bjk->bik", [a, b]), [(2, 5, 8), (2, 8, 3)]),
         ("einsum varargs", lambda a, b: torch.einsum("ij,kj->ik", a, b), [(5, 8), (4, 8)]),
         ("tensordot", lambda a, b: torch.tensordot(a, b, dims=2), [(3, 4, 8), (4, 8, 5)]),
-        ("linalg", lambda a, b, c: torch.linalg.multi_dot([a, b, c]) + torch.linalg.matmul(a, b @ c),
-         [(5, 8), (8, 6), (6, 4)]),
+        (
+            "linalg",
+            lambda a, b, c: torch.linalg.multi_dot([a, b, c]) + torch.linalg.matmul(a, b @ c),
+            [(5, 8), (8, 6), (6, 4)],
+        ),
         ("conv1d", lambda x, w: F.conv1d(x, w, padding=1), [(2, 6, 10), (4, 6, 3)]),
         ("conv3d", lambda x, w: F.conv3d(x, w), [(1, 3, 4, 6, 6), (4, 3, 2, 3, 3)]),
         ("conv_transpose2d", lambda x, w: F.conv_transpose2d(x, w, stride=2), [(2, 4, 5, 5), (4, 3, 2, 2)]),
@@ -109,7 +112,7 @@ def test_every_rerouted_call_is_as_accurate_as_pytorchs_bf16_kernel(name, functi
     for use_fallback in (False, True):
         inputs = [leaf.clone().requires_grad_() for leaf in leaves]
         rerouted_calls.clear()
-        with torch.autocast("cpu", dtype=BF16), (CPUBf16MatmulFallback() if use_fallback else contextlib.nullcontext()):
+        with torch.autocast("cpu", dtype=BF16), CPUBf16MatmulFallback() if use_fallback else contextlib.nullcontext():
             out = function(*inputs)
         assert bool(rerouted_calls) == use_fallback, name
         assert out.dtype == BF16
@@ -202,7 +205,9 @@ def _mim(preset, **overrides):
     model = SimMIMForMaskedImageModeling(config)
     size = config.image_size[0]
     pixels = torch.randn(2, 3, size, size)
-    mask = SimMIMMaskGenerator(size, config.mask_patch_size, config.model_patch_size)(2, torch.Generator().manual_seed(1))
+    mask = SimMIMMaskGenerator(size, config.mask_patch_size, config.model_patch_size)(
+        2, torch.Generator().manual_seed(1)
+    )
     return model, pixels, mask
 
 
@@ -240,8 +245,9 @@ def test_classifier_uses_it_too(mode, rerouted_calls):
         with torch.autocast("cpu", dtype=BF16), fallback_context(model, pixels):
             outputs[name] = model(pixels, labels=labels)
     assert rerouted_calls
-    torch.testing.assert_close(outputs["fallback"].logits.float(), outputs["native"].logits.float(), rtol=2e-2,
-                               atol=2e-2)
+    torch.testing.assert_close(
+        outputs["fallback"].logits.float(), outputs["native"].logits.float(), rtol=2e-2, atol=2e-2
+    )
     assert abs(outputs["fallback"].loss - outputs["native"].loss) <= 1e-2 * outputs["native"].loss
 
 
@@ -324,7 +330,10 @@ def test_bad_modes_are_refused():
     with pytest.raises(ValueError, match="auto"):
         set_cpu_bf16_matmul("fast")
     result = subprocess.run(
-        [sys.executable, "-c", "import modeling_simmim.cpu_bf16"], capture_output=True, text=True, cwd=ROOT,
+        [sys.executable, "-c", "import modeling_simmim.cpu_bf16"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
         env={**os.environ, "SIMMIM_CPU_BF16_MATMUL": "always"},
     )
     assert result.returncode != 0 and "SIMMIM_CPU_BF16_MATMUL must be one of" in result.stderr
@@ -338,12 +347,34 @@ def test_run_mim_with_bf16_on_the_cpu(tmp_path, mode, rerouted_calls, caplog):
     mode("fallback")  # on any CPU, so that this test checks the same path on machines with native bf16
     output_dir = str(tmp_path / "bf16")
     with caplog.at_level(logging.INFO, logger="modeling_simmim.trainer"):
-        results = run_mim.main([
-            "--model_preset", "swin_test", "--mask_patch_size", "16", "--per_device_train_batch_size", "4",
-            "--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no", "--use_cpu", "--bf16",
-            "--disable_tqdm", "true", "--report_to", "none", "--max_train_samples", "16", "--max_eval_samples", "4",
-            "--output_dir", output_dir,
-        ])
+        results = run_mim.main(
+            [
+                "--model_preset",
+                "swin_test",
+                "--mask_patch_size",
+                "16",
+                "--per_device_train_batch_size",
+                "4",
+                "--max_steps",
+                "2",
+                "--logging_steps",
+                "1",
+                "--save_strategy",
+                "no",
+                "--use_cpu",
+                "--bf16",
+                "--disable_tqdm",
+                "true",
+                "--report_to",
+                "none",
+                "--max_train_samples",
+                "16",
+                "--max_eval_samples",
+                "4",
+                "--output_dir",
+                output_dir,
+            ]
+        )
     assert "float32 kernels on bf16-rounded operands" in caplog.text  # the log says which kernels run
     assert rerouted_calls, "the Trainer's bf16 autocast did not reach the fallback"
     assert results["train_loss"] > 0 and torch.isfinite(torch.tensor(results["train_loss"]))
@@ -372,8 +403,24 @@ def test_matmul_benchmark_reports_the_three_kernels():
 def test_pretrain_benchmark_separates_the_fallback(mode):
     benchmark = _load_benchmark("pretrain_throughput")
     mode("fallback")
-    report = benchmark.main(["--model", "swin_test", "--batch_size", "2", "--steps", "1", "--warmup", "0",
-                             "--dtype", "bf16", "--impls", "ours,ours_native_bf16", "--timer", "cpu"])
+    report = benchmark.main(
+        [
+            "--model",
+            "swin_test",
+            "--batch_size",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--dtype",
+            "bf16",
+            "--impls",
+            "ours,ours_native_bf16",
+            "--timer",
+            "cpu",
+        ]
+    )
     rows = {r["impl"]: r for r in report["results"]}
     assert set(rows) == {"ours", "ours_native_bf16"}
     assert "native_cpu_bf16_matmul" in report["meta"]

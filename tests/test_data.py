@@ -75,8 +75,12 @@ def test_train_transform_is_the_official_one():
 def test_train_transform_flip_probability():
     """`hflip_prob` (run_mim.py --hflip_prob): 0 removes the flip (mirrored digits are other shapes), 1 always
     mirrors."""
-    assert not any(isinstance(t, T.RandomHorizontalFlip) for t in build_pretrain_transform(32, hflip_prob=0.0).transforms)
-    always = [t for t in build_pretrain_transform(32, hflip_prob=1.0).transforms if isinstance(t, T.RandomHorizontalFlip)]
+    assert not any(
+        isinstance(t, T.RandomHorizontalFlip) for t in build_pretrain_transform(32, hflip_prob=0.0).transforms
+    )
+    always = [
+        t for t in build_pretrain_transform(32, hflip_prob=1.0).transforms if isinstance(t, T.RandomHorizontalFlip)
+    ]
     assert len(always) == 1 and always[0].p == 1.0
 
 
@@ -109,8 +113,11 @@ def test_robust_dataset_skips_unreadable_images_with_a_warning_naming_the_file(t
     _save_image(str(good))
     truncated = tmp_path / "truncated.jpg"
     _write_truncated_jpeg(str(truncated))
-    rows = [{"image": {"path": str(good), "bytes": None}}, {"image": {"path": str(truncated), "bytes": None}},
-            {"image": {"path": None, "bytes": b"not an image at all"}}]
+    rows = [
+        {"image": {"path": str(good), "bytes": None}},
+        {"image": {"path": str(truncated), "bytes": None}},
+        {"image": {"path": None, "bytes": b"not an image at all"}},
+    ]
     dataset = RobustImageDataset(rows, "image", build_pretrain_transform(32))
     with caplog.at_level(logging.WARNING, logger="modeling_simmim.data"):
         examples = [dataset[i] for i in range(3)]
@@ -131,8 +138,13 @@ def test_decode_image_accepts_paths_bytes_dicts_arrays(tmp_path):
     path = tmp_path / "x.png"
     _save_image(str(path), size=(9, 7))
     data = path.read_bytes()
-    for value in (str(path), data, {"bytes": data, "path": None}, {"bytes": None, "path": str(path)},
-                  np.zeros((7, 9, 3), dtype=np.uint8)):
+    for value in (
+        str(path),
+        data,
+        {"bytes": data, "path": None},
+        {"bytes": None, "path": str(path)},
+        np.zeros((7, 9, 3), dtype=np.uint8),
+    ):
         assert decode_image(value).size == (9, 7)
 
 
@@ -155,8 +167,11 @@ def test_scan_image_folder_any_nesting_labels_from_first_level(tmp_path):
     _make_folder(str(tmp_path))
     paths, labels = scan_image_folder(str(tmp_path))
     assert [os.path.relpath(p, tmp_path) for p in paths] == [
-        os.path.join("cat", "a.png"), os.path.join("cat", "deeper", "nested", "b.jpg"),
-        os.path.join("dog", "c.png"), os.path.join("dog", "d.png")]
+        os.path.join("cat", "a.png"),
+        os.path.join("cat", "deeper", "nested", "b.jpg"),
+        os.path.join("dog", "c.png"),
+        os.path.join("dog", "d.png"),
+    ]
     assert labels == ["cat", "cat", "dog", "dog"]
     flat = tmp_path / "flat"
     _save_image(str(flat / "x.png"))
@@ -235,7 +250,9 @@ def test_demo_photos_are_crops_of_bundled_photos():
 def test_data_throughput_benchmark_runs_and_reports_both_pipelines():
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "data_throughput.py")
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "data_throughput.py"
+    )
     spec = importlib.util.spec_from_file_location("data_throughput", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -65,8 +65,13 @@ def test_report_names_a_selected_checkpoint_and_refuses_another_split(tmp_path, 
 
 def _make_dry_run(target, **variables):
     assignments = [f"{key}={value}" for key, value in variables.items()]
-    result = subprocess.run(["make", "-n", "-s", "-o", ".venv/.installed", target, "PYTHON=python", *assignments],
-                            cwd=ROOT, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        ["make", "-n", "-s", "-o", ".venv/.installed", target, "PYTHON=python", *assignments],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return [line.strip() for line in result.stdout.replace("\\\n", " ").splitlines() if line.strip()]
 
 
@@ -93,10 +98,23 @@ def test_make_demo_compare_runs_end_to_end_at_two_steps(tmp_path):
     """The real targets with this interpreter, two optimizer steps per script: the report prints three rows."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": ROOT}
     result = subprocess.run(
-        ["make", "-s", "-o", ".venv/.installed", "demo-compare", f"PYTHON={sys.executable}",
-         f"DEMO_DIR={tmp_path}", "DEMO_PRETRAIN_ARGS=--max_steps 2",
-         "DEMO_FINETUNE_ARGS=--max_steps 2 --disable_tqdm true"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        [
+            "make",
+            "-s",
+            "-o",
+            ".venv/.installed",
+            "demo-compare",
+            f"PYTHON={sys.executable}",
+            f"DEMO_DIR={tmp_path}",
+            "DEMO_PRETRAIN_ARGS=--max_steps 2",
+            "DEMO_FINETUNE_ARGS=--max_steps 2 --disable_tqdm true",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    report = result.stdout[result.stdout.rindex("Demo 'digits'"):]
+    report = result.stdout[result.stdout.rindex("Demo 'digits'") :]
     assert "(last epoch)" in report and "from scratch" in report and "logistic regression" in report

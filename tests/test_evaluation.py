@@ -60,8 +60,9 @@ def _clusters(num_per_class, num_classes=3, dim=8, spread=0.6, seed=0, noise_see
     """Gaussian clusters around class centers drawn from `seed`; the noise from `noise_seed` (default `seed`)."""
     centers = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(seed)) * 2
     labels = torch.arange(num_classes).repeat_interleave(num_per_class)
-    noise = torch.randn(len(labels), dim, generator=torch.Generator().manual_seed(seed if noise_seed is None
-                                                                                  else noise_seed))
+    noise = torch.randn(
+        len(labels), dim, generator=torch.Generator().manual_seed(seed if noise_seed is None else noise_seed)
+    )
     return centers[labels] + spread * noise, labels
 
 
@@ -161,18 +162,52 @@ def test_knn_folder_layouts_and_errors(tmp_path):
 def test_run_mim_logs_knn_top1_every_n_steps_and_at_the_end(tmp_path):
     folder = _labelled_folder(tmp_path / "knn", per_class=5)
     output_dir = str(tmp_path / "out")
-    run_mim.main(["--model_preset", "swin_test", "--image_size", "32", "--mask_patch_size", "16",
-                  "--per_device_train_batch_size", "8", "--max_steps", "5", "--warmup_steps", "1",
-                  "--max_train_samples", "40", "--max_eval_samples", "8", "--save_strategy", "no", "--use_cpu",
-                  "--disable_tqdm", "true", "--report_to", "tensorboard", "--logging_steps", "1",
-                  "--knn_eval_dir", folder, "--knn_eval_steps", "2", "--output_dir", output_dir])
+    run_mim.main(
+        [
+            "--model_preset",
+            "swin_test",
+            "--image_size",
+            "32",
+            "--mask_patch_size",
+            "16",
+            "--per_device_train_batch_size",
+            "8",
+            "--max_steps",
+            "5",
+            "--warmup_steps",
+            "1",
+            "--max_train_samples",
+            "40",
+            "--max_eval_samples",
+            "8",
+            "--save_strategy",
+            "no",
+            "--use_cpu",
+            "--disable_tqdm",
+            "true",
+            "--report_to",
+            "tensorboard",
+            "--logging_steps",
+            "1",
+            "--knn_eval_dir",
+            folder,
+            "--knn_eval_steps",
+            "2",
+            "--output_dir",
+            output_dir,
+        ]
+    )
     with open(os.path.join(output_dir, "trainer_state.json")) as handle:
         history = json.load(handle)["log_history"]
     knn = [entry for entry in history if "knn_top1" in entry]
     assert [entry["step"] for entry in knn] == [2, 4, 5]
     assert all(0.0 <= entry["knn_top1"] <= 1.0 for entry in knn)
-    events = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(output_dir, "runs"))
-              for name in names if name.startswith("events.out.tfevents")]
+    events = [
+        os.path.join(root, name)
+        for root, _, names in os.walk(os.path.join(output_dir, "runs"))
+        for name in names
+        if name.startswith("events.out.tfevents")
+    ]
     assert events and any(b"knn_top1" in open(path, "rb").read() for path in events)
 
 
@@ -180,7 +215,8 @@ def test_knn_monitor_measures_the_model(tmp_path):
     # images whose class is their brightness: even a random encoder's features mostly separate them
     bank, _ = knn_datasets_from_folder(
         _labelled_folder(tmp_path / "knn", per_class=6),
-        lambda image: torch.from_numpy(np.asarray(image, dtype=np.float32) / 64 - 2).permute(2, 0, 1))
+        lambda image: torch.from_numpy(np.asarray(image, dtype=np.float32) / 64 - 2).permute(2, 0, 1),
+    )
     model = SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("swin_test", image_size=32, mask_patch_size=16))
     monitor = KNNMonitorCallback(bank, k=3, batch_size=5)
     images = torch.stack([bank[i]["pixel_values"] for i in range(len(bank))])
@@ -207,11 +243,12 @@ def test_linear_probe_head_folds_into_one_linear_layer():
 
 
 def test_prepare_linear_probe_freezes_the_encoder_in_eval_mode():
-    config = SimMIMConfig.from_preset("swin_test", image_size=32, mask_patch_size=16, num_labels=3,
-                                      drop_path_rate=0.5)
+    config = SimMIMConfig.from_preset("swin_test", image_size=32, mask_patch_size=16, num_labels=3, drop_path_rate=0.5)
     model = prepare_linear_probe(SimMIMForImageClassification(config))
-    assert [name for name, p in model.named_parameters() if p.requires_grad] == ["classifier.linear.weight",
-                                                                                  "classifier.linear.bias"]
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == [
+        "classifier.linear.weight",
+        "classifier.linear.bias",
+    ]
     model.train()
     images = torch.randn(4, 3, 32, 32)
     first, second = model.pooled_features(images)[0], model.pooled_features(images)[0]
@@ -244,11 +281,40 @@ def test_probes_on_cached_features_learn_separable_data():
 
 
 # ---- run_image_classification.py: --from_scratch, --linear_probe -------------------------------------------------
-TINY_FT = ["--image_size", "32", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
-           "--max_train_samples", "48", "--max_eval_samples", "32", "--num_train_epochs", "1",
-           "--base_learning_rate", "1e-3", "--scale_learning_rate", "false", "--warmup_epochs", "0",
-           "--report_to", "none", "--dataloader_num_workers", "0", "--seed", "0", "--save_strategy", "no",
-           "--load_best_model_at_end", "false", "--overwrite_output_dir", "true", "--disable_tqdm", "true"]
+TINY_FT = [
+    "--image_size",
+    "32",
+    "--per_device_train_batch_size",
+    "16",
+    "--per_device_eval_batch_size",
+    "32",
+    "--max_train_samples",
+    "48",
+    "--max_eval_samples",
+    "32",
+    "--num_train_epochs",
+    "1",
+    "--base_learning_rate",
+    "1e-3",
+    "--scale_learning_rate",
+    "false",
+    "--warmup_epochs",
+    "0",
+    "--report_to",
+    "none",
+    "--dataloader_num_workers",
+    "0",
+    "--seed",
+    "0",
+    "--save_strategy",
+    "no",
+    "--load_best_model_at_end",
+    "false",
+    "--overwrite_output_dir",
+    "true",
+    "--disable_tqdm",
+    "true",
+]
 
 
 @pytest.fixture(scope="module")
@@ -265,10 +331,18 @@ def _encoder_state(model):
 
 def test_from_scratch_keeps_the_architecture_not_the_weights(pretrained, tmp_path):
     _, _, aug_args, _, _ = ric.parse_args(["--output_dir", str(tmp_path)])
-    loaded = ric.build_model(ric.parse_args(["--model_name_or_path", pretrained, "--output_dir", str(tmp_path)])[0],
-                             aug_args, {0: "a", 1: "b"})
-    scratch = ric.build_model(ric.parse_args(["--model_name_or_path", pretrained, "--from_scratch", "true",
-                                              "--output_dir", str(tmp_path)])[0], aug_args, {0: "a", 1: "b"})
+    loaded = ric.build_model(
+        ric.parse_args(["--model_name_or_path", pretrained, "--output_dir", str(tmp_path)])[0],
+        aug_args,
+        {0: "a", 1: "b"},
+    )
+    scratch = ric.build_model(
+        ric.parse_args(["--model_name_or_path", pretrained, "--from_scratch", "true", "--output_dir", str(tmp_path)])[
+            0
+        ],
+        aug_args,
+        {0: "a", 1: "b"},
+    )
     assert scratch.config.to_dict() == loaded.config.to_dict()
     loaded_state, scratch_state = _encoder_state(loaded), _encoder_state(scratch)
     assert loaded_state.keys() == scratch_state.keys()
@@ -280,8 +354,21 @@ def test_from_scratch_keeps_the_architecture_not_the_weights(pretrained, tmp_pat
 
 def test_linear_probe_trains_only_the_head_and_exports_a_linear_classifier(pretrained, tmp_path):
     output = str(tmp_path / "probe")
-    results = ric.main(["--model_name_or_path", pretrained, "--linear_probe", "true", "--weight_decay", "0",
-                        "--drop_path_rate", "0.3", *TINY_FT, "--output_dir", output])
+    results = ric.main(
+        [
+            "--model_name_or_path",
+            pretrained,
+            "--linear_probe",
+            "true",
+            "--weight_decay",
+            "0",
+            "--drop_path_rate",
+            "0.3",
+            *TINY_FT,
+            "--output_dir",
+            output,
+        ]
+    )
     assert 0.0 <= results["eval_accuracy"] <= 1.0
     exported = SimMIMForImageClassification.from_pretrained(output)
     source = SimMIMForImageClassification.from_pretrained(pretrained, num_labels=10)

@@ -20,8 +20,10 @@ LABELS = {0: "cat", 1: "dog", 2: "fish"}
 CASES = {
     "swin": ("swin_test", {}),
     "swinv2": ("swinv2_test", {}),
-    "beit": ("beit_test", {"use_mean_pooling": True, "use_relative_position_bias": True,
-                           "use_shared_relative_position_bias": False}),
+    "beit": (
+        "beit_test",
+        {"use_mean_pooling": True, "use_relative_position_bias": True, "use_shared_relative_position_bias": False},
+    ),
     "vit": ("vit_test", {}),
 }
 
@@ -101,12 +103,17 @@ def test_export_runs_in_plain_transformers(tmp_path):
             model.save_pretrained(tmp_path / "ours")  # SimMIMForImageClassification.save_pretrained
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               HF_MODULES_CACHE=str(tmp_path / "modules"))
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", HF_MODULES_CACHE=str(tmp_path / "modules")
+    )
     # -I: isolated mode, neither the working directory nor PYTHONPATH is on sys.path (the repo is not importable)
     completed = subprocess.run(
         [sys.executable, "-I", "-c", SUBPROCESS, str(tmp_path / "image.png"), *CASES],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads(completed.stdout.strip().splitlines()[-1])

@@ -18,16 +18,22 @@ from modeling_simmim.modeling_simmim import SimMIMForImageClassification
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = {
-    "swin pretraining": lambda: SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("swin_test", mask_patch_size=16)),
+    "swin pretraining": lambda: SimMIMForMaskedImageModeling(
+        SimMIMConfig.from_preset("swin_test", mask_patch_size=16)
+    ),
     # Swin-L-like: the last stage (4x4) is smaller than the window 16; timm clamps it the official way too
     "swin stage smaller than the window": lambda: SimMIMForMaskedImageModeling(
-        SimMIMConfig.from_preset("swin_test", mask_patch_size=16, window_size=16)),
+        SimMIMConfig.from_preset("swin_test", mask_patch_size=16, window_size=16)
+    ),
     "swin classifier 80 px / window 5": lambda: SimMIMForImageClassification(
-        SimMIMConfig.from_preset("swin_test", mask_patch_size=16, image_size=80, window_size=5, num_labels=3)),
+        SimMIMConfig.from_preset("swin_test", mask_patch_size=16, image_size=80, window_size=5, num_labels=3)
+    ),
     "beit pretraining (shared table)": lambda: SimMIMForMaskedImageModeling(
-        SimMIMConfig.from_preset("beit_test", mask_patch_size=16)),
+        SimMIMConfig.from_preset("beit_test", mask_patch_size=16)
+    ),
     "beit finetuned (per-block tables, mean pooling)": lambda: SimMIMForImageClassification(
-        SimMIMConfig.from_preset("beit_test", num_labels=3, **BEIT_SIMMIM_FINETUNE)),
+        SimMIMConfig.from_preset("beit_test", num_labels=3, **BEIT_SIMMIM_FINETUNE)
+    ),
 }
 
 
@@ -43,13 +49,16 @@ def _randomize(model):
 def test_timm_loads_the_export_strictly_with_our_features(tmp_path, case, capsys):
     model = _randomize(CASES[case]())
     model.save_pretrained(tmp_path / "model")
-    assert main(["--to", "timm", "--model_name_or_path", str(tmp_path / "model"), "--output_dir",
-                 str(tmp_path / "timm")]) == 0
+    assert (
+        main(["--to", "timm", "--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path / "timm")])
+        == 0
+    )
     assert "timm.create_model(" in capsys.readouterr().out
     spec = json.loads((tmp_path / "timm" / "timm_config.json").read_text())
     weights = str(tmp_path / "timm" / "model.safetensors")
-    encoder = timm.create_model(spec["model_name"], pretrained=True, pretrained_cfg_overlay=dict(file=weights),
-                                **spec["kwargs"]).eval()
+    encoder = timm.create_model(
+        spec["model_name"], pretrained=True, pretrained_cfg_overlay=dict(file=weights), **spec["kwargs"]
+    ).eval()
     missing, unexpected = encoder.load_state_dict(load_file(weights), strict=True)  # every key, no filter
     assert not missing and not unexpected
     pixel_values = torch.randn(2, 3, *model.config.image_size)
@@ -66,9 +75,23 @@ def test_timm_loads_the_export_strictly_with_our_features(tmp_path, case, capsys
 def test_the_module_runs_as_a_command(tmp_path):
     SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("swin_test", mask_patch_size=16)).save_pretrained(tmp_path)
     env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "modeling_simmim.export", "--to", "timm", "--model_name_or_path",
-                             str(tmp_path), "--output_dir", str(tmp_path / "timm")], capture_output=True, text=True,
-                            env=env, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modeling_simmim.export",
+            "--to",
+            "timm",
+            "--model_name_or_path",
+            str(tmp_path),
+            "--output_dir",
+            str(tmp_path / "timm"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "timm.create_model('swin_tiny_patch4_window7_224', pretrained=True" in result.stdout
 

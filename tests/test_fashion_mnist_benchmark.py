@@ -77,21 +77,50 @@ def test_balanced_subsets_are_seeded_and_disjoint_when_asked():
 def test_the_whole_protocol_at_tiny_scale(tmp_path):
     data_dir = _fake_fashion_mnist(tmp_path / "idx")
     results = str(tmp_path / "results.json")
-    record = fmt.main([
-        "--data_dir", data_dir, "--work_dir", str(tmp_path / "work"), "--results", results, "--seeds", "1",
-        "--shots", "2", "all", "--batch_size", "8", "--finetune_steps", "2", "--all_epochs", "0.5",
-        "--knn_monitor_per_class", "1",
-        "--pretrain_args", "--max_steps 2 --per_device_train_batch_size 8 --knn_eval_steps 1 --visualize_steps 0",
-        "--finetune_args", "--per_device_eval_batch_size 16",
-    ])
+    record = fmt.main(
+        [
+            "--data_dir",
+            data_dir,
+            "--work_dir",
+            str(tmp_path / "work"),
+            "--results",
+            results,
+            "--seeds",
+            "1",
+            "--shots",
+            "2",
+            "all",
+            "--batch_size",
+            "8",
+            "--finetune_steps",
+            "2",
+            "--all_epochs",
+            "0.5",
+            "--knn_monitor_per_class",
+            "1",
+            "--pretrain_args",
+            "--max_steps 2 --per_device_train_batch_size 8 --knn_eval_steps 1 --visualize_steps 0",
+            "--finetune_args",
+            "--per_device_eval_batch_size 16",
+        ]
+    )
     with open(results) as handle:
         saved = json.load(handle)
     assert saved["table"] == record["table"]
     assert [step for step, _ in saved["pretrain"]["knn_top1_curve"]] == [1, 2]
     for shot in ("2", "all"):
         summary = saved["summary"][shot]
-        for key in ("finetune_pretrained", "finetune_scratch", "linear_probe_pretrained", "linear_probe_random",
-                    "linear_probe_pixels", "knn_pretrained", "knn_random", "knn_pixels", "logreg_pixels"):
+        for key in (
+            "finetune_pretrained",
+            "finetune_scratch",
+            "linear_probe_pretrained",
+            "linear_probe_random",
+            "linear_probe_pixels",
+            "knn_pretrained",
+            "knn_random",
+            "knn_pixels",
+            "logreg_pixels",
+        ):
             assert len(summary[key]["values"]) == 1 and 0.0 <= summary[key]["mean"] <= 100.0, (shot, key)
     assert saved["runs"]["all"]["finetune_pretrained"][0]["steps"] == 2  # half an epoch of 40 images, batches of 8
     # the subsets are class-balanced image folders of links; the test split was never trained on
@@ -102,23 +131,50 @@ def test_the_whole_protocol_at_tiny_scale(tmp_path):
 
     # Another seed in a separate process reusing the pretraining, then both merged: per-seed values side by side.
     other = str(tmp_path / "seed2.json")
-    fmt.main(["--data_dir", data_dir, "--work_dir", str(tmp_path / "work"), "--results", other, "--seeds", "2",
-              "--shots", "2", "--batch_size", "8", "--finetune_steps", "2", "--knn_monitor_per_class", "1",
-              "--pretrained", str(tmp_path / "work" / "pretrain"), "--finetune_args", "--per_device_eval_batch_size 16"])
+    fmt.main(
+        [
+            "--data_dir",
+            data_dir,
+            "--work_dir",
+            str(tmp_path / "work"),
+            "--results",
+            other,
+            "--seeds",
+            "2",
+            "--shots",
+            "2",
+            "--batch_size",
+            "8",
+            "--finetune_steps",
+            "2",
+            "--knn_monitor_per_class",
+            "1",
+            "--pretrained",
+            str(tmp_path / "work" / "pretrain"),
+            "--finetune_args",
+            "--per_device_eval_batch_size 16",
+        ]
+    )
     with open(other) as handle:
         assert json.load(handle)["pretrain"]["knn_top1_curve"] == saved["pretrain"]["knn_top1_curve"]
     merged = fmt.main(["--merge", results, other, "--results", str(tmp_path / "merged.json")])
     pretrained = merged["summary"]["2"]["finetune_pretrained"]["values"]
-    assert pretrained == [saved["summary"]["2"]["finetune_pretrained"]["values"][0],
-                          json.load(open(other))["summary"]["2"]["finetune_pretrained"]["values"][0]]
+    assert pretrained == [
+        saved["summary"]["2"]["finetune_pretrained"]["values"][0],
+        json.load(open(other))["summary"]["2"]["finetune_pretrained"]["values"][0],
+    ]
     assert len(merged["summary"]["2"]["knn_pixels"]["values"]) == 2
     assert len(merged["summary"]["all"]["finetune_pretrained"]["values"]) == 1  # only the first run had "all"
 
 
 def test_summary_table():
-    summary = {"10": {"finetune_pretrained": fmt.mean_std([80.0, 82.0, 84.0]),
-                      "finetune_scratch": fmt.mean_std([70.0, 70.0, 70.0])},
-               "all": {"finetune_pretrained": fmt.mean_std([90.0])}}
+    summary = {
+        "10": {
+            "finetune_pretrained": fmt.mean_std([80.0, 82.0, 84.0]),
+            "finetune_scratch": fmt.mean_std([70.0, 70.0, 70.0]),
+        },
+        "all": {"finetune_pretrained": fmt.mean_std([90.0])},
+    }
     assert summary["10"]["finetune_pretrained"] == {"mean": 82.0, "std": 2.0, "values": [80.0, 82.0, 84.0]}
     table = fmt.markdown_table(summary, ["10", "all"]).splitlines()
     assert table[0] == "| top-1 on the 10,000 test images (mean ± std) | k = 10 / class | all 60,000 |"

@@ -19,8 +19,16 @@ from modeling_simmim.modeling_simmim import SimMIMForImageClassification
 
 def _swin_config(attn: str = "eager", **overrides) -> SwinConfig:
     # Two stages, two blocks each (W-MSA then SW-MSA in both), window 4: stage resolutions 16 and 8 at 64 px.
-    kwargs = dict(image_size=64, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
-                  encoder_stride=8, drop_path_rate=0.0)
+    kwargs = dict(
+        image_size=64,
+        patch_size=4,
+        embed_dim=16,
+        depths=[2, 2],
+        num_heads=[2, 4],
+        window_size=4,
+        encoder_stride=8,
+        drop_path_rate=0.0,
+    )
     kwargs.update(overrides)
     config = SwinConfig(**kwargs)
     config._attn_implementation = attn
@@ -270,9 +278,27 @@ def test_pretrain_throughput_benchmark_runs_and_reports(tmp_path):
     sys.modules[spec.name] = benchmark  # dataclasses look their module up there
     spec.loader.exec_module(benchmark)
     out = tmp_path / "report.json"
-    report = benchmark.main(["--model", "swin_test", "--batch_size", "2", "--steps", "2", "--warmup", "0",
-                             "--dtype", "fp32", "--impls", "ours,hf_eager", "--timer", "cpu", "--json", str(out),
-                             "--profile"])
+    report = benchmark.main(
+        [
+            "--model",
+            "swin_test",
+            "--batch_size",
+            "2",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--dtype",
+            "fp32",
+            "--impls",
+            "ours,hf_eager",
+            "--timer",
+            "cpu",
+            "--json",
+            str(out),
+            "--profile",
+        ]
+    )
     assert json.loads(out.read_text())["meta"]["model"] == "swin_test"
     rows = {r["impl"]: r for r in report["results"]}
     assert set(rows) == {"ours", "hf_eager"}

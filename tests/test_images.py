@@ -128,8 +128,9 @@ def test_plain_modes_match_their_definitions():
     gray = RNG.integers(0, 256, (9, 11)).astype(np.uint8)
     assert np.array_equal(_rgb_array(Image.fromarray(gray, mode="L")), _gray_to_rgb(gray))
     bits = gray > 127
-    assert np.array_equal(_rgb_array(Image.fromarray(gray).convert("1", dither=Image.Dither.NONE)),
-                          _gray_to_rgb(np.where(bits, 255, 0)))
+    assert np.array_equal(
+        _rgb_array(Image.fromarray(gray).convert("1", dither=Image.Dither.NONE)), _gray_to_rgb(np.where(bits, 255, 0))
+    )
     color = RNG.integers(0, 256, (9, 11, 3)).astype(np.uint8)
     assert np.array_equal(_rgb_array(Image.fromarray(color)), color)
 
@@ -163,8 +164,10 @@ def test_both_training_pipelines_use_this_conversion():
     values = np.full((40, 40), 32896, dtype=np.uint16)  # mid-gray in 16 bits
     image = Image.frombytes("I;16", (40, 40), values.tobytes())
     identity = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
-    for transform in (build_pretrain_transform(32, train=False, **identity),
-                      build_classification_transform(32, train=False, **identity)):
+    for transform in (
+        build_pretrain_transform(32, train=False, **identity),
+        build_classification_transform(32, train=False, **identity),
+    ):
         assert transform(image).mean().item() == pytest.approx(128 / 255, abs=1e-3)
 
 
@@ -181,7 +184,8 @@ def test_bad_image_policy_skip_reports_indices_error_names_the_file(tmp_path, ca
             assert skipping[1] == UnreadableImage(1, str(bad))
     assert caplog.text.count("bad.png") == 1
     batch = SkipNoneCollator(lambda examples: {"pixel_values": torch.stack([e["pixel_values"] for e in examples])})(
-        [skipping[0], skipping[1], None])
+        [skipping[0], skipping[1], None]
+    )
     assert batch["pixel_values"].shape[0] == 1 and batch["skipped_image_indices"].tolist() == [1, -1]
 
     strict = RobustImageDataset(rows, "image", transform, on_bad_image="error")

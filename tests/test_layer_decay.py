@@ -62,19 +62,28 @@ def test_swin_base_has_26_scales_with_official_ids():
 
 def test_weight_decay_exclusions():
     model = _swin_base_shaped()
-    decay = {name: group["weight_decay"] for group in param_groups_layer_decay(model, 0.05, 0.9)
-             for name in group["param_names"]}
+    decay = {
+        name: group["weight_decay"]
+        for group in param_groups_layer_decay(model, 0.05, 0.9)
+        for name in group["param_names"]
+    }
     assert decay["swin.encoder.layers.0.blocks.0.attention.q_proj.weight"] == 0.05
     assert decay["classifier.weight"] == 0.05
-    for name in ("swin.encoder.layers.0.blocks.0.attention.q_proj.bias", "swin.layernorm.weight",
-                 "swin.encoder.layers.0.blocks.0.attention.relative_position_bias.relative_position_bias_table"):
+    for name in (
+        "swin.encoder.layers.0.blocks.0.attention.q_proj.bias",
+        "swin.layernorm.weight",
+        "swin.encoder.layers.0.blocks.0.attention.relative_position_bias.relative_position_bias_table",
+    ):
         assert decay[name] == 0.0, name
 
 
 @pytest.mark.parametrize("preset,depth_ids", [("beit_test", True), ("vit_test", True), ("swinv2_test", False)])
 def test_vit_beit_swinv2_ids(preset, depth_ids):
-    overrides = {"use_mean_pooling": True, "use_relative_position_bias": True,
-                 "use_shared_relative_position_bias": False} if preset == "beit_test" else {}
+    overrides = (
+        {"use_mean_pooling": True, "use_relative_position_bias": True, "use_shared_relative_position_bias": False}
+        if preset == "beit_test"
+        else {}
+    )
     config = SimMIMConfig.from_preset(preset, **overrides)
     config.num_labels = 3
     model = SimMIMForImageClassification(config)
@@ -115,8 +124,9 @@ def test_effective_lr_after_n_steps_keeps_the_decay():
     model = _swin_base_shaped()
     base_lr, steps, warmup = 1e-3, 50, 10
     optimizer = create_optimizer(model, learning_rate=base_lr, weight_decay=0.05, layer_decay=0.9)
-    scheduler = get_simmim_scheduler(optimizer, base_lr=base_lr, num_training_steps=steps, num_warmup_steps=warmup,
-                                     warmup_lr=1e-6, min_lr=1e-5)
+    scheduler = get_simmim_scheduler(
+        optimizer, base_lr=base_lr, num_training_steps=steps, num_warmup_steps=warmup, warmup_lr=1e-6, min_lr=1e-5
+    )
     for _ in range(23):
         optimizer.step()
         scheduler.step()

@@ -31,13 +31,31 @@ SMALL = dict(image_size=64, embed_dim=16, depths=[1, 1], num_heads=[1, 2], windo
 NATIVE_MIM = {
     "swin": (SwinForMaskedImageModeling, lambda: SwinConfig(**SMALL)),
     "swinv2": (Swinv2ForMaskedImageModeling, lambda: Swinv2Config(**SMALL)),
-    "vit": (ViTForMaskedImageModeling, lambda: ViTConfig(image_size=64, patch_size=8, hidden_size=32,
-                                                         num_hidden_layers=2, num_attention_heads=2,
-                                                         intermediate_size=64, encoder_stride=8)),
+    "vit": (
+        ViTForMaskedImageModeling,
+        lambda: ViTConfig(
+            image_size=64,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            encoder_stride=8,
+        ),
+    ),
     # BEiT's own MIM class predicts visual tokens (lm_head): its encoder is what we take
-    "beit": (BeitForMaskedImageModeling, lambda: BeitConfig(image_size=64, patch_size=8, hidden_size=32,
-                                                            num_hidden_layers=2, num_attention_heads=2,
-                                                            intermediate_size=64, **BEIT_SIMMIM_PRETRAIN)),
+    "beit": (
+        BeitForMaskedImageModeling,
+        lambda: BeitConfig(
+            image_size=64,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            **BEIT_SIMMIM_PRETRAIN,
+        ),
+    ),
 }
 
 
@@ -90,8 +108,10 @@ def test_native_folders_load_into_our_classes(tmp_path, family):
     assert len(classifier.loading_report.loaded) > 10
 
 
-@pytest.mark.skipif(version.parse(transformers.__version__) < version.parse("5.24"),
-                    reason="transformers < 5.24 does not rename 4.x keys of a bare encoder loaded under a prefix")
+@pytest.mark.skipif(
+    version.parse(transformers.__version__) < version.parse("5.24"),
+    reason="transformers < 5.24 does not rename 4.x keys of a bare encoder loaded under a prefix",
+)
 def test_a_bare_encoder_folder_loads_into_the_pretraining_model(tmp_path):
     encoder = _randomize(SwinModel(SwinConfig(**SMALL), add_pooling_layer=False, use_mask_token=True))
     encoder.save_pretrained(tmp_path)
@@ -104,8 +124,10 @@ def test_a_bare_encoder_folder_loads_into_the_pretraining_model(tmp_path):
 def test_dtype_including_auto_and_device_map(tmp_path, mim_folder):
     bf16_folder = tmp_path / "bf16"
     SimMIMForMaskedImageModeling.from_pretrained(mim_folder).to(torch.bfloat16).save_pretrained(bf16_folder)
-    for cls, extra in ((SimMIMForMaskedImageModeling, {}),
-                       (SimMIMForImageClassification, dict(num_labels=3, image_size=80, window_size=5))):
+    for cls, extra in (
+        (SimMIMForMaskedImageModeling, {}),
+        (SimMIMForImageClassification, dict(num_labels=3, image_size=80, window_size=5)),
+    ):
         assert next(cls.from_pretrained(bf16_folder, dtype="auto", **extra).parameters()).dtype == torch.bfloat16
         model = cls.from_pretrained(bf16_folder, dtype=torch.float32, device_map="cpu", **extra)
         assert {p.dtype for p in model.parameters()} == {torch.float32}
@@ -127,8 +149,9 @@ def test_cache_dir_revision_and_token_reach_the_hub_download(tmp_path, mim_folde
     hub = dict(cache_dir=str(tmp_path), token="hf_not_needed_offline")
     model = SimMIMForMaskedImageModeling.from_pretrained("user/simmim-tiny", revision="main", **hub)
     assert model.config.mask_patch_size == 16
-    classifier = SimMIMForImageClassification.from_pretrained("user/simmim-tiny", revision=commit, num_labels=3,
-                                                              image_size=80, window_size=5, **hub)
+    classifier = SimMIMForImageClassification.from_pretrained(
+        "user/simmim-tiny", revision=commit, num_labels=3, image_size=80, window_size=5, **hub
+    )
     assert classifier.loading_report.source.startswith("user/simmim-tiny")
     for cls in (SimMIMForMaskedImageModeling, SimMIMForImageClassification):
         with pytest.raises(OSError):
@@ -140,8 +163,9 @@ def test_unknown_arguments_are_rejected_and_config_fields_set(mim_folder):
         SimMIMForImageClassification.from_pretrained(mim_folder, num_labels=2, colour="blue")
     with pytest.raises(TypeError, match="colour"):  # transformers' own behaviour: passed to __init__, refused there
         SimMIMForMaskedImageModeling.from_pretrained(mim_folder, colour="blue")
-    model = SimMIMForImageClassification.from_pretrained(mim_folder, num_labels=2, label_smoothing=0.1,
-                                                         output_hidden_states=True)
+    model = SimMIMForImageClassification.from_pretrained(
+        mim_folder, num_labels=2, label_smoothing=0.1, output_hidden_states=True
+    )
     assert model.config.label_smoothing == 0.1 and model.config.output_hidden_states
     mim = SimMIMForMaskedImageModeling.from_pretrained(mim_folder, mask_ratio=0.5, drop_path_rate=0.2)
     assert mim.config.mask_ratio == 0.5 and mim.config.backbone_config.drop_path_rate == 0.2  # as transformers does
@@ -186,13 +210,21 @@ def test_plain_loads_print_transformers_own_report(tmp_path):
 def test_a_transfer_prints_one_table_at_warning(mim_folder, caplog):
     with caplog.at_level(logging.INFO), _TransformersLog() as log:
         model, info = SimMIMForImageClassification.from_pretrained(
-            mim_folder, num_labels=3, image_size=80, window_size=5, output_loading_info=True)
+            mim_folder, num_labels=3, image_size=80, window_size=5, output_loading_info=True
+        )
     records = [r for r in caplog.records if "LOAD REPORT" in r.getMessage()]
     assert len(records) == 1 and records[0].levelno == logging.WARNING
     assert "LOAD REPORT" not in log.text()  # transformers' own table of the adapted load is not shown
     text = records[0].getMessage()
-    for expected in ("SimMIMForImageClassification LOAD REPORT", "RESIZED", "4x4 -> 5x5 (geometric bicubic)",
-                     "classifier.weight", "NEW", "decoder.0.weight", "UNUSED"):
+    for expected in (
+        "SimMIMForImageClassification LOAD REPORT",
+        "RESIZED",
+        "4x4 -> 5x5 (geometric bicubic)",
+        "classifier.weight",
+        "NEW",
+        "decoder.0.weight",
+        "UNUSED",
+    ):
         assert expected in text, expected
     assert info["missing_keys"] == {"classifier.weight", "classifier.bias"} and info["report"] is model.loading_report
     assert {"decoder.0.weight", "decoder.0.bias", "swin.embeddings.mask_token"} == info["unexpected_keys"]
@@ -223,10 +255,33 @@ def test_run_mim_continues_a_native_folder_with_simmim_fields_from_flags(tmp_pat
     native_folder = tmp_path / "native"
     _randomize(SwinForMaskedImageModeling(SwinConfig(**SMALL))).save_pretrained(native_folder)
     output = tmp_path / "out"
-    run_mim.main(["--model_name_or_path", str(native_folder), "--mask_patch_size", "16", "--mask_ratio", "0.5",
-                  "--max_steps", "1", "--per_device_train_batch_size", "4", "--max_train_samples", "8",
-                  "--max_eval_samples", "4", "--save_strategy", "no", "--use_cpu", "--report_to", "none",
-                  "--disable_tqdm", "true", "--output_dir", str(output)])
+    run_mim.main(
+        [
+            "--model_name_or_path",
+            str(native_folder),
+            "--mask_patch_size",
+            "16",
+            "--mask_ratio",
+            "0.5",
+            "--max_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "4",
+            "--max_train_samples",
+            "8",
+            "--max_eval_samples",
+            "4",
+            "--save_strategy",
+            "no",
+            "--use_cpu",
+            "--report_to",
+            "none",
+            "--disable_tqdm",
+            "true",
+            "--output_dir",
+            str(output),
+        ]
+    )
     saved = json.loads((output / "config.json").read_text())
     assert (saved["model_type"], saved["mask_patch_size"], saved["mask_ratio"]) == ("swin", 16, 0.5)
 
@@ -238,10 +293,37 @@ def test_run_image_classification_shows_the_transfer_table(tmp_path, mim_folder)
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    command = [sys.executable, os.path.join(root, "run_image_classification.py"), "--model_name_or_path",
-               str(mim_folder), "--image_size", "80", "--window_size", "5", "--max_steps", "1", "--eval_strategy", "no",
-               "--per_device_train_batch_size", "8", "--max_train_samples", "16", "--max_eval_samples", "8", "--save_strategy", "no", "--load_best_model_at_end", "false",
-               "--output_dir", str(tmp_path / "ft"), "--report_to", "none", "--use_cpu", "--disable_tqdm", "true"]
+    command = [
+        sys.executable,
+        os.path.join(root, "run_image_classification.py"),
+        "--model_name_or_path",
+        str(mim_folder),
+        "--image_size",
+        "80",
+        "--window_size",
+        "5",
+        "--max_steps",
+        "1",
+        "--eval_strategy",
+        "no",
+        "--per_device_train_batch_size",
+        "8",
+        "--max_train_samples",
+        "16",
+        "--max_eval_samples",
+        "8",
+        "--save_strategy",
+        "no",
+        "--load_best_model_at_end",
+        "false",
+        "--output_dir",
+        str(tmp_path / "ft"),
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "--disable_tqdm",
+        "true",
+    ]
     env = {**os.environ, "PYTHONPATH": root, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

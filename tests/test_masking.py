@@ -55,8 +55,14 @@ def test_every_block_equally_likely():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(input_size=100, mask_patch_size=32, model_patch_size=4), r"100x100 is not divisible by mask_patch_size \(32\)"),
-        (dict(input_size=192, mask_patch_size=32, model_patch_size=12), r"mask_patch_size \(32\).*model patch size \(12\)"),
+        (
+            dict(input_size=100, mask_patch_size=32, model_patch_size=4),
+            r"100x100 is not divisible by mask_patch_size \(32\)",
+        ),
+        (
+            dict(input_size=192, mask_patch_size=32, model_patch_size=12),
+            r"mask_patch_size \(32\).*model patch size \(12\)",
+        ),
         (dict(input_size=192, mask_ratio=1.5), r"mask_ratio must lie in \(0, 1\), got 1.5"),
     ],
 )
@@ -97,7 +103,11 @@ def test_collator_seeded_masks_are_reproducible_and_reset():
 
 def test_collator_drops_unreadable_images_and_counts_them(caplog):
     collator = SimMIMDataCollator(SimMIMMaskGenerator(64, 16, 4, 0.6))
-    examples = [{"pixel_values": torch.zeros(3, 64, 64)}, {"pixel_values": None}, {"pixel_values": torch.zeros(3, 64, 64)}]
+    examples = [
+        {"pixel_values": torch.zeros(3, 64, 64)},
+        {"pixel_values": None},
+        {"pixel_values": torch.zeros(3, 64, 64)},
+    ]
     with caplog.at_level(logging.WARNING, logger="modeling_simmim.masking"):
         batch = collator(examples)
     assert batch["pixel_values"].shape[0] == 2 and collator.num_skipped == 1
@@ -128,7 +138,9 @@ def test_seeded_masks_are_official_masks_and_a_function_of_the_seed():
     assert all(mask.shape == (16, 24) and mask.dtype == torch.bool for mask in masks)
     blocks = torch.stack(masks)[:, ::4, ::4]
     assert (blocks.flatten(1).sum(1) == 15).all()  # ceil(0.6 * 24) of the 4 x 6 blocks
-    assert torch.equal(torch.stack(masks), torch.stack(masks)[:, ::4, ::4].repeat_interleave(4, 1).repeat_interleave(4, 2))
+    assert torch.equal(
+        torch.stack(masks), torch.stack(masks)[:, ::4, ::4].repeat_interleave(4, 1).repeat_interleave(4, 2)
+    )
     assert torch.equal(generator.seeded_mask(7), masks[7]) and not torch.equal(masks[7], masks[8])
     frequency = blocks.float().mean(0)  # every block about equally likely (0.625)
     assert (frequency - 0.625).abs().max() < 0.15
@@ -137,7 +149,9 @@ def test_seeded_masks_are_official_masks_and_a_function_of_the_seed():
 def test_collator_keeps_the_masks_the_examples_carry():
     generator = SimMIMMaskGenerator(input_size=64, mask_patch_size=16, model_patch_size=4)
     collator = SimMIMDataCollator(generator)
-    examples = [{"pixel_values": torch.randn(3, 64, 64), "bool_masked_pos": generator.seeded_mask(i)} for i in range(3)]
+    examples = [
+        {"pixel_values": torch.randn(3, 64, 64), "bool_masked_pos": generator.seeded_mask(i)} for i in range(3)
+    ]
     batch = collator(examples)
     assert torch.equal(batch["bool_masked_pos"], torch.stack([example["bool_masked_pos"] for example in examples]))
     examples[1]["bool_masked_pos"] = torch.zeros(8, 8, dtype=torch.bool)

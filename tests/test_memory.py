@@ -99,8 +99,9 @@ def test_fsdp_units_follow_the_launch_config_wrapping():
 def test_sharding_buckets_and_the_largest_batch():
     model, _ = _swin(64)
     count = sum(p.numel() for p in model.parameters())
-    profile = ActivationProfile(intercept_bytes=1e6, per_image_bytes=2e6, batches=(1, 2), peaks_bytes=(3, 5),
-                                device="cpu")
+    profile = ActivationProfile(
+        intercept_bytes=1e6, per_image_bytes=2e6, batches=(1, 2), peaks_bytes=(3, 5), device="cpu"
+    )
     ddp = estimate_memory(model, profile, 10, num_processes=8)
     assert ddp.communication_buffers == 4 * count and ddp.activations == 21e6
     fsdp = estimate_memory(model, profile, 10, fsdp=4)
@@ -119,8 +120,10 @@ def test_sharding_buckets_and_the_largest_batch():
 
 
 def test_every_recipe_is_recognised_and_built():
-    recipes = sorted(glob.glob(os.path.join(ROOT, "configs", "pretrain", "*.yaml"))
-                     + glob.glob(os.path.join(ROOT, "configs", "finetune", "*.yaml")))
+    recipes = sorted(
+        glob.glob(os.path.join(ROOT, "configs", "pretrain", "*.yaml"))
+        + glob.glob(os.path.join(ROOT, "configs", "finetune", "*.yaml"))
+    )
     assert len(recipes) >= 10
     for path in recipes:
         with torch.device("meta"):
@@ -140,10 +143,14 @@ def test_unknown_recipe_keys_are_named(tmp_path):
 
 def test_cli_on_the_demo_recipe(capsys):
     path = os.path.join(ROOT, "configs", "pretrain", "demo_swin_tiny_cpu.yaml")
-    result = memory.main([path, "--per_device_batch", "4", "--num_processes", "2", "--device", "cpu",
-                          "--gpu_memory_gb", "1", "--json"])
+    result = memory.main(
+        [path, "--per_device_batch", "4", "--num_processes", "2", "--device", "cpu", "--gpu_memory_gb", "1", "--json"]
+    )
     printed = json.loads(capsys.readouterr().out)
-    assert printed["per_device_batch"] == 4 and printed["max_per_device_batch"]["1"] == result["max_per_device_batch"]["1"]
+    assert (
+        printed["per_device_batch"] == 4
+        and printed["max_per_device_batch"]["1"] == result["max_per_device_batch"]["1"]
+    )
     assert printed["total"] == pytest.approx(printed["static"] + printed["activations"])
     assert printed["max_per_device_batch"]["1"] > 4 and printed["communication_buffers"] > 0  # DDP buckets
     with pytest.raises(SystemExit, match="--reserve"):
@@ -152,18 +159,30 @@ def test_cli_on_the_demo_recipe(capsys):
 
 def test_the_printed_plan_names_every_part():
     model, _ = _swin(64)
-    profile = ActivationProfile(intercept_bytes=1e6, per_image_bytes=2e6, batches=(1, 2), peaks_bytes=(3, 5),
-                                device="cpu")
+    profile = ActivationProfile(
+        intercept_bytes=1e6, per_image_bytes=2e6, batches=(1, 2), peaks_bytes=(3, 5), device="cpu"
+    )
     text = memory.render(estimate_memory(model, profile, 16, fsdp=2, bf16=True), "recipe.yaml", [80, 0.01], 0.1)
-    for words in ("FSDP over 2 processes, bf16 autocast", "parameters", "gradients", "optimizer state",
-                  "FSDP gather/scatter buffers", "2.0 MB per image", "80 GB GPU (10% kept free): fits",
-                  "0.01 GB GPU (10% kept free): does NOT fit"):
+    for words in (
+        "FSDP over 2 processes, bf16 autocast",
+        "parameters",
+        "gradients",
+        "optimizer state",
+        "FSDP gather/scatter buffers",
+        "2.0 MB per image",
+        "80 GB GPU (10% kept free): fits",
+        "0.01 GB GPU (10% kept free): does NOT fit",
+    ):
         assert words in text, words
 
 
 def test_finetuning_recipes_are_measured_as_classifiers():
-    estimate, recipe_model = memory.plan(os.path.join(ROOT, "configs", "finetune", "demo_swin_tiny_cpu.yaml"),
-                                         per_device_batch=4, num_processes=1, device="cpu")
+    estimate, recipe_model = memory.plan(
+        os.path.join(ROOT, "configs", "finetune", "demo_swin_tiny_cpu.yaml"),
+        per_device_batch=4,
+        num_processes=1,
+        device="cpu",
+    )
     assert recipe_model.task == "finetune" and recipe_model.num_labels == 1000
     assert type(recipe_model.model).__name__ == "SimMIMForImageClassification"
     assert estimate.activation_profile.per_image_bytes > 0 and estimate.per_device_batch == 4

@@ -176,7 +176,7 @@ def test_normalized_targets_match_a_direct_neighbourhood_computation():
     expected = torch.empty_like(pixels)
     for y in range(9):
         for x in range(11):
-            patch = pixels[:, :, max(0, y - 2): y + 3, max(0, x - 2): x + 3].flatten(2)
+            patch = pixels[:, :, max(0, y - 2) : y + 3, max(0, x - 2) : x + 3].flatten(2)
             mean, var = patch.mean(-1), patch.var(-1, unbiased=True)
             expected[:, :, y, x] = (pixels[:, :, y, x] - mean) / (var + 1e-6).sqrt()
     assert torch.allclose(normalize_targets(pixels, window).double(), expected, atol=1e-4)
@@ -250,8 +250,10 @@ def test_decoder_kernel_size_is_saved_loaded_and_validated(tmp_path):
     assert loaded.config.decoder_kernel_size == 3
     pixel_values, mask = torch.randn(1, 3, 64, 64), _mask(model, 1)
     with torch.no_grad():
-        assert torch.equal(loaded(pixel_values, bool_masked_pos=mask).reconstruction,
-                           model(pixel_values, bool_masked_pos=mask).reconstruction)
+        assert torch.equal(
+            loaded(pixel_values, bool_masked_pos=mask).reconstruction,
+            model(pixel_values, bool_masked_pos=mask).reconstruction,
+        )
     _model("swin_test").save_pretrained(tmp_path / "official")
     official = json.loads((tmp_path / "official" / "config.json").read_text())
     assert official["decoder_kernel_size"] == 1 and official["architectures"] == ["SwinForMaskedImageModeling"]

@@ -99,13 +99,27 @@ def client_results(tmp_path_factory):
         with torch.no_grad():
             out = model(pixel_values, bool_masked_pos=mask)
             features = model.backbone(pixel_values).last_hidden_state
-        torch.save({"pixel_values": pixel_values, "mask": mask, "loss": out.loss, "reconstruction": out.reconstruction,
-                    "features": features}, folder / "reference.pt")
+        torch.save(
+            {
+                "pixel_values": pixel_values,
+                "mask": mask,
+                "loss": out.loss,
+                "reconstruction": out.reconstruction,
+                "features": features,
+            },
+            folder / "reference.pt",
+        )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_MODULES_CACHE=str(root / "modules"))
     # -I: isolated mode, neither the working directory nor PYTHONPATH is on sys.path (the repo is not importable)
-    completed = subprocess.run([sys.executable, "-I", "-c", CLIENTS, *FAMILIES], cwd=root, env=env,
-                               capture_output=True, text=True, timeout=600)
+    completed = subprocess.run(
+        [sys.executable, "-I", "-c", CLIENTS, *FAMILIES],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert completed.returncode == 0, completed.stderr[-4000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
@@ -113,9 +127,12 @@ def client_results(tmp_path_factory):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_masked_image_modeling_gives_our_loss(client_results, family):
     row = client_results[family]
-    expected = {"swin": "transformers.SwinForMaskedImageModeling", "swinv2": "transformers.Swinv2ForMaskedImageModeling",
-                "vit": "transformers.ViTForMaskedImageModeling",
-                "beit": "transformers_modules.SimMIMBeitForMaskedImageModeling"}[family]
+    expected = {
+        "swin": "transformers.SwinForMaskedImageModeling",
+        "swinv2": "transformers.Swinv2ForMaskedImageModeling",
+        "vit": "transformers.ViTForMaskedImageModeling",
+        "beit": "transformers_modules.SimMIMBeitForMaskedImageModeling",
+    }[family]
     assert row["mim"] == expected
     assert row["loss"] <= 1e-5 and row["reconstruction"] <= 1e-5
 
@@ -123,8 +140,15 @@ def test_masked_image_modeling_gives_our_loss(client_results, family):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_classification_loads_the_encoder_and_only_the_head_is_new(client_results, family):
     row = client_results[family]
-    assert row["classifier"] == {"swin": "SwinForImageClassification", "swinv2": "Swinv2ForImageClassification",
-                                 "vit": "ViTForImageClassification", "beit": "BeitForImageClassification"}[family]
+    assert (
+        row["classifier"]
+        == {
+            "swin": "SwinForImageClassification",
+            "swinv2": "Swinv2ForImageClassification",
+            "vit": "ViTForImageClassification",
+            "beit": "BeitForImageClassification",
+        }[family]
+    )
     assert row["new"] == ["classifier.bias", "classifier.weight"]
     assert {name.split(".")[0] for name in row["unused"]} <= {"decoder", family}  # the decoder and mask token
     assert all(name.startswith("decoder.") or name.endswith("mask_token") for name in row["unused"])
@@ -133,8 +157,10 @@ def test_classification_loads_the_encoder_and_only_the_head_is_new(client_result
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_encoder_backbone_and_feature_extraction(client_results, family):
     row = client_results[family]
-    assert row["encoder"] == {"swin": "SwinModel", "swinv2": "Swinv2Model", "vit": "ViTModel",
-                              "beit": "BeitModel"}[family]
+    assert (
+        row["encoder"]
+        == {"swin": "SwinModel", "swinv2": "Swinv2Model", "vit": "ViTModel", "beit": "BeitModel"}[family]
+    )
     assert row["features"] <= 1e-5
     tokens = 64 if family in ("swin", "swinv2") else 65  # Swin: 8x8 final map; ViT/BEiT: CLS + 8x8 patches
     assert row["pipeline"] == [1, tokens, 32]
@@ -147,6 +173,10 @@ def test_transformers_example_scripts_calls(client_results, family):
     row = client_results[family]
     mim_class = "SimMIMBeitForMaskedImageModeling" if family == "beit" else row["mim"].split(".")[-1]
     assert row["run_mim"] == [mim_class, 16, 0.5, [64, 64]]  # the SimMIM fields travel in the config
-    native = {"swin": "SwinForImageClassification", "swinv2": "Swinv2ForImageClassification",
-              "vit": "ViTForImageClassification", "beit": "BeitForImageClassification"}[family]
+    native = {
+        "swin": "SwinForImageClassification",
+        "swinv2": "Swinv2ForImageClassification",
+        "vit": "ViTForImageClassification",
+        "beit": "BeitForImageClassification",
+    }[family]
     assert row["run_image_classification"] == [native, "fish", 3]

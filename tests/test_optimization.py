@@ -33,8 +33,14 @@ OFFICIAL_NAMED_EXCLUSIONS = {
     ("beit_test", "pretraining"): {"cls_token"},
     ("beit_test", "finetuning"): {"cls_token"},
 }
-NAMED_CANDIDATES = ("mask_token", "cls_token", "position_embeddings", "relative_position_bias_table",
-                    "continuous_position_bias_mlp", "logit_scale")
+NAMED_CANDIDATES = (
+    "mask_token",
+    "cls_token",
+    "position_embeddings",
+    "relative_position_bias_table",
+    "continuous_position_bias_mlp",
+    "logit_scale",
+)
 
 
 def _model(preset: str, stage: str):
@@ -139,8 +145,9 @@ def test_official_multistep_schedule_formula():
 def test_scheduler_keeps_layer_decay_in_every_group():
     model = SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("swin_test", mask_patch_size=16))
     optimizer = create_optimizer(model, learning_rate=1e-3, layer_decay=0.8)
-    scheduler = get_simmim_scheduler(optimizer, 1e-3, num_training_steps=20, num_warmup_steps=5,
-                                     warmup_lr=1e-6, min_lr=1e-5)
+    scheduler = get_simmim_scheduler(
+        optimizer, 1e-3, num_training_steps=20, num_warmup_steps=5, warmup_lr=1e-6, min_lr=1e-5
+    )
     for step in range(12):
         for group in optimizer.param_groups:
             expected = group["lr_scale"] * simmim_lr_at(step, 1e-3, 20, 5, 1e-6, 1e-5)

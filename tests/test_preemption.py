@@ -20,10 +20,37 @@ from modeling_simmim.training_checkpoints import STAGING_DIR, checkpoint_problem
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripted_run_mim.py")
 # 32 images / batch 8 = 4 steps per epoch; 8 steps; a checkpoint every 2 steps
-RUN = ["--model_preset", "swin_test", "--mask_patch_size", "16", "--per_device_train_batch_size", "8",
-       "--max_train_samples", "32", "--max_steps", "8", "--warmup_steps", "1", "--save_strategy", "steps",
-       "--save_steps", "2", "--do_eval", "false", "--logging_steps", "1", "--use_cpu", "--disable_tqdm", "true",
-       "--report_to", "none", "--dataloader_num_workers", "0", "--torch_num_threads", "1"]
+RUN = [
+    "--model_preset",
+    "swin_test",
+    "--mask_patch_size",
+    "16",
+    "--per_device_train_batch_size",
+    "8",
+    "--max_train_samples",
+    "32",
+    "--max_steps",
+    "8",
+    "--warmup_steps",
+    "1",
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "2",
+    "--do_eval",
+    "false",
+    "--logging_steps",
+    "1",
+    "--use_cpu",
+    "--disable_tqdm",
+    "true",
+    "--report_to",
+    "none",
+    "--dataloader_num_workers",
+    "0",
+    "--torch_num_threads",
+    "1",
+]
 WAIT_SECONDS = 600  # a fresh interpreter imports torch + transformers: slow on a busy machine
 
 
@@ -36,11 +63,22 @@ def _one_thread():
 
 
 def _start(output_dir, events, **env):
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                   "SIMMIM_TEST_EVENTS": str(events), **{key: str(value) for key, value in env.items()}}
+    environment = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "SIMMIM_TEST_EVENTS": str(events),
+        **{key: str(value) for key, value in env.items()},
+    }
     log = open(os.path.join(events.parent, f"{events.name}.log"), "w")
-    process = subprocess.Popen([sys.executable, SCRIPT, *RUN, "--output_dir", str(output_dir)], cwd=ROOT,
-                               env=environment, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, *RUN, "--output_dir", str(output_dir)],
+        cwd=ROOT,
+        env=environment,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     return process, log
 
 
@@ -91,8 +129,9 @@ def test_sigkill_mid_step_and_during_a_save_then_resume_from_the_newest_complete
         run_mim.main([*RUN, "--output_dir", str(output_dir)])
     messages = [record.getMessage() for record in caplog.records]
     assert any("checkpoint-6: empty folder" in message for message in messages), messages
-    assert any("checkpoint-5: optimizer.pt is empty (0 bytes); no trainer_state.json" in message
-               for message in messages), messages
+    assert any(
+        "checkpoint-5: optimizer.pt is empty (0 bytes); no trainer_state.json" in message for message in messages
+    ), messages
     assert any(message.startswith("Resuming from " + str(output_dir / "checkpoint-2")) for message in messages)
     assert _final_step(output_dir) == 8
     for step in (2, 4, 6, 8):  # checkpoint-6 was replaced by the complete one
@@ -128,20 +167,43 @@ def test_two_processes_stop_at_the_same_step_when_one_gets_sigusr1(tmp_path):
     """torchrun with 2 CPU processes (gloo): SIGUSR1 reaches rank 1 only; both ranks save the same checkpoint (each its
     RNG state) and stop."""
     output_dir, events = tmp_path / "ddp", tmp_path / "events"
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                   "SIMMIM_TEST_EVENTS": str(events), "SIMMIM_TEST_STEP_SECONDS": "1"}
+    environment = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "SIMMIM_TEST_EVENTS": str(events),
+        "SIMMIM_TEST_STEP_SECONDS": "1",
+    }
     log = open(tmp_path / "ddp.log", "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", SCRIPT, *RUN,
-         "--per_device_train_batch_size", "4", "--output_dir", str(output_dir)],
-        cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            SCRIPT,
+            *RUN,
+            "--per_device_train_batch_size",
+            "4",
+            "--output_dir",
+            str(output_dir),
+        ],
+        cwd=ROOT,
+        env=environment,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     _wait_for(events / "step-1-2", process, log)
     os.kill(int((events / "pid-1").read_text()), signal.SIGUSR1)
     process.wait(timeout=WAIT_SECONDS)
     log.close()
     assert process.returncode != 0  # torchrun reports its workers' exit 143 as a failure
-    steps = {rank: max(int(name.split("-")[2]) for name in os.listdir(events) if name.startswith(f"step-{rank}-"))
-             for rank in (0, 1)}
+    steps = {
+        rank: max(int(name.split("-")[2]) for name in os.listdir(events) if name.startswith(f"step-{rank}-"))
+        for rank in (0, 1)
+    }
     assert steps[0] == steps[1] < 8, steps
     checkpoint = output_dir / f"checkpoint-{steps[0]}"
     assert checkpoint_problems(str(checkpoint)) == []
@@ -156,15 +218,39 @@ def test_accelerate_launch_forwards_sigusr1_as_the_readme_slurm_script_sets_it_u
     """The README's SLURM setup: `accelerate launch` told (PET_SIGNALS_TO_HANDLE) to pass SIGUSR1 on to its workers
     and to give them time (PET_SHUTDOWN_TIMEOUT); the signal reaches the launcher only, both workers save and stop."""
     output_dir, events = tmp_path / "acc", tmp_path / "events"
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                   "SIMMIM_TEST_EVENTS": str(events), "SIMMIM_TEST_STEP_SECONDS": "1",
-                   "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "PET_SHUTDOWN_TIMEOUT": "120"}
+    environment = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "SIMMIM_TEST_EVENTS": str(events),
+        "SIMMIM_TEST_STEP_SECONDS": "1",
+        "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        "PET_SHUTDOWN_TIMEOUT": "120",
+    }
     log = open(tmp_path / "acc.log", "w")
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
     process = subprocess.Popen(
-        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29531", SCRIPT, *RUN,
-         "--per_device_train_batch_size", "4", "--output_dir", str(output_dir)],
-        cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
+        [
+            launcher,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            "29531",
+            SCRIPT,
+            *RUN,
+            "--per_device_train_batch_size",
+            "4",
+            "--output_dir",
+            str(output_dir),
+        ],
+        cwd=ROOT,
+        env=environment,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     _wait_for(events / "step-1-2", process, log)
     process.send_signal(signal.SIGUSR1)
     process.wait(timeout=WAIT_SECONDS)

@@ -43,14 +43,16 @@ IMAGE_SIZE = 64
 
 def _images(count=40, seed=0):
     rng = np.random.default_rng(seed)
-    return [{"image": Image.fromarray(rng.integers(0, 256, (48 + i % 5 * 7, 56, 3), dtype=np.uint8))}
-            for i in range(count)]
+    return [
+        {"image": Image.fromarray(rng.integers(0, 256, (48 + i % 5 * 7, 56, 3), dtype=np.uint8))} for i in range(count)
+    ]
 
 
 def _pretrain_dataset(rows=None):
     generator = SimMIMMaskGenerator(IMAGE_SIZE, mask_patch_size=16, model_patch_size=4)
-    dataset = RobustImageDataset(rows or _images(), "image", build_pretrain_transform(IMAGE_SIZE),
-                                 keyed_fn=KeyedMasks(generator))
+    dataset = RobustImageDataset(
+        rows or _images(), "image", build_pretrain_transform(IMAGE_SIZE), keyed_fn=KeyedMasks(generator)
+    )
     return dataset, PretrainCollator(SimMIMDataCollator(generator))
 
 
@@ -62,8 +64,16 @@ def _global_draws():
 def test_mix_seed_is_stable_typed_and_order_sensitive():
     # Pinned: changing the mixing would silently change every run's data (and a resumed run after an upgrade).
     assert mix_seed(42, 3, 17, "mask") == 3572429972208192442
-    values = {mix_seed(1, 23), mix_seed(12, 3), mix_seed(1, 2, 3), mix_seed(3, 2, 1), mix_seed("1"), mix_seed(1),
-              mix_seed(np.int64(2)), mix_seed(-2)}
+    values = {
+        mix_seed(1, 23),
+        mix_seed(12, 3),
+        mix_seed(1, 2, 3),
+        mix_seed(3, 2, 1),
+        mix_seed("1"),
+        mix_seed(1),
+        mix_seed(np.int64(2)),
+        mix_seed(-2),
+    }
     assert len(values) == 8
     assert all(0 <= value < 2**63 for value in values)
     assert mix_seed(np.int64(5), "x") == mix_seed(5, "x")
@@ -181,14 +191,22 @@ def test_mixup_and_cutmix_are_keyed_by_the_keys_of_the_batch():
     pixels = [torch.randn(3, 16, 16, generator=rng) for _ in range(6)]
 
     def examples(epoch, keyed=True):
-        return [{"pixel_values": pixels[i].clone(), "labels": i % 4,
-                 **({EXAMPLE_KEY_FIELD: ExampleKey(0, epoch, i)} if keyed else {})} for i in range(6)]
+        return [
+            {
+                "pixel_values": pixels[i].clone(),
+                "labels": i % 4,
+                **({EXAMPLE_KEY_FIELD: ExampleKey(0, epoch, i)} if keyed else {}),
+            }
+            for i in range(6)
+        ]
 
     np.random.seed(1)
     first = collator(examples(0))
     np.random.seed(2)
     second = collator(examples(0))
-    assert torch.equal(first["pixel_values"], second["pixel_values"]) and torch.equal(first["labels"], second["labels"])
+    assert torch.equal(first["pixel_values"], second["pixel_values"]) and torch.equal(
+        first["labels"], second["labels"]
+    )
     outcomes = {tuple(collator(examples(epoch))["labels"][0].tolist()) for epoch in range(6)}
     assert len(outcomes) > 1  # other keys, other lambdas
     state = np.random.get_state()
@@ -200,8 +218,9 @@ def test_mixup_and_cutmix_are_keyed_by_the_keys_of_the_batch():
 # ---- world size, workers, resume -----------------------------------------------------------------------------------
 def _per_rank_batches(dataset, collator, per_device, processes, accumulation, epoch):
     """Micro-batches of each rank, as accelerate shards them (BatchSamplerShard, split_batches=False)."""
-    sampler = KeyedEpochSampler(len(dataset), seed=0, global_batch_size=per_device * processes * accumulation,
-                                drop_last=True)
+    sampler = KeyedEpochSampler(
+        len(dataset), seed=0, global_batch_size=per_device * processes * accumulation, drop_last=True
+    )
     sampler.set_epoch(epoch)
     ranks = []
     for rank in range(processes):
@@ -220,7 +239,7 @@ def _optimizer_steps(ranks, accumulation):
     for step in range(len(ranks[0]) // accumulation):
         examples = {}
         for micro_batches in ranks:
-            for keys, batch in micro_batches[step * accumulation:(step + 1) * accumulation]:
+            for keys, batch in micro_batches[step * accumulation : (step + 1) * accumulation]:
                 for i, key in enumerate(keys):
                     examples[key] = (batch["pixel_values"][i], batch["bool_masked_pos"][i])
         steps.append(examples)
@@ -246,13 +265,16 @@ def test_global_batch_of_every_step_is_the_same_for_one_and_two_processes(accumu
             for key, (pixels, mask) in examples_one.items():
                 assert torch.equal(examples_two[key][0], pixels) and torch.equal(examples_two[key][1], mask)
     # epochs differ in order and in augmentation
-    assert _per_rank_batches(dataset, collator, 6, 1, 1, 0)[0][0][0] != _per_rank_batches(dataset, collator, 6, 1, 1,
-                                                                                         1)[0][0][0]
+    assert (
+        _per_rank_batches(dataset, collator, 6, 1, 1, 0)[0][0][0]
+        != _per_rank_batches(dataset, collator, 6, 1, 1, 1)[0][0][0]
+    )
 
 
 def _trainer(tmp_path, dataset, collator, **overrides):
-    args = SimMIMTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none",
-                                   use_cpu=True, seed=0, **overrides)
+    args = SimMIMTrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none", use_cpu=True, seed=0, **overrides
+    )
     model = SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("swin_test", mask_patch_size=16))
     return SimMIMTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
 
@@ -265,8 +287,9 @@ def _epoch_batches(loader, epoch):
 def test_training_batches_do_not_depend_on_workers_or_persistent_workers(tmp_path):
     dataset, collator = _pretrain_dataset(_images(18))
     reference = _trainer(tmp_path, dataset, collator).get_train_dataloader()
-    workers = _trainer(tmp_path, dataset, collator, dataloader_num_workers=2,
-                       dataloader_persistent_workers=True).get_train_dataloader()
+    workers = _trainer(
+        tmp_path, dataset, collator, dataloader_num_workers=2, dataloader_persistent_workers=True
+    ).get_train_dataloader()
     for epoch in (0, 1, 2):  # persistent workers keep their dataset copy across epochs: the epoch is in the keys
         expected, got = _epoch_batches(reference, epoch), _epoch_batches(workers, epoch)
         assert len(expected) == len(got) == 4  # 18 images, batches of 4: the tail is dropped
@@ -280,8 +303,9 @@ def test_loading_training_and_evaluation_data_leaves_torchs_global_rng_alone(tmp
     # model's stream would depend on workers, cached (persistent) evaluation loaders and resumes.
     dataset, collator = _pretrain_dataset(_images(12))
     generator = SimMIMMaskGenerator(IMAGE_SIZE, mask_patch_size=16, model_patch_size=4)
-    eval_dataset = RobustImageDataset(_images(6), "image", build_pretrain_transform(IMAGE_SIZE, train=False),
-                                      extra_fn=IndexSeededMasks(generator))
+    eval_dataset = RobustImageDataset(
+        _images(6), "image", build_pretrain_transform(IMAGE_SIZE, train=False), extra_fn=IndexSeededMasks(generator)
+    )
     trainer = _trainer(tmp_path, dataset, collator, per_device_eval_batch_size=4)
     state = torch.get_rng_state()
     for batch in trainer.get_train_dataloader():
@@ -303,8 +327,11 @@ class _CountingDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         self.fetched.append(key)
-        return {"pixel_values": torch.full((3, IMAGE_SIZE, IMAGE_SIZE), float(key.index)),
-                "bool_masked_pos": torch.zeros(16, 16, dtype=torch.bool), EXAMPLE_KEY_FIELD: key}
+        return {
+            "pixel_values": torch.full((3, IMAGE_SIZE, IMAGE_SIZE), float(key.index)),
+            "bool_masked_pos": torch.zeros(16, 16, dtype=torch.bool),
+            EXAMPLE_KEY_FIELD: key,
+        }
 
 
 def test_resume_skips_batches_without_loading_them_and_keeps_the_order(tmp_path):
@@ -329,8 +356,13 @@ def test_epoch_reaches_the_sampler_when_a_multi_process_resume_skips_batches(tmp
     dataset = _CountingDataset(24)
     trainer = _trainer(tmp_path, dataset, SimMIMDataCollator(SimMIMMaskGenerator(IMAGE_SIZE, 16, 4)))
     sampler = KeyedEpochSampler(24, seed=0, global_batch_size=8, drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler, drop_last=True,
-                                         collate_fn=lambda examples: [e[EXAMPLE_KEY_FIELD] for e in examples])
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=4,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=lambda examples: [e[EXAMPLE_KEY_FIELD] for e in examples],
+    )
     rank0 = prepare_data_loader(loader, num_processes=2, process_index=0, put_on_device=False)
     resumed = skip_first_batches(rank0, 1)
     callback = trainer.sampler_epoch
@@ -341,5 +373,6 @@ def test_epoch_reaches_the_sampler_when_a_multi_process_resume_skips_batches(tmp
     batches = list(resumed)
     assert len(batches) == 2 and all(key.epoch == 2 for batch in batches for key in batch)
     sampler.set_epoch(2)
-    assert [key.index for batch in batches for key in batch] == [key.index for key in list(sampler)[8:12] +
-                                                                 list(sampler)[16:20]]
+    assert [key.index for batch in batches for key in batch] == [
+        key.index for key in list(sampler)[8:12] + list(sampler)[16:20]
+    ]

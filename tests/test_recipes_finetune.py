@@ -73,8 +73,13 @@ def test_official_recipe_values(name):
     # AUG
     assert aug.rand_augment == "rand-m9-mstd0.5-inc1" and aug.color_jitter == 0.4 and aug.interpolation == "bicubic"
     assert (aug.random_erasing, aug.random_erasing_mode, aug.random_erasing_count) == (0.25, "pixel", 1)
-    assert (aug.mixup, aug.cutmix, aug.mixup_prob, aug.mixup_switch_prob, aug.mixup_mode) == (0.8, 1.0, 1.0, 0.5,
-                                                                                              "batch")
+    assert (aug.mixup, aug.cutmix, aug.mixup_prob, aug.mixup_switch_prob, aug.mixup_mode) == (
+        0.8,
+        1.0,
+        1.0,
+        0.5,
+        "batch",
+    )
     assert aug.label_smoothing == 0.1 and aug.crop_scale == [0.08, 1.0]
     # best checkpoint by top-1
     assert args.metric_for_best_model == "accuracy" and args.load_best_model_at_end
@@ -100,8 +105,9 @@ def test_official_recipe_builds_the_official_architecture(name):
     with torch.device("meta"):
         model = ric.SimMIMForImageClassification(config)
     millions = sum(p.numel() for p in model.parameters()) / 1e6
-    expected = {"swin_base": 87.8, "swin_large": 196.5, "vit_base": 86.5, "swinv2_base": 87.9,
-                "swinv2_huge": 658.0}[name.rsplit("_", 3)[0] if "vit" not in name else "vit_base"]
+    expected = {"swin_base": 87.8, "swin_large": 196.5, "vit_base": 86.5, "swinv2_base": 87.9, "swinv2_huge": 658.0}[
+        name.rsplit("_", 3)[0] if "vit" not in name else "vit_base"
+    ]
     assert millions == pytest.approx(expected, rel=0.01)
     if family == "swinv2":  # stages smaller than the window get a window of their size, the official rule
         last_stage = image // 32
@@ -125,10 +131,14 @@ def test_demo_recipe_is_tiny_and_official_in_shape():
     assert model_args.from_scratch is False and model_args.model_name_or_path is None
 
 
-@pytest.mark.parametrize("name", [
-    "swinv2_base_224_w14_800ep.yaml", "swinv2_huge_224_w14_800ep.yaml",
-    pytest.param("swinv2_huge_512_w32_800ep.yaml", marks=pytest.mark.slow),  # 512 px: over a minute on 2 cores
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "swinv2_base_224_w14_800ep.yaml",
+        "swinv2_huge_224_w14_800ep.yaml",
+        pytest.param("swinv2_huge_512_w32_800ep.yaml", marks=pytest.mark.slow),  # 512 px: over a minute on 2 cores
+    ],
+)
 def test_swinv2_recipe_finetunes_a_192_w12_checkpoint_at_tiny_scale(tmp_path, name):
     """The recipe as given (geometry, windows, pretrained windows, optimization, augmentation), with a tiny encoder
     (embed 8, one block and one head per stage), from a SimMIM checkpoint at 192 px / window 12: one training step,
@@ -138,8 +148,9 @@ def test_swinv2_recipe_finetunes_a_192_w12_checkpoint_at_tiny_scale(tmp_path, na
     tiny = dict(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1])
     torch.manual_seed(0)
     pretrained = str(tmp_path / "pretrained")
-    SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("swinv2_test", image_size=192, window_size=12, **tiny,
-                                                          mask_patch_size=32)).save_pretrained(pretrained)
+    SimMIMForMaskedImageModeling(
+        SimMIMConfig.from_preset("swinv2_test", image_size=192, window_size=12, **tiny, mask_patch_size=32)
+    ).save_pretrained(pretrained)
     with open(os.path.join(RECIPES, name), encoding="utf-8") as handle:
         recipe = yaml.safe_load(handle)
     recipe["backbone_config_overrides"].update(tiny)
@@ -149,19 +160,48 @@ def test_swinv2_recipe_finetunes_a_192_w12_checkpoint_at_tiny_scale(tmp_path, na
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        ric.main([str(recipe_path), "--model_name_or_path", pretrained, "--output_dir", output_dir, "--bf16", "false",
-                  "--max_steps", "1", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
-                  "--max_train_samples", "4", "--max_eval_samples", "2", "--dataloader_num_workers", "0",
-                  "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
-                  "--drop_empty_classes", "true",
-                  "--report_to", "none"])
+        ric.main(
+            [
+                str(recipe_path),
+                "--model_name_or_path",
+                pretrained,
+                "--output_dir",
+                output_dir,
+                "--bf16",
+                "false",
+                "--max_steps",
+                "1",
+                "--per_device_train_batch_size",
+                "2",
+                "--per_device_eval_batch_size",
+                "2",
+                "--max_train_samples",
+                "4",
+                "--max_eval_samples",
+                "2",
+                "--dataloader_num_workers",
+                "0",
+                "--eval_strategy",
+                "no",
+                "--save_strategy",
+                "no",
+                "--load_best_model_at_end",
+                "false",
+                "--drop_empty_classes",
+                "true",
+                "--report_to",
+                "none",
+            ]
+        )
     finally:
         torch.set_num_threads(previous)
     config = json.loads(open(os.path.join(output_dir, "config.json")).read())
     assert config["model_type"] == "swinv2" and config["image_size"] == image and config["window_size"] == window
     assert config["pretrained_window_sizes"] == [12, 12, 12, 6]
-    before, after = load_file(os.path.join(pretrained, "model.safetensors")), load_file(
-        os.path.join(output_dir, "model.safetensors"))
+    before, after = (
+        load_file(os.path.join(pretrained, "model.safetensors")),
+        load_file(os.path.join(output_dir, "model.safetensors")),
+    )
     mlps = [key for key in before if "continuous_position_bias_mlp" in key]
     assert len(mlps) == 4 * 3  # one block per stage: two linear weights and a bias each
     for key in mlps:  # one step at the warmup lr (~1e-9): the pretrained values

@@ -23,53 +23,162 @@ IMAGENET_TRAIN = 1281167
 SWIN_COMMON = dict(patch_size=4, mlp_ratio=4.0, qkv_bias=True, use_absolute_embeddings=False, hidden_dropout_prob=0.0)
 OFFICIAL = {
     "swin_base_192_w6_100ep": dict(
-        family="swin", image=192, preset="swin_base",
-        model=dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=6, drop_path_rate=0.0,
-                   **SWIN_COMMON),
-        train=dict(epochs=100, warmup_epochs=10, base_lr=2e-4, warmup_lr=1e-6, min_lr=1e-5, schedule="cosine")),
+        family="swin",
+        image=192,
+        preset="swin_base",
+        model=dict(
+            embed_dim=128,
+            depths=[2, 2, 18, 2],
+            num_heads=[4, 8, 16, 32],
+            window_size=6,
+            drop_path_rate=0.0,
+            **SWIN_COMMON,
+        ),
+        train=dict(epochs=100, warmup_epochs=10, base_lr=2e-4, warmup_lr=1e-6, min_lr=1e-5, schedule="cosine"),
+    ),
     "swin_base_192_w6_800ep": dict(
-        family="swin", image=192, preset="swin_base",
-        model=dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=6, drop_path_rate=0.0,
-                   **SWIN_COMMON),
-        train=dict(epochs=800, warmup_epochs=10, base_lr=1e-4, warmup_lr=5e-7, min_lr=5e-6, schedule="multistep",
-                   milestones=[700], gamma=0.1)),
+        family="swin",
+        image=192,
+        preset="swin_base",
+        model=dict(
+            embed_dim=128,
+            depths=[2, 2, 18, 2],
+            num_heads=[4, 8, 16, 32],
+            window_size=6,
+            drop_path_rate=0.0,
+            **SWIN_COMMON,
+        ),
+        train=dict(
+            epochs=800,
+            warmup_epochs=10,
+            base_lr=1e-4,
+            warmup_lr=5e-7,
+            min_lr=5e-6,
+            schedule="multistep",
+            milestones=[700],
+            gamma=0.1,
+        ),
+    ),
     "swin_large_192_w12_800ep": dict(
-        family="swin", image=192, preset="swin_large",
-        model=dict(embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48], window_size=12, drop_path_rate=0.0,
-                   **SWIN_COMMON),
-        train=dict(epochs=800, warmup_epochs=10, base_lr=1e-4, warmup_lr=5e-7, min_lr=5e-6, schedule="multistep",
-                   milestones=[700], gamma=0.1)),
+        family="swin",
+        image=192,
+        preset="swin_large",
+        model=dict(
+            embed_dim=192,
+            depths=[2, 2, 18, 2],
+            num_heads=[6, 12, 24, 48],
+            window_size=12,
+            drop_path_rate=0.0,
+            **SWIN_COMMON,
+        ),
+        train=dict(
+            epochs=800,
+            warmup_epochs=10,
+            base_lr=1e-4,
+            warmup_lr=5e-7,
+            min_lr=5e-6,
+            schedule="multistep",
+            milestones=[700],
+            gamma=0.1,
+        ),
+    ),
     "swinv2_base_192_w12_800ep": dict(
-        family="swinv2", image=192, preset="swinv2_base",
-        model=dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=12, drop_path_rate=0.1,
-                   pretrained_window_sizes=[0, 0, 0, 0], **SWIN_COMMON),
+        family="swinv2",
+        image=192,
+        preset="swinv2_base",
+        model=dict(
+            embed_dim=128,
+            depths=[2, 2, 18, 2],
+            num_heads=[4, 8, 16, 32],
+            window_size=12,
+            drop_path_rate=0.1,
+            pretrained_window_sizes=[0, 0, 0, 0],
+            **SWIN_COMMON,
+        ),
         norm_target_window=47,  # MODEL.SIMMIM.NORM_TARGET
-        train=dict(epochs=800, warmup_epochs=10, base_lr=1e-4, warmup_lr=5e-7, min_lr=5e-6, schedule="multistep",
-                   milestones=[700], gamma=0.1)),
+        train=dict(
+            epochs=800,
+            warmup_epochs=10,
+            base_lr=1e-4,
+            warmup_lr=5e-7,
+            min_lr=5e-6,
+            schedule="multistep",
+            milestones=[700],
+            gamma=0.1,
+        ),
+    ),
     # No official SwinV2-H file: SwinV2 paper dims, the official SwinV2 SimMIM 800-epoch optimization.
     "swinv2_huge_192_w12_800ep": dict(
-        family="swinv2", image=192, preset="swinv2_huge",
-        model=dict(embed_dim=352, depths=[2, 2, 18, 2], num_heads=[11, 22, 44, 88], window_size=12, drop_path_rate=0.1,
-                   **SWIN_COMMON),
+        family="swinv2",
+        image=192,
+        preset="swinv2_huge",
+        model=dict(
+            embed_dim=352,
+            depths=[2, 2, 18, 2],
+            num_heads=[11, 22, 44, 88],
+            window_size=12,
+            drop_path_rate=0.1,
+            **SWIN_COMMON,
+        ),
         norm_target_window=47,
-        train=dict(epochs=800, warmup_epochs=10, base_lr=1e-4, warmup_lr=5e-7, min_lr=5e-6, schedule="multistep",
-                   milestones=[700], gamma=0.1)),
+        train=dict(
+            epochs=800,
+            warmup_epochs=10,
+            base_lr=1e-4,
+            warmup_lr=5e-7,
+            min_lr=5e-6,
+            schedule="multistep",
+            milestones=[700],
+            gamma=0.1,
+        ),
+    ),
     "vit_base_224_800ep": dict(
-        family="beit", image=224, preset="vit_base",
-        model=dict(patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                   layer_scale_init_value=0.1, use_absolute_position_embeddings=False, use_relative_position_bias=False,
-                   use_shared_relative_position_bias=True, use_mean_pooling=False, use_mask_token=True,
-                   layer_norm_eps=1e-6, drop_path_rate=0.1),
-        train=dict(epochs=800, warmup_epochs=10, base_lr=1e-4, warmup_lr=5e-7, min_lr=5e-6, schedule="multistep",
-                   milestones=[700], gamma=0.1)),
+        family="beit",
+        image=224,
+        preset="vit_base",
+        model=dict(
+            patch_size=16,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            layer_scale_init_value=0.1,
+            use_absolute_position_embeddings=False,
+            use_relative_position_bias=False,
+            use_shared_relative_position_bias=True,
+            use_mean_pooling=False,
+            use_mask_token=True,
+            layer_norm_eps=1e-6,
+            drop_path_rate=0.1,
+        ),
+        train=dict(
+            epochs=800,
+            warmup_epochs=10,
+            base_lr=1e-4,
+            warmup_lr=5e-7,
+            min_lr=5e-6,
+            schedule="multistep",
+            milestones=[700],
+            gamma=0.1,
+        ),
+    ),
 }
-OFFICIAL_COMMON_TRAIN = dict(weight_decay=0.05, max_grad_norm=5.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-                             per_device_train_batch_size=128, mask_patch_size=32, mask_ratio=0.6)
+OFFICIAL_COMMON_TRAIN = dict(
+    weight_decay=0.05,
+    max_grad_norm=5.0,
+    adam_beta1=0.9,
+    adam_beta2=0.999,
+    adam_epsilon=1e-8,
+    per_device_train_batch_size=128,
+    mask_patch_size=32,
+    mask_ratio=0.6,
+)
 
 
 def _parse(name, *flags):
-    return run_mim.parse_args([os.path.join(RECIPES, name + ".yaml"), "--output_dir", "/tmp/unused", "--use_cpu",
-                               *flags])
+    return run_mim.parse_args(
+        [os.path.join(RECIPES, name + ".yaml"), "--output_dir", "/tmp/unused", "--use_cpu", *flags]
+    )
 
 
 def _official_lr(t, lr, warmup_lr, min_lr, warmup_t, t_initial, schedule, milestones=(), gamma=0.1):
@@ -107,8 +216,17 @@ def test_recipe_builds_the_official_model(name):
     assert args.bf16 and args.dataloader_drop_last
     # the lead's preset of the same backbone agrees on the architecture
     preset = SimMIMConfig.from_preset(official["preset"]).backbone_config.to_dict()
-    for key in ("embed_dim", "depths", "num_heads", "window_size", "hidden_size", "num_hidden_layers",
-                "num_attention_heads", "intermediate_size", "patch_size"):
+    for key in (
+        "embed_dim",
+        "depths",
+        "num_heads",
+        "window_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "patch_size",
+    ):
         if key in official["model"]:
             assert preset[key] == backbone[key], key
 
@@ -138,23 +256,45 @@ def test_recipe_resolves_to_the_official_scaled_schedule(name, processes, accumu
     assert schedule.scheduler_type == train["schedule"]
     milestones = [m * steps_per_epoch for m in train.get("milestones", [])]
     assert list(schedule.milestones) == milestones
-    official = dict(lr=train["base_lr"] * scale, warmup_lr=train["warmup_lr"] * scale,
-                    min_lr=train["min_lr"] * scale, warmup_t=schedule.num_warmup_steps,
-                    t_initial=schedule.num_training_steps, schedule=train["schedule"], milestones=milestones,
-                    gamma=train.get("gamma", 0.1))
-    probes = [0, 1, schedule.num_warmup_steps // 2, schedule.num_warmup_steps, schedule.num_training_steps // 2,
-              schedule.num_training_steps - 1, *[m + d for m in milestones for d in (-1, 0, 1)]]
+    official = dict(
+        lr=train["base_lr"] * scale,
+        warmup_lr=train["warmup_lr"] * scale,
+        min_lr=train["min_lr"] * scale,
+        warmup_t=schedule.num_warmup_steps,
+        t_initial=schedule.num_training_steps,
+        schedule=train["schedule"],
+        milestones=milestones,
+        gamma=train.get("gamma", 0.1),
+    )
+    probes = [
+        0,
+        1,
+        schedule.num_warmup_steps // 2,
+        schedule.num_warmup_steps,
+        schedule.num_training_steps // 2,
+        schedule.num_training_steps - 1,
+        *[m + d for m in milestones for d in (-1, 0, 1)],
+    ]
     for step in probes:
-        ours = simmim_lr_at(step, schedule.learning_rate, schedule.num_training_steps, schedule.num_warmup_steps,
-                            schedule.warmup_learning_rate, schedule.min_learning_rate, schedule.scheduler_type,
-                            schedule.milestones, schedule.gamma)
+        ours = simmim_lr_at(
+            step,
+            schedule.learning_rate,
+            schedule.num_training_steps,
+            schedule.num_warmup_steps,
+            schedule.warmup_learning_rate,
+            schedule.min_learning_rate,
+            schedule.scheduler_type,
+            schedule.milestones,
+            schedule.gamma,
+        )
         assert ours == pytest.approx(_official_lr(step, **official), rel=1e-12), step
 
 
 @pytest.mark.parametrize("name", ["demo_swin_tiny_cpu", "demo_beit_tiny_cpu"])
 def test_demo_recipes_build_small_valid_models(name):
-    model_args, data_args, args, _ = run_mim.parse_args([os.path.join(RECIPES, name + ".yaml"),
-                                                         "--output_dir", "/tmp/unused"])
+    model_args, data_args, args, _ = run_mim.parse_args(
+        [os.path.join(RECIPES, name + ".yaml"), "--output_dir", "/tmp/unused"]
+    )
     config = run_mim.build_config(model_args)
     config.validate_geometry()
     with torch.device("meta"):

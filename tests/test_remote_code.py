@@ -50,18 +50,33 @@ def test_native_folders_ship_no_code(tmp_path):
     "build, auto_class, remote_class",
     [
         # transformers has no pixel-regression BEiT MIM class
-        (lambda: SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("beit_test", mask_patch_size=16)),
-         "AutoModelForMaskedImageModeling", "SimMIMBeitForMaskedImageModeling"),
+        (
+            lambda: SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("beit_test", mask_patch_size=16)),
+            "AutoModelForMaskedImageModeling",
+            "SimMIMBeitForMaskedImageModeling",
+        ),
         # Swin-L-like: a stage smaller than the window (transformers' Swin keeps the full window's bias table there)
-        (lambda: SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("swin_test", mask_patch_size=16, window_size=16)),
-         "AutoModelForMaskedImageModeling", "SimMIMForMaskedImageModeling"),
+        (
+            lambda: SimMIMForMaskedImageModeling(
+                SimMIMConfig.from_preset("swin_test", mask_patch_size=16, window_size=16)
+            ),
+            "AutoModelForMaskedImageModeling",
+            "SimMIMForMaskedImageModeling",
+        ),
         # a 3x3 decoder (transformers' MIM classes have the official 1x1 one)
-        (lambda: SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("swin_test", mask_patch_size=16,
-                                                                       decoder_kernel_size=3)),
-         "AutoModelForMaskedImageModeling", "SimMIMForMaskedImageModeling"),
+        (
+            lambda: SimMIMForMaskedImageModeling(
+                SimMIMConfig.from_preset("swin_test", mask_patch_size=16, decoder_kernel_size=3)
+            ),
+            "AutoModelForMaskedImageModeling",
+            "SimMIMForMaskedImageModeling",
+        ),
         # a mean-pooled plain ViT classifier (transformers' ViTForImageClassification pools the CLS token)
-        (lambda: SimMIMForImageClassification(SimMIMConfig.from_preset("vit_test", classifier_pooling="mean")),
-         "AutoModelForImageClassification", "SimMIMForImageClassification"),
+        (
+            lambda: SimMIMForImageClassification(SimMIMConfig.from_preset("vit_test", classifier_pooling="mean")),
+            "AutoModelForImageClassification",
+            "SimMIMForImageClassification",
+        ),
     ],
 )
 def test_folders_without_a_transformers_class_ship_only_the_model_core(tmp_path, build, auto_class, remote_class):
@@ -104,13 +119,22 @@ def test_remote_code_runs_with_torch_and_transformers_alone(tmp_path):
     torch.save({"pixel_values": pixel_values, "mask": mask}, tmp_path / "inputs.pt")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TRUST_REMOTE_CODE_TIMEOUT="0")
-    result = subprocess.run([sys.executable, "-I", "-c", REMOTE_LOADER, str(tmp_path)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", REMOTE_LOADER, str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
-    report = json.loads(last[last.index("{"):])  # after transformers' trust_remote_code prompt
+    report = json.loads(last[last.index("{") :])  # after transformers' trust_remote_code prompt
     assert report["refused"]  # never silently another model: BEiT has no native MIM class to fall back to
-    assert report["module"].startswith("transformers_modules") and report["class"] == "SimMIMBeitForMaskedImageModeling"
+    assert (
+        report["module"].startswith("transformers_modules") and report["class"] == "SimMIMBeitForMaskedImageModeling"
+    )
     assert report["heavy"] == []  # no timm, no weight transfer (SciPy) behind the model code
     outputs = torch.load(tmp_path / "outputs.pt")
     with torch.no_grad():
@@ -127,7 +151,9 @@ def test_push_to_hub_uploads_the_same_folder(tmp_path, monkeypatch):
     uploads = []
 
     def fake_upload(self, working_dir, repo_id, *args, **kwargs):
-        uploads.append((sorted(os.listdir(working_dir)), json.loads(open(os.path.join(working_dir, "config.json")).read())))
+        uploads.append(
+            (sorted(os.listdir(working_dir)), json.loads(open(os.path.join(working_dir, "config.json")).read()))
+        )
 
     monkeypatch.setattr(hub.PushToHubMixin, "_upload_modified_files", fake_upload)
 

@@ -25,18 +25,77 @@ from modeling_simmim import SimMIMConfig, SimMIMForMaskedImageModeling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
-COMMON = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--logging_steps", "1", "--seed", "3",
-          "--save_strategy", "steps", "--save_steps", "2", "--dataloader_num_workers", "0"]
+COMMON = [
+    "--use_cpu",
+    "--disable_tqdm",
+    "true",
+    "--report_to",
+    "none",
+    "--logging_steps",
+    "1",
+    "--seed",
+    "3",
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "2",
+    "--dataloader_num_workers",
+    "0",
+]
 # 12 images in batches of 4: 3 optimizer steps per epoch; 7 steps cross two epoch boundaries. Killed at the end of
 # step 5, a run restarts from checkpoint-4: in epoch 1, one batch into it (the mid-epoch skip path).
-PRETRAIN = [*COMMON, "--model_preset", "swin_test", "--mask_patch_size", "16", "--per_device_train_batch_size", "4",
-            "--max_train_samples", "12", "--max_eval_samples", "8", "--max_steps", "7", "--warmup_steps", "2",
-            "--base_learning_rate", "0.05", "--backbone_config_overrides", '{"drop_path_rate": 0.1}']
-FINETUNE = [*COMMON, "--image_size", "32", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
-            "--max_train_samples", "12", "--max_eval_samples", "8", "--max_steps", "7", "--warmup_steps", "2",
-            "--base_learning_rate", "1e-3", "--scale_learning_rate", "false", "--drop_path_rate", "0.1",
-            "--random_erasing", "0.5", "--eval_strategy", "steps", "--eval_steps", "2",
-            "--drop_empty_classes", "true"]  # 12 images do not cover the 10 digits
+PRETRAIN = [
+    *COMMON,
+    "--model_preset",
+    "swin_test",
+    "--mask_patch_size",
+    "16",
+    "--per_device_train_batch_size",
+    "4",
+    "--max_train_samples",
+    "12",
+    "--max_eval_samples",
+    "8",
+    "--max_steps",
+    "7",
+    "--warmup_steps",
+    "2",
+    "--base_learning_rate",
+    "0.05",
+    "--backbone_config_overrides",
+    '{"drop_path_rate": 0.1}',
+]
+FINETUNE = [
+    *COMMON,
+    "--image_size",
+    "32",
+    "--per_device_train_batch_size",
+    "4",
+    "--per_device_eval_batch_size",
+    "8",
+    "--max_train_samples",
+    "12",
+    "--max_eval_samples",
+    "8",
+    "--max_steps",
+    "7",
+    "--warmup_steps",
+    "2",
+    "--base_learning_rate",
+    "1e-3",
+    "--scale_learning_rate",
+    "false",
+    "--drop_path_rate",
+    "0.1",
+    "--random_erasing",
+    "0.5",
+    "--eval_strategy",
+    "steps",
+    "--eval_steps",
+    "2",
+    "--drop_empty_classes",
+    "true",
+]  # 12 images do not cover the 10 digits
 KILL_STEP, RESUMED_FROM = 5, "checkpoint-4"
 
 
@@ -51,8 +110,9 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mim")
-    SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("swin_test", image_size=32, mask_patch_size=16)) \
-        .save_pretrained(folder)
+    SimMIMForMaskedImageModeling(
+        SimMIMConfig.from_preset("swin_test", image_size=32, mask_patch_size=16)
+    ).save_pretrained(folder)
     return str(folder)
 
 
@@ -101,7 +161,7 @@ def _check_resumed(output_dir):
     with open(os.path.join(output_dir, "train_results.json")) as handle:
         train_loss = json.load(handle)["train_loss"]
     losses = [loss for _, loss in _losses(output_dir)]
-    assert train_loss == pytest.approx(sum(losses[KILL_STEP - 1:]) / (len(losses) - KILL_STEP + 1), rel=1e-6)
+    assert train_loss == pytest.approx(sum(losses[KILL_STEP - 1 :]) / (len(losses) - KILL_STEP + 1), rel=1e-6)
     assert train_loss != pytest.approx(sum(losses) / len(losses), rel=1e-6)
 
 
@@ -140,8 +200,9 @@ def test_finetuning_with_mixup_randaugment_and_erasing_is_reproducible_and_resum
     assert first["eval_accuracy"] == second["eval_accuracy"]
 
     killed = str(tmp_path / "killed")
-    _check_killed_run(killed, _killed_in_a_forked_child(run_image_classification.main,
-                                                        [*argv, "--output_dir", killed]))
+    _check_killed_run(
+        killed, _killed_in_a_forked_child(run_image_classification.main, [*argv, "--output_dir", killed])
+    )
     resumed = run("killed")
     _check_resumed(killed)
     _check_same_model(tmp_path / "first", killed)
@@ -150,11 +211,22 @@ def test_finetuning_with_mixup_randaugment_and_erasing_is_reproducible_and_resum
 
 # ---- slow: fresh interpreters, as a user runs them -----------------------------------------------------------------
 def _script(script, argv, kill=False):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+    }
     prefix = [os.path.join(HERE, "kill_at_step.py"), str(KILL_STEP)] if kill else []
-    return subprocess.run([sys.executable, *prefix, os.path.join(ROOT, script), *argv], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=1200)
+    return subprocess.run(
+        [sys.executable, *prefix, os.path.join(ROOT, script), *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=1200,
+    )
 
 
 @pytest.mark.slow
@@ -170,8 +242,10 @@ def test_fresh_processes_same_command_same_weights_and_exact_resume(tmp_path, sc
     result = _script(script, [*argv, "--output_dir", killed], kill=True)
     _check_killed_run(killed, result.returncode)
     # resumed with 2 persistent DataLoader workers: neither workers nor the resume change the data
-    result = _script(script, [*argv, "--output_dir", killed, "--dataloader_num_workers", "2",
-                              "--dataloader_persistent_workers", "true"])
+    result = _script(
+        script,
+        [*argv, "--output_dir", killed, "--dataloader_num_workers", "2", "--dataloader_persistent_workers", "true"],
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     _check_resumed(killed)
     _check_same_model(tmp_path / "first", killed)

@@ -16,9 +16,25 @@ import run_mim
 from modeling_simmim import SimMIMForMaskedImageModeling, simmim_lr_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--model_preset", "swin_test", "--mask_patch_size", "16", "--per_device_train_batch_size", "8",
-        "--per_device_eval_batch_size", "8", "--logging_steps", "1", "--save_strategy", "no", "--use_cpu",
-        "--disable_tqdm", "true", "--report_to", "none"]
+TINY = [
+    "--model_preset",
+    "swin_test",
+    "--mask_patch_size",
+    "16",
+    "--per_device_train_batch_size",
+    "8",
+    "--per_device_eval_batch_size",
+    "8",
+    "--logging_steps",
+    "1",
+    "--save_strategy",
+    "no",
+    "--use_cpu",
+    "--disable_tqdm",
+    "true",
+    "--report_to",
+    "none",
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -51,20 +67,34 @@ def test_help_lists_the_simmim_flags(capsys):
         run_mim.main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--model_type", "--backbone_config_overrides", "--mask_patch_size", "--train_dir", "--demo_dataset",
-                 "--base_learning_rate", "--warmup_epochs", "--lr_milestones", "--layer_decay", "--visualize_steps",
-                 "--max_grad_norm", "--resume_from_checkpoint"):
+    for flag in (
+        "--model_type",
+        "--backbone_config_overrides",
+        "--mask_patch_size",
+        "--train_dir",
+        "--demo_dataset",
+        "--base_learning_rate",
+        "--warmup_epochs",
+        "--lr_milestones",
+        "--layer_decay",
+        "--visualize_steps",
+        "--max_grad_norm",
+        "--resume_from_checkpoint",
+    ):
         assert flag in text, flag
 
 
 def test_recipe_values_are_defaults_and_flags_override_them(tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("model_type: swin\nimage_size: 96\nbackbone_config_overrides:\n  depths: [1, 1]\n"
-                      "  num_heads: [1, 2]\n  embed_dim: 16\nbase_learning_rate: 1e-4\n"
-                      "per_device_train_batch_size: 128\nlr_scheduler_type: multistep\nlr_milestones: [700]\n"
-                      "bf16: false\n")
+    recipe.write_text(
+        "model_type: swin\nimage_size: 96\nbackbone_config_overrides:\n  depths: [1, 1]\n"
+        "  num_heads: [1, 2]\n  embed_dim: 16\nbase_learning_rate: 1e-4\n"
+        "per_device_train_batch_size: 128\nlr_scheduler_type: multistep\nlr_milestones: [700]\n"
+        "bf16: false\n"
+    )
     model_args, data_args, args, explicit = run_mim.parse_args(
-        [str(recipe), "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "o")])
+        [str(recipe), "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "o")]
+    )
     assert args.per_device_train_batch_size == 4  # the flag wins
     assert args.base_learning_rate == 1e-4 and isinstance(args.base_learning_rate, float)  # YAML reads "1e-4" as str
     assert args.lr_milestones == [700] and args.lr_scheduler_type.value == "multistep"
@@ -128,12 +158,17 @@ def test_hflip_prob_reaches_the_training_transform(tmp_path, monkeypatch):
 
 def test_decoder_kernel_size_flag(tmp_path):
     """--decoder_kernel_size sets a new model's decoder; a saved model keeps its own (changing it is refused)."""
+
     def config(*argv):
         return run_mim.build_config(run_mim.parse_args([*argv, "--output_dir", str(tmp_path)])[0])
 
     assert config("--model_preset", "swin_test", "--mask_patch_size", "16").decoder_kernel_size == 1
-    assert config("--model_preset", "swin_test", "--mask_patch_size", "16",
-                  "--decoder_kernel_size", "3").decoder_kernel_size == 3
+    assert (
+        config(
+            "--model_preset", "swin_test", "--mask_patch_size", "16", "--decoder_kernel_size", "3"
+        ).decoder_kernel_size
+        == 3
+    )
     built = config("--model_type", "swin", "--image_size", "64", "--decoder_kernel_size", "3")
     assert built.decoder_kernel_size == 3
     SimMIMForMaskedImageModeling(built).save_pretrained(tmp_path / "k3")
@@ -149,12 +184,15 @@ def test_output_dir_is_checked_before_anything_runs(tmp_path):
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="exists, is not empty and has no checkpoint"):
         run_mim.main([*TINY, "--output_dir", str(tmp_path / "busy"), "--max_steps", "1"])
-    args = run_mim.parse_args(["--output_dir", str(tmp_path / "x"), "--resume_from_checkpoint", str(tmp_path / "no")])[2]
+    args = run_mim.parse_args(["--output_dir", str(tmp_path / "x"), "--resume_from_checkpoint", str(tmp_path / "no")])[
+        2
+    ]
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         run_mim.check_output_dir(args)
     (tmp_path / "busy" / "checkpoint-7").mkdir()  # empty: not resumable (tests/test_training_checkpoints.py)
-    args = run_mim.parse_args(["--output_dir", str(tmp_path / "x"), "--resume_from_checkpoint",
-                               str(tmp_path / "busy" / "checkpoint-7")])[2]
+    args = run_mim.parse_args(
+        ["--output_dir", str(tmp_path / "x"), "--resume_from_checkpoint", str(tmp_path / "busy" / "checkpoint-7")]
+    )[2]
     with pytest.raises(ValueError, match="checkpoint-7' is incomplete: empty folder"):
         run_mim.check_output_dir(args)
 
@@ -174,12 +212,36 @@ def test_runs_that_cannot_learn_fail_before_the_model_is_built(tmp_path, monkeyp
 
 # ---- end to end -------------------------------------------------------------------------------------------------
 def test_swin_end_to_end_writes_every_output(tmp_path):
-    output_dir, results = _run(tmp_path, "--max_steps", "4", "--visualize_steps", "2", "--warmup_steps", "1",
-                               "--max_train_samples", "32", "--max_eval_samples", "8", "--save_strategy", "steps",
-                               "--save_steps", "4", "--report_to", "tensorboard")
+    output_dir, results = _run(
+        tmp_path,
+        "--max_steps",
+        "4",
+        "--visualize_steps",
+        "2",
+        "--warmup_steps",
+        "1",
+        "--max_train_samples",
+        "32",
+        "--max_eval_samples",
+        "8",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "4",
+        "--report_to",
+        "tensorboard",
+    )
     files = set(os.listdir(output_dir))
-    assert {"model.safetensors", "config.json", "preprocessor_config.json", "trainer_state.json",
-            "all_results.json", "README.md", "reconstructions", "checkpoint-4"} <= files
+    assert {
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "trainer_state.json",
+        "all_results.json",
+        "README.md",
+        "reconstructions",
+        "checkpoint-4",
+    } <= files
     assert not any(name.endswith(".bin") and name != "training_args.bin" for name in files)  # safetensors only
     config = _json(os.path.join(output_dir, "config.json"))
     assert config["model_type"] == "swin" and config["architectures"] == ["SwinForMaskedImageModeling"]  # native
@@ -195,8 +257,12 @@ def test_swin_end_to_end_writes_every_output(tmp_path):
     assert all_results["num_skipped_images"] == 0 and results["eval_samples"] == 8
     assert "reconstructions/step_00004.png" in open(os.path.join(output_dir, "README.md")).read()
     # TensorBoard is a reporter: the grids went there too (the tag is in the event file)
-    events = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(output_dir, "runs"))
-              for name in names if name.startswith("events.out.tfevents")]
+    events = [
+        os.path.join(root, name)
+        for root, _, names in os.walk(os.path.join(output_dir, "runs"))
+        for name in names
+        if name.startswith("events.out.tfevents")
+    ]
     assert events and any(b"reconstructions" in open(path, "rb").read() for path in events)
 
     from transformers import AutoImageProcessor, AutoModelForMaskedImageModeling
@@ -211,11 +277,23 @@ def test_swin_end_to_end_writes_every_output(tmp_path):
 
 
 def test_beit_end_to_end(tmp_path):
-    output_dir, results = _run(tmp_path, "--model_preset", "beit_test", "--max_steps", "2", "--warmup_steps", "1",
-                               "--max_train_samples", "16", "--max_eval_samples", "8")
+    output_dir, results = _run(
+        tmp_path,
+        "--model_preset",
+        "beit_test",
+        "--max_steps",
+        "2",
+        "--warmup_steps",
+        "1",
+        "--max_train_samples",
+        "16",
+        "--max_eval_samples",
+        "8",
+    )
     config = _json(os.path.join(output_dir, "config.json"))
     assert config["model_type"] == "beit" and config["auto_map"]["AutoModelForMaskedImageModeling"].endswith(
-        "SimMIMBeitForMaskedImageModeling")  # transformers has no pixel-regression BEiT MIM class
+        "SimMIMBeitForMaskedImageModeling"
+    )  # transformers has no pixel-regression BEiT MIM class
     assert np.isfinite(results["train_loss"]) and np.isfinite(results["eval_loss"])
     assert os.listdir(os.path.join(output_dir, "reconstructions")) == ["step_00002.png"]
 
@@ -235,8 +313,18 @@ def test_unreadable_images_are_skipped_named_and_counted(tmp_path, caplog):
         Image.fromarray(rng.integers(0, 256, (70 + i, 90, 3), dtype=np.uint8)).convert(mode).save(folder / f"{i}.png")
     (tmp_path / "train" / "class0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     _truncated_jpeg(tmp_path / "train" / "class1" / "truncated.jpg")
-    common = ["--train_dir", str(tmp_path / "train"), "--per_device_train_batch_size", "3", "--max_steps", "3",
-              "--warmup_steps", "1", "--dataloader_num_workers", "0"]
+    common = [
+        "--train_dir",
+        str(tmp_path / "train"),
+        "--per_device_train_batch_size",
+        "3",
+        "--max_steps",
+        "3",
+        "--warmup_steps",
+        "1",
+        "--dataloader_num_workers",
+        "0",
+    ]
     # checked at load time (default): both dropped before training
     with caplog.at_level("WARNING"):
         _, results = _run(tmp_path, *common, name="verified")
@@ -246,8 +334,9 @@ def test_unreadable_images_are_skipped_named_and_counted(tmp_path, caplog):
     # one is counted (and named) once
     caplog.clear()
     with caplog.at_level("WARNING"):
-        output_dir, results = _run(tmp_path, *common, "--verify_images", "false", "--max_steps", "6",
-                                   name="unverified")
+        output_dir, results = _run(
+            tmp_path, *common, "--verify_images", "false", "--max_steps", "6", name="unverified"
+        )
     assert results["num_skipped_images"] == 2
     for name in ("broken.png", "truncated.jpg"):  # warned once by the reconstruction preview, once by training
         assert sum(name in record.getMessage() for record in caplog.records) == 2
@@ -261,23 +350,59 @@ def test_unreadable_images_are_skipped_named_and_counted(tmp_path, caplog):
 
 def test_loss_decreases_when_overfitting_a_handful_of_images(tmp_path):
     # 8 digits, 8 px mask blocks on 64 px images (an 8 x 8 grid of blocks), a small 2-stage Swin, 40 steps.
-    output_dir, _ = _run(tmp_path, "--model_type", "swin", "--image_size", "64", "--mask_patch_size", "8",
-                         "--backbone_config_overrides", '{"embed_dim": 32, "depths": [2, 2], "num_heads": [2, 4], '
-                         '"window_size": 4, "drop_path_rate": 0.0}',
-                         "--max_train_samples", "8", "--max_steps", "40", "--scale_learning_rate", "false",
-                         "--base_learning_rate", "3e-3", "--warmup_learning_rate", "1e-4", "--min_learning_rate",
-                         "1e-4", "--warmup_steps", "3", "--do_eval", "false")
+    output_dir, _ = _run(
+        tmp_path,
+        "--model_type",
+        "swin",
+        "--image_size",
+        "64",
+        "--mask_patch_size",
+        "8",
+        "--backbone_config_overrides",
+        '{"embed_dim": 32, "depths": [2, 2], "num_heads": [2, 4], "window_size": 4, "drop_path_rate": 0.0}',
+        "--max_train_samples",
+        "8",
+        "--max_steps",
+        "40",
+        "--scale_learning_rate",
+        "false",
+        "--base_learning_rate",
+        "3e-3",
+        "--warmup_learning_rate",
+        "1e-4",
+        "--min_learning_rate",
+        "1e-4",
+        "--warmup_steps",
+        "3",
+        "--do_eval",
+        "false",
+    )
     losses = [entry["loss"] for entry in _train_logs(output_dir)]
     assert len(losses) == 40
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
 
 
 def test_resume_continues_at_the_right_step_with_the_right_lr(tmp_path):
-    common = ["--max_train_samples", "16", "--max_steps", "6", "--warmup_steps", "2", "--base_learning_rate", "0.05",
-              "--do_eval", "false", "--save_strategy", "steps", "--save_steps", "3"]
+    common = [
+        "--max_train_samples",
+        "16",
+        "--max_steps",
+        "6",
+        "--warmup_steps",
+        "2",
+        "--base_learning_rate",
+        "0.05",
+        "--do_eval",
+        "false",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "3",
+    ]
     full_dir, _ = _run(tmp_path, *common, name="full")
-    resumed_dir, _ = _run(tmp_path, *common, "--resume_from_checkpoint", os.path.join(full_dir, "checkpoint-3"),
-                          name="resumed")
+    resumed_dir, _ = _run(
+        tmp_path, *common, "--resume_from_checkpoint", os.path.join(full_dir, "checkpoint-3"), name="resumed"
+    )
     full = {entry["step"]: entry for entry in _train_logs(full_dir)}
     resumed = {entry["step"]: entry for entry in _train_logs(resumed_dir)}
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # steps 1-3 come from the checkpoint's history
@@ -293,8 +418,13 @@ def test_resume_continues_at_the_right_step_with_the_right_lr(tmp_path):
 
 @pytest.mark.slow
 def test_help_in_a_fresh_process():
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "run_mim.py"), "--help"], capture_output=True,
-                            text=True, cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "run_mim.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert result.returncode == 0 and "--base_learning_rate" in result.stdout
 
 
@@ -303,26 +433,56 @@ def test_two_processes_scale_the_lr_by_the_world_size(tmp_path):
     """torchrun with 2 CPU processes (gloo): total batch = 2 x per-device batch, lr scaled accordingly."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     output_dir = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", os.path.join(ROOT, "run_mim.py"),
-               *TINY, "--per_device_train_batch_size", "4", "--output_dir", str(output_dir), "--max_steps", "3",
-               "--warmup_steps", "1", "--max_train_samples", "32", "--max_eval_samples", "8",
-               "--base_learning_rate", "0.5"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        os.path.join(ROOT, "run_mim.py"),
+        *TINY,
+        "--per_device_train_batch_size",
+        "4",
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        "3",
+        "--warmup_steps",
+        "1",
+        "--max_train_samples",
+        "32",
+        "--max_eval_samples",
+        "8",
+        "--base_learning_rate",
+        "0.5",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     logs = _train_logs(str(output_dir))
     assert logs[-1]["epoch"] == pytest.approx(0.75)  # 32 images / (4 x 2) = 4 steps per epoch
-    assert logs[1]["learning_rate"] == pytest.approx(simmim_lr_at(1, 0.5 * 8 / 512, 3, 1, 1e-6 * 8 / 512,
-                                                                  1e-5 * 8 / 512))
+    assert logs[1]["learning_rate"] == pytest.approx(
+        simmim_lr_at(1, 0.5 * 8 / 512, 3, 1, 1e-6 * 8 / 512, 1e-5 * 8 / 512)
+    )
 
 
 @pytest.mark.slow
 def test_demo_recipe_end_to_end(tmp_path):
     """The README's command 1 (make demo): the tiny Swin demo recipe on the bundled digits."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "run_mim.py"),
-                             os.path.join(ROOT, "configs/pretrain/demo_swin_tiny_cpu.yaml"),
-                             "--output_dir", str(tmp_path / "demo")], capture_output=True, text=True, cwd=ROOT,
-                            env=env, timeout=1800)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "run_mim.py"),
+            os.path.join(ROOT, "configs/pretrain/demo_swin_tiny_cpu.yaml"),
+            "--output_dir",
+            str(tmp_path / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=1800,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Reconstructions in" in result.stdout
     logs = _train_logs(str(tmp_path / "demo"))

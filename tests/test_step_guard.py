@@ -42,13 +42,28 @@ def _trainer(tmp_path, images=None, callbacks=(), eval_images=0, **overrides):
         images = [torch.randn(3, 64, 64) for _ in range(IMAGES)]
     masks = IndexSeededMasks(generator, seed=0)
     evaluation = [{"pixel_values": torch.randn(3, 64, 64), **masks(i, {})} for i in range(eval_images)] or None
-    values = dict(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, report_to="none", logging_steps=1,
-                  save_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, warmup_steps=1,
-                  base_learning_rate=0.05, do_eval=False)
+    values = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=BATCH,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        warmup_steps=1,
+        base_learning_rate=0.05,
+        do_eval=False,
+    )
     values.update(overrides)
-    return SimMIMTrainer(model=SimMIMForMaskedImageModeling(config), args=SimMIMTrainingArguments(**values),
-                         train_dataset=[{"pixel_values": image} for image in images], eval_dataset=evaluation,
-                         data_collator=PretrainCollator(SimMIMDataCollator(generator)), callbacks=list(callbacks))
+    return SimMIMTrainer(
+        model=SimMIMForMaskedImageModeling(config),
+        args=SimMIMTrainingArguments(**values),
+        train_dataset=[{"pixel_values": image} for image in images],
+        eval_dataset=evaluation,
+        data_collator=PretrainCollator(SimMIMDataCollator(generator)),
+        callbacks=list(callbacks),
+    )
 
 
 def _train_logs(trainer):
@@ -76,10 +91,15 @@ class _Snapshots(TrainerCallback):
 
 def _same(first, second):
     (weights_a, moments_a), (weights_b, moments_b) = first, second
-    if any(not torch.equal(weights_a[name], weights_b[name]) for name in weights_a) or len(moments_a) != len(moments_b):
+    if any(not torch.equal(weights_a[name], weights_b[name]) for name in weights_a) or len(moments_a) != len(
+        moments_b
+    ):
         return False
-    return all(torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key]))
-               for a, b in zip(moments_a, moments_b) for key in a)
+    return all(
+        torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key]))
+        for a, b in zip(moments_a, moments_b)
+        for key in a
+    )
 
 
 def test_a_nan_pixel_skips_that_update_only_and_is_counted_and_logged_honestly(tmp_path, caplog):
@@ -108,8 +128,9 @@ def test_a_nan_pixel_skips_that_update_only_and_is_counted_and_logged_honestly(t
 @pytest.mark.parametrize("max_grad_norm", [5.0, 0.0])
 def test_an_infinite_gradient_with_a_finite_loss_is_caught_with_or_without_clipping(tmp_path, max_grad_norm):
     trainer = _trainer(tmp_path, max_steps=3, max_grad_norm=max_grad_norm, max_nonfinite_steps=2)
-    parameter = trainer.model.decoder[0].weight if hasattr(trainer.model, "decoder") else \
-        next(trainer.model.parameters())
+    parameter = (
+        trainer.model.decoder[0].weight if hasattr(trainer.model, "decoder") else next(trainer.model.parameters())
+    )
     parameter.register_hook(lambda grad: grad * float("inf"))
     with pytest.raises(NonFiniteTrainingError) as error:
         trainer.train()
@@ -123,8 +144,11 @@ def test_a_diverging_run_stops_naming_step_lr_and_grad_norm_and_saves_nothing(tm
     nan_images = [torch.full((3, 64, 64), float("nan")) for _ in range(IMAGES)]
     trainer = _trainer(tmp_path, nan_images, max_steps=8, max_nonfinite_steps=3)
     start = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-    with pytest.raises(NonFiniteTrainingError, match=r"3 optimizer steps in a row .* step 3, lr [0-9.e+-]+, "
-                                                     r"loss nan, grad norm nan\. The weights are those of step 0"):
+    with pytest.raises(
+        NonFiniteTrainingError,
+        match=r"3 optimizer steps in a row .* step 3, lr [0-9.e+-]+, "
+        r"loss nan, grad norm nan\. The weights are those of step 0",
+    ):
         train_and_evaluate(trainer, trainer.train_dataset, None, do_train=True, save_model=True)
     assert all(torch.equal(start[name], p) for name, p in trainer.model.named_parameters())
     assert not os.path.exists(tmp_path / "model.safetensors")
@@ -169,8 +193,11 @@ def test_a_stop_signal_saves_at_the_next_step_boundary_and_exits_143(tmp_path, s
     signaller = _SignalAt(3, signum)
     try:
         # 4 steps per epoch: the stop at step 4 is also an epoch end, where the epoch strategy would save and evaluate
-        schedule = {"save_strategy": "no", "eval_strategy": "steps", "eval_steps": 4} if strategy == "steps" else \
-            {"save_strategy": "epoch", "eval_strategy": "epoch"}
+        schedule = (
+            {"save_strategy": "no", "eval_strategy": "steps", "eval_steps": 4}
+            if strategy == "steps"
+            else {"save_strategy": "epoch", "eval_strategy": "epoch"}
+        )
         trainer = _trainer(tmp_path, callbacks=[signaller], max_steps=8, eval_images=4, **schedule)
         with pytest.raises(SystemExit) as exit_info:
             train_and_evaluate(trainer, trainer.train_dataset, None, do_train=True, save_model=True)

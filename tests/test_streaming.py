@@ -29,9 +29,26 @@ from modeling_simmim.data import (
 )
 from modeling_simmim.masking import SimMIMMaskGenerator
 
-TINY_STREAM = ["--model_preset", "swin_test", "--mask_patch_size", "16", "--logging_steps", "1", "--disable_tqdm",
-               "true", "--report_to", "none", "--use_cpu", "true", "--seed", "0", "--dataset_name", "webdataset",
-               "--streaming", "true"]
+TINY_STREAM = [
+    "--model_preset",
+    "swin_test",
+    "--mask_patch_size",
+    "16",
+    "--logging_steps",
+    "1",
+    "--disable_tqdm",
+    "true",
+    "--report_to",
+    "none",
+    "--use_cpu",
+    "true",
+    "--seed",
+    "0",
+    "--dataset_name",
+    "webdataset",
+    "--streaming",
+    "true",
+]
 
 
 def write_shards(folder, num_shards: int, per_shard: int, corrupt: tuple[str, ...] = ()) -> list[str]:
@@ -46,8 +63,10 @@ def write_shards(folder, num_shards: int, per_shard: int, corrupt: tuple[str, ..
                 key = f"s{shard}_{item:03d}"
                 buffer = io.BytesIO()
                 Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buffer, "PNG")
-                members = {"png": b"not an image" if key in corrupt else buffer.getvalue(),
-                           "cls": str(item % 3).encode()}
+                members = {
+                    "png": b"not an image" if key in corrupt else buffer.getvalue(),
+                    "cls": str(item % 3).encode(),
+                }
                 for extension, data in members.items():
                     info = tarfile.TarInfo(f"{key}.{extension}")
                     info.size = len(data)
@@ -59,16 +78,23 @@ def write_shards(folder, num_shards: int, per_shard: int, corrupt: tuple[str, ..
 def _streaming_dataset(folder, on_bad_image="skip", shuffle_buffer_size=0) -> StreamingImageDataset:
     loaded = load_image_datasets(dataset_name="webdataset", data_files=os.path.join(folder, "*.tar"), streaming=True)
     assert loaded.image_column == "png"
-    return StreamingImageDataset(loaded.datasets["train"], loaded.image_column, build_pretrain_transform(32),
-                                 on_bad_image=on_bad_image, keyed_fn=KeyedMasks(SimMIMMaskGenerator(32, 16, 4, 0.6)),
-                                 shuffle_buffer_size=shuffle_buffer_size)
+    return StreamingImageDataset(
+        loaded.datasets["train"],
+        loaded.image_column,
+        build_pretrain_transform(32),
+        on_bad_image=on_bad_image,
+        keyed_fn=KeyedMasks(SimMIMMaskGenerator(32, 16, 4, 0.6)),
+        shuffle_buffer_size=shuffle_buffer_size,
+    )
 
 
 def _examples(dataset, num_workers: int = 0) -> dict[str, dict]:
     """name -> example, read through a DataLoader with `num_workers` workers (names from the keyed index)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)
-    return {str(example.index if isinstance(example, UnreadableImage) else example["example_key"].index): example
-            for example in loader}
+    return {
+        str(example.index if isinstance(example, UnreadableImage) else example["example_key"].index): example
+        for example in loader
+    }
 
 
 def test_processes_and_workers_read_every_example_once_with_the_same_randomness(tmp_path):
@@ -125,8 +151,9 @@ def test_stream_arguments_that_cannot_work_fail_before_loading(tmp_path):
     with pytest.raises(ValueError, match="--warmup_steps"):
         run_mim.main([*TINY_STREAM, *files, "--max_steps", "2", *out])
     with pytest.raises(ValueError, match="--save_strategy epoch"):
-        run_mim.main([*TINY_STREAM, *files, "--max_steps", "2", "--warmup_steps", "1", "--save_strategy", "epoch",
-                      *out])
+        run_mim.main(
+            [*TINY_STREAM, *files, "--max_steps", "2", "--warmup_steps", "1", "--save_strategy", "epoch", *out]
+        )
     with pytest.raises(ValueError, match="--streaming reads --dataset_name"):
         run_mim.main([*TINY_STREAM[:-4], "--streaming", "true", "--max_steps", "2", "--warmup_steps", "1", *out])
     with pytest.raises(ValueError, match="--train_val_split"):
@@ -144,9 +171,25 @@ def test_streamed_pretraining_runs_one_process(tmp_path):
     member once, saves the model and a reconstruction of the stream's first images."""
     write_shards(tmp_path / "shards", 2, 3, corrupt=("s0_002",))
     out = str(tmp_path / "out")
-    results = run_mim.main([*TINY_STREAM, "--data_files", str(tmp_path / "shards" / "*.tar"), "--max_steps", "4",
-                            "--warmup_steps", "1", "--per_device_train_batch_size", "2", "--save_strategy", "no",
-                            "--torch_num_threads", "1", "--output_dir", out])
+    results = run_mim.main(
+        [
+            *TINY_STREAM,
+            "--data_files",
+            str(tmp_path / "shards" / "*.tar"),
+            "--max_steps",
+            "4",
+            "--warmup_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "2",
+            "--save_strategy",
+            "no",
+            "--torch_num_threads",
+            "1",
+            "--output_dir",
+            out,
+        ]
+    )
     assert results["num_skipped_images"] == 1 and results["epoch"] > 1
     assert "train_samples" not in results
     assert os.path.isfile(os.path.join(out, "model.safetensors"))
@@ -166,13 +209,27 @@ def test_two_processes_stream_tar_shards_each_example_once_per_epoch(tmp_path):
     probe = tmp_path / "probe"
     # 12 examples per process, 6 per worker: 3 full batches per worker, 6 optimizer steps per epoch; 8 steps cross
     # into the second epoch.
-    args = [*TINY_STREAM, "--data_files", str(tmp_path / "shards" / "*.tar"), "--max_steps", "8", "--warmup_steps",
-            "1", "--per_device_train_batch_size", "2", "--dataloader_num_workers", "2", "--save_strategy", "no",
-            "--output_dir", out]
+    args = [
+        *TINY_STREAM,
+        "--data_files",
+        str(tmp_path / "shards" / "*.tar"),
+        "--max_steps",
+        "8",
+        "--warmup_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "2",
+        "--dataloader_num_workers",
+        "2",
+        "--save_strategy",
+        "no",
+        "--output_dir",
+        out,
+    ]
     launch("accelerate", 2, "run_mim.py", args, probe)
     seen = collections.defaultdict(list)  # (rank, epoch) -> names
     for path in glob.glob(str(probe / "stream_rank*_pid*.txt")):
-        rank = int(os.path.basename(path).split("_")[1][len("rank"):])
+        rank = int(os.path.basename(path).split("_")[1][len("rank") :])
         with open(path, encoding="utf-8") as handle:
             for line in handle:
                 epoch, name = line.rstrip("\n").split("\t")
@@ -192,15 +249,20 @@ def test_streamed_validation_split_is_its_first_examples_in_memory():
     from modeling_simmim.data import LoadedImageData
 
     rows = datasets.Dataset.from_dict({"image": [f"img{i}.png" for i in range(5)]})
-    streams = datasets.IterableDatasetDict({"validation": rows.to_iterable_dataset(),
-                                            "extra": rows.to_iterable_dataset()})
+    streams = datasets.IterableDatasetDict(
+        {"validation": rows.to_iterable_dataset(), "extra": rows.to_iterable_dataset()}
+    )
     loaded = LoadedImageData(streams, "image", None, "test")
     args = run_mim.parse_args(["--output_dir", "unused", "--max_eval_samples", "3"])
     run_mim.materialize_streamed_splits(loaded, args[1], args[2])
-    assert list(loaded.datasets) == ["validation"] and loaded.datasets["validation"]["image"] == ["img0.png",
-                                                                                              "img1.png", "img2.png"]
-    loaded = LoadedImageData(datasets.IterableDatasetDict({"validation": rows.to_iterable_dataset()}), "image", None,
-                             "test")
+    assert list(loaded.datasets) == ["validation"] and loaded.datasets["validation"]["image"] == [
+        "img0.png",
+        "img1.png",
+        "img2.png",
+    ]
+    loaded = LoadedImageData(
+        datasets.IterableDatasetDict({"validation": rows.to_iterable_dataset()}), "image", None, "test"
+    )
     args = run_mim.parse_args(["--output_dir", "unused"])
     with pytest.raises(ValueError, match="--max_eval_samples"):
         run_mim.materialize_streamed_splits(loaded, args[1], args[2])
@@ -236,8 +298,9 @@ def test_stream_loader_resumes_every_position_in_the_uninterrupted_order(tmp_pat
     stream = _streaming_dataset(tmp_path, shuffle_buffer_size=3).for_process(seed=1, rank=0, world_size=1)
 
     def loader():
-        return StreamDataLoader(stream, collate_fn=_names_collator, batch_size=2, num_workers=num_workers,
-                                drop_last=True)
+        return StreamDataLoader(
+            stream, collate_fn=_names_collator, batch_size=2, num_workers=num_workers, drop_last=True
+        )
 
     reference = _stream_batches(loader(), 1)
     following = _stream_batches(loader(), 2)
@@ -271,8 +334,7 @@ def test_stream_position_refuses_another_launch(tmp_path):
 
 def _run_logs(output_dir):
     with open(os.path.join(output_dir, "trainer_state.json"), encoding="utf-8") as handle:
-        return [(entry["step"], entry["loss"]) for entry in json.load(handle)["log_history"]
-                if "loss" in entry]
+        return [(entry["step"], entry["loss"]) for entry in json.load(handle)["log_history"] if "loss" in entry]
 
 
 def test_streamed_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
@@ -300,10 +362,31 @@ def test_streamed_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupt
         return process.exitcode
 
     write_shards(tmp_path / "shards", 3, 4)
-    argv = [*TINY_STREAM, "--data_files", str(tmp_path / "shards" / "*.tar"), "--max_steps", "10", "--warmup_steps",
-            "2", "--per_device_train_batch_size", "2", "--dataloader_num_workers", "2", "--shuffle_buffer_size", "3",
-            "--save_strategy", "steps", "--save_steps", "3", "--torch_num_threads", "1", "--base_learning_rate",
-            "0.05", "--backbone_config_overrides", '{"drop_path_rate": 0.1}']
+    argv = [
+        *TINY_STREAM,
+        "--data_files",
+        str(tmp_path / "shards" / "*.tar"),
+        "--max_steps",
+        "10",
+        "--warmup_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--dataloader_num_workers",
+        "2",
+        "--shuffle_buffer_size",
+        "3",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "3",
+        "--torch_num_threads",
+        "1",
+        "--base_learning_rate",
+        "0.05",
+        "--backbone_config_overrides",
+        '{"drop_path_rate": 0.1}',
+    ]
     reference = str(tmp_path / "reference")
     run_mim.main([*argv, "--output_dir", reference])
     for kill_step, resumed_from in ((7, "checkpoint-6"), (10, "checkpoint-9")):
@@ -311,8 +394,10 @@ def test_streamed_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupt
         assert killed_at(kill_step, killed) == -9  # SIGKILL
         assert max(os.listdir(killed), key=lambda name: (name.startswith("checkpoint-"), name)) == resumed_from
         run_mim.main([*argv, "--output_dir", killed])
-        _assert_bitwise_equal(load_file(os.path.join(reference, "model.safetensors")),
-                              load_file(os.path.join(killed, "model.safetensors")))
+        _assert_bitwise_equal(
+            load_file(os.path.join(reference, "model.safetensors")),
+            load_file(os.path.join(killed, "model.safetensors")),
+        )
         assert _run_logs(killed) == _run_logs(reference) and len(_run_logs(reference)) == 10
 
 
@@ -330,9 +415,27 @@ def test_two_processes_resume_a_stream_exactly(tmp_path):
 
     write_shards(tmp_path / "shards", 10, 3)
     whole = str(tmp_path / "whole")
-    args = [*TINY_STREAM, "--data_files", str(tmp_path / "shards" / "*.tar"), "--max_steps", "12", "--warmup_steps",
-            "2", "--per_device_train_batch_size", "2", "--dataloader_num_workers", "2", "--shuffle_buffer_size", "4",
-            "--save_strategy", "steps", "--save_steps", "5", "--base_learning_rate", "0.05"]
+    args = [
+        *TINY_STREAM,
+        "--data_files",
+        str(tmp_path / "shards" / "*.tar"),
+        "--max_steps",
+        "12",
+        "--warmup_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--dataloader_num_workers",
+        "2",
+        "--shuffle_buffer_size",
+        "4",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "5",
+        "--base_learning_rate",
+        "0.05",
+    ]
     launch("accelerate", 2, "run_mim.py", [*args, "--output_dir", whole], tmp_path / "probe_whole")
     for rank in (0, 1):
         position = json.load(open(os.path.join(whole, "checkpoint-10", f"stream_state_{rank}.json"), encoding="utf-8"))
@@ -341,6 +444,7 @@ def test_two_processes_resume_a_stream_exactly(tmp_path):
     os.makedirs(resumed)
     shutil.copytree(os.path.join(whole, "checkpoint-10"), os.path.join(resumed, "checkpoint-10"))
     launch("accelerate", 2, "run_mim.py", [*args, "--output_dir", resumed], tmp_path / "probe_resumed")
-    _assert_bitwise_equal(load_file(os.path.join(whole, "model.safetensors")),
-                          load_file(os.path.join(resumed, "model.safetensors")))
+    _assert_bitwise_equal(
+        load_file(os.path.join(whole, "model.safetensors")), load_file(os.path.join(resumed, "model.safetensors"))
+    )
     assert _run_logs(resumed) == _run_logs(whole) and len(_run_logs(whole)) == 12

@@ -1,7 +1,6 @@
 """SimMIMTrainer / SimMIMTrainingArguments: official lr scaling and schedules, logging of lr / grad norm / images per
 second, layer decay, deterministic evaluation, model card."""
 
-
 import pytest
 import torch
 
@@ -35,9 +34,17 @@ def _one_thread():
 
 
 def _args(tmp_path, **overrides):
-    values = dict(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, per_device_eval_batch_size=8,
-                  report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True, use_cpu=True,
-                  dataloader_num_workers=0)
+    values = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=BATCH,
+        per_device_eval_batch_size=8,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_num_workers=0,
+    )
     values.update(overrides)
     return SimMIMTrainingArguments(**values)
 
@@ -49,9 +56,13 @@ def _trainer(tmp_path, eval_images=0, **overrides):
     train = [{"pixel_values": torch.randn(3, 64, 64)} for _ in range(IMAGES)]
     masks = IndexSeededMasks(generator, seed=0)
     evaluation = [{"pixel_values": torch.randn(3, 64, 64), **masks(i, {})} for i in range(eval_images)] or None
-    return SimMIMTrainer(model=SimMIMForMaskedImageModeling(config), args=_args(tmp_path, **overrides),
-                         train_dataset=train, eval_dataset=evaluation,
-                         data_collator=PretrainCollator(SimMIMDataCollator(generator)))
+    return SimMIMTrainer(
+        model=SimMIMForMaskedImageModeling(config),
+        args=_args(tmp_path, **overrides),
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=PretrainCollator(SimMIMDataCollator(generator)),
+    )
 
 
 def _train_logs(trainer):
@@ -84,20 +95,23 @@ def test_arguments_reject_what_cannot_work(tmp_path):
         args.resolve_schedule(total_batch_size=8, num_update_steps_per_epoch=10)
 
 
-@pytest.mark.parametrize(("flag", "value", "message"), [
-    ("base_learning_rate", 0.0, "--base_learning_rate must be > 0"),
-    ("base_learning_rate", -1e-4, "--base_learning_rate must be > 0"),
-    ("per_device_train_batch_size", 0, "--per_device_train_batch_size must be > 0"),
-    ("per_device_eval_batch_size", 0, "--per_device_eval_batch_size must be > 0"),
-    ("gradient_accumulation_steps", 0, "--gradient_accumulation_steps must be > 0"),
-    ("num_train_epochs", -1.0, "--num_train_epochs must be >= 0"),
-    ("num_train_epochs", 0.0, "trains 0 steps"),
-    ("max_steps", -5, "--max_steps must be > 0"),
-    ("warmup_epochs", -1.0, "--warmup_epochs must be >= 0"),
-    ("min_learning_rate", -1e-6, "--min_learning_rate must be >= 0"),
-    ("lr_gamma", 0.0, "--lr_gamma must be > 0"),
-    ("dataloader_num_workers", -1, "--dataloader_num_workers must be >= 0"),
-])
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("base_learning_rate", 0.0, "--base_learning_rate must be > 0"),
+        ("base_learning_rate", -1e-4, "--base_learning_rate must be > 0"),
+        ("per_device_train_batch_size", 0, "--per_device_train_batch_size must be > 0"),
+        ("per_device_eval_batch_size", 0, "--per_device_eval_batch_size must be > 0"),
+        ("gradient_accumulation_steps", 0, "--gradient_accumulation_steps must be > 0"),
+        ("num_train_epochs", -1.0, "--num_train_epochs must be >= 0"),
+        ("num_train_epochs", 0.0, "trains 0 steps"),
+        ("max_steps", -5, "--max_steps must be > 0"),
+        ("warmup_epochs", -1.0, "--warmup_epochs must be >= 0"),
+        ("min_learning_rate", -1e-6, "--min_learning_rate must be >= 0"),
+        ("lr_gamma", 0.0, "--lr_gamma must be > 0"),
+        ("dataloader_num_workers", -1, "--dataloader_num_workers must be >= 0"),
+    ],
+)
 def test_arguments_that_cannot_train_fail_at_parse_time(tmp_path, flag, value, message):
     with pytest.raises(ValueError, match=message):
         _args(tmp_path, **{flag: value})
@@ -113,8 +127,11 @@ def test_too_few_images_for_one_optimizer_step_fail_with_what_to_change(tmp_path
     from modeling_simmim.trainer import check_training_data_size
 
     args = _args(tmp_path, per_device_train_batch_size=16)
-    with pytest.raises(ValueError, match=r"Only 12 training images: fewer than one global batch \(16 per process = 16\).*"
-                                         r"Lower --per_device_train_batch_size to at most 12.*--dataloader_drop_last false"):
+    with pytest.raises(
+        ValueError,
+        match=r"Only 12 training images: fewer than one global batch \(16 per process = 16\).*"
+        r"Lower --per_device_train_batch_size to at most 12.*--dataloader_drop_last false",
+    ):
         check_training_data_size(12, args)
     with pytest.raises(ValueError, match=r"\(Mixup/CutMix needs full batches\)"):
         check_training_data_size(12, args, "Mixup/CutMix")
@@ -124,8 +141,11 @@ def test_too_few_images_for_one_optimizer_step_fail_with_what_to_change(tmp_path
     check_training_data_size(12, _args(tmp_path, per_device_train_batch_size=16, dataloader_drop_last=False))
     # Gradient accumulation: the sampler keeps whole global batches (8 x 4 = 32 images per optimizer step).
     accumulating = _args(tmp_path, per_device_train_batch_size=8, gradient_accumulation_steps=4)
-    with pytest.raises(ValueError, match=r"Only 20 training images: fewer than one global batch \(8 per process x 4 "
-                                         r"accumulation steps = 32\).*at most 5 or accumulate fewer steps"):
+    with pytest.raises(
+        ValueError,
+        match=r"Only 20 training images: fewer than one global batch \(8 per process x 4 "
+        r"accumulation steps = 32\).*at most 5 or accumulate fewer steps",
+    ):
         check_training_data_size(20, accumulating)
     check_training_data_size(32, accumulating)
 
@@ -137,8 +157,15 @@ def test_scheduler_without_an_optimizer_says_what_to_do(tmp_path):
 
 def test_schedule_resolution_scales_lrs_by_total_batch_and_counts_epochs_in_steps(tmp_path):
     # Official Swin-B 100 ep at 128 images x 16 GPUs, ImageNet-1K (1,281,167 images, drop_last): 625 steps/epoch.
-    args = _args(tmp_path, base_learning_rate=2e-4, warmup_learning_rate=1e-6, min_learning_rate=1e-5,
-                 warmup_epochs=10, num_train_epochs=100, per_device_train_batch_size=128)
+    args = _args(
+        tmp_path,
+        base_learning_rate=2e-4,
+        warmup_learning_rate=1e-6,
+        min_learning_rate=1e-5,
+        warmup_epochs=10,
+        num_train_epochs=100,
+        per_device_train_batch_size=128,
+    )
     schedule = args.resolve_schedule(total_batch_size=128 * 16, num_update_steps_per_epoch=1281167 // 2048)
     assert schedule.learning_rate == pytest.approx(8e-4)
     assert schedule.warmup_learning_rate == pytest.approx(4e-6)
@@ -157,14 +184,28 @@ def test_schedule_resolution_scales_lrs_by_total_batch_and_counts_epochs_in_step
 
 # ---- training loop -------------------------------------------------------------------------------------------------
 def _expected_lr(schedule: SimMIMSchedule, step: int) -> float:
-    return simmim_lr_at(step, schedule.learning_rate, schedule.num_training_steps, schedule.num_warmup_steps,
-                        schedule.warmup_learning_rate, schedule.min_learning_rate, schedule.scheduler_type,
-                        schedule.milestones, schedule.gamma)
+    return simmim_lr_at(
+        step,
+        schedule.learning_rate,
+        schedule.num_training_steps,
+        schedule.num_warmup_steps,
+        schedule.warmup_learning_rate,
+        schedule.min_learning_rate,
+        schedule.scheduler_type,
+        schedule.milestones,
+        schedule.gamma,
+    )
 
 
 def test_cosine_lr_logged_every_step_equals_the_official_formula(tmp_path):
-    trainer = _trainer(tmp_path, num_train_epochs=3, warmup_epochs=1, base_learning_rate=0.05,
-                       warmup_learning_rate=1e-3, min_learning_rate=5e-3)
+    trainer = _trainer(
+        tmp_path,
+        num_train_epochs=3,
+        warmup_epochs=1,
+        base_learning_rate=0.05,
+        warmup_learning_rate=1e-3,
+        min_learning_rate=5e-3,
+    )
     logs = _train_logs(trainer)
     schedule = trainer.schedule
     scale = IMAGES // (IMAGES // BATCH) / 512
@@ -180,8 +221,16 @@ def test_cosine_lr_logged_every_step_equals_the_official_formula(tmp_path):
 
 
 def test_multistep_lr_decays_at_the_milestone_epochs(tmp_path):
-    trainer = _trainer(tmp_path, num_train_epochs=3, warmup_epochs=1, lr_scheduler_type="multistep",
-                       lr_milestones=[2], lr_gamma=0.1, base_learning_rate=0.05, warmup_learning_rate=1e-3)
+    trainer = _trainer(
+        tmp_path,
+        num_train_epochs=3,
+        warmup_epochs=1,
+        lr_scheduler_type="multistep",
+        lr_milestones=[2],
+        lr_gamma=0.1,
+        base_learning_rate=0.05,
+        warmup_learning_rate=1e-3,
+    )
     logs = _train_logs(trainer)
     assert trainer.schedule.milestones == (8,)
     peak = trainer.schedule.learning_rate
@@ -219,8 +268,12 @@ def test_extra_weight_decay_exclusions_reach_the_optimizer(tmp_path):
     def table_decay(trainer):
         trainer.create_optimizer()
         tables = [p for n, p in trainer.model.named_parameters() if "relative_position_bias_table" in n]
-        return {g["weight_decay"] for g in trainer.optimizer.param_groups
-                for p in g["params"] if any(p is table for table in tables)}
+        return {
+            g["weight_decay"]
+            for g in trainer.optimizer.param_groups
+            for p in g["params"]
+            if any(p is table for table in tables)
+        }
 
     assert table_decay(_trainer(tmp_path, max_steps=1)) == {0.05}  # official pretraining decays the tables
     excluded = _trainer(tmp_path, max_steps=1, no_weight_decay_keywords=["relative_position_bias_table"])
@@ -265,13 +318,31 @@ def test_throughput_excludes_evaluation_and_saving_time(monkeypatch):
 def test_model_card_lists_recipe_data_steps_loss_and_reconstruction():
     config = SimMIMConfig.from_preset("swin_test", mask_patch_size=16)
     schedule = SimMIMSchedule("cosine", 64, 22, 132, 22, 2.5e-4, 1.25e-6, 1.25e-5)
-    card = render_model_card("me/simmim-demo", config=config, recipe={"base_learning_rate": 2e-3, "depths": [2, 2]},
-                             data="bundled demo dataset 'digits'", global_step=132, epoch=6.0, final_loss=0.41234,
-                             eval_loss=0.4, schedule=schedule, reconstruction="reconstructions/step_00132.png",
-                             dataset_id="digits")
+    card = render_model_card(
+        "me/simmim-demo",
+        config=config,
+        recipe={"base_learning_rate": 2e-3, "depths": [2, 2]},
+        data="bundled demo dataset 'digits'",
+        global_step=132,
+        epoch=6.0,
+        final_loss=0.41234,
+        eval_loss=0.4,
+        schedule=schedule,
+        reconstruction="reconstructions/step_00132.png",
+        dataset_id="digits",
+    )
     assert card.startswith("---\nlibrary_name: transformers\n")
-    for text in ("- simmim", "# me/simmim-demo", "swin backbone at 64x64 px", "| optimizer steps | 132 |",
-                 "| final training loss | 0.4123 |", "bundled demo dataset 'digits'", "base_learning_rate: 0.002",
-                 "depths: [2, 2]", "![reconstructions](reconstructions/step_00132.png)",
-                 "cosine, warmup 22 of 132 steps", 'from_pretrained("me/simmim-demo"'):
+    for text in (
+        "- simmim",
+        "# me/simmim-demo",
+        "swin backbone at 64x64 px",
+        "| optimizer steps | 132 |",
+        "| final training loss | 0.4123 |",
+        "bundled demo dataset 'digits'",
+        "base_learning_rate: 0.002",
+        "depths: [2, 2]",
+        "![reconstructions](reconstructions/step_00132.png)",
+        "cosine, warmup 22 of 132 steps",
+        'from_pretrained("me/simmim-demo"',
+    ):
         assert text in card, text

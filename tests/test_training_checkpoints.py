@@ -64,27 +64,37 @@ def test_checkpoint_problems_name_what_is_missing_or_damaged(tmp_path):
         damage(folder)
         return checkpoint_problems(folder)
 
-    assert problems_after("no_state", lambda f: os.remove(os.path.join(f, "trainer_state.json"))) == \
-        ["no trainer_state.json"]
-    assert problems_after("empty_optimizer", lambda f: _truncate(os.path.join(f, "optimizer.pt"), 0)) == \
-        ["optimizer.pt is empty (0 bytes)"]
-    assert problems_after("cut_optimizer", lambda f: _truncate(os.path.join(f, "optimizer.pt"), 100)) == \
-        ["optimizer.pt is truncated (not a complete torch.save archive)"]
+    assert problems_after("no_state", lambda f: os.remove(os.path.join(f, "trainer_state.json"))) == [
+        "no trainer_state.json"
+    ]
+    assert problems_after("empty_optimizer", lambda f: _truncate(os.path.join(f, "optimizer.pt"), 0)) == [
+        "optimizer.pt is empty (0 bytes)"
+    ]
+    assert problems_after("cut_optimizer", lambda f: _truncate(os.path.join(f, "optimizer.pt"), 100)) == [
+        "optimizer.pt is truncated (not a complete torch.save archive)"
+    ]
     size = os.path.getsize(_complete_checkpoint(tmp_path / "probe") + "/model.safetensors")
-    assert problems_after("cut_weights", lambda f: _truncate(os.path.join(f, "model.safetensors"), size - 4)) == \
-        ["model.safetensors is truncated"]
-    assert problems_after("no_weights", lambda f: os.remove(os.path.join(f, "model.safetensors"))) == \
-        ["no model weights (model.safetensors)"]
-    assert problems_after("cut_state", lambda f: _truncate(os.path.join(f, "trainer_state.json"), 5)) == \
-        ["trainer_state.json is not valid JSON (JSONDecodeError)"]
+    assert problems_after("cut_weights", lambda f: _truncate(os.path.join(f, "model.safetensors"), size - 4)) == [
+        "model.safetensors is truncated"
+    ]
+    assert problems_after("no_weights", lambda f: os.remove(os.path.join(f, "model.safetensors"))) == [
+        "no model weights (model.safetensors)"
+    ]
+    assert problems_after("cut_state", lambda f: _truncate(os.path.join(f, "trainer_state.json"), 5)) == [
+        "trainer_state.json is not valid JSON (JSONDecodeError)"
+    ]
+
     def shard_lost(folder):
         os.rename(os.path.join(folder, "model.safetensors"), os.path.join(folder, "model-00001-of-00002.safetensors"))
         with open(os.path.join(folder, "model.safetensors.index.json"), "w") as handle:
-            json.dump({"weight_map": {"w": "model-00001-of-00002.safetensors",
-                                      "v": "model-00002-of-00002.safetensors"}}, handle)
+            json.dump(
+                {"weight_map": {"w": "model-00001-of-00002.safetensors", "v": "model-00002-of-00002.safetensors"}},
+                handle,
+            )
 
-    assert problems_after("sharded", shard_lost) == \
-        ["no model-00002-of-00002.safetensors (listed in model.safetensors.index.json)"]
+    assert problems_after("sharded", shard_lost) == [
+        "no model-00002-of-00002.safetensors (listed in model.safetensors.index.json)"
+    ]
     no_scheduler = problems_after("no_scheduler", lambda f: os.remove(os.path.join(f, "scheduler.pt")))
     assert no_scheduler == ["no scheduler state (scheduler.pt)"]
     # --save_only_model checkpoints have no optimizer or scheduler by design
@@ -107,7 +117,8 @@ def test_the_newest_complete_checkpoint_is_chosen_and_newer_incomplete_ones_repo
     assert found == str(tmp_path / "checkpoint-15")
     assert [(os.path.basename(s.path), s.reason) for s in skipped] == [
         ("checkpoint-20", "empty folder"),
-        ("checkpoint-18", "optimizer.pt is empty (0 bytes); no trainer_state.json")]
+        ("checkpoint-18", "optimizer.pt is empty (0 bytes); no trainer_state.json"),
+    ]
     assert find_resumable_checkpoint(str(tmp_path / "nothing")) == (None, [])
 
 
@@ -150,21 +161,42 @@ def _trainer(tmp_path, **overrides):
     config = SimMIMConfig.from_preset("swin_test", mask_patch_size=16)
     generator = SimMIMMaskGenerator(64, 16, config.model_patch_size, 0.6)
     masks = IndexSeededMasks(generator, seed=0)
-    values = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, per_device_eval_batch_size=4,
-                  report_to="none", logging_steps=1, disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
-                  warmup_steps=1, base_learning_rate=0.5)
+    values = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        report_to="none",
+        logging_steps=1,
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        warmup_steps=1,
+        base_learning_rate=0.5,
+    )
     values.update(overrides)
-    return SimMIMTrainer(model=SimMIMForMaskedImageModeling(config), args=SimMIMTrainingArguments(**values),
-                         train_dataset=[{"pixel_values": torch.randn(3, 64, 64)} for _ in range(16)],
-                         eval_dataset=[{"pixel_values": torch.randn(3, 64, 64), **masks(i, {})} for i in range(4)],
-                         data_collator=PretrainCollator(SimMIMDataCollator(generator)))
+    return SimMIMTrainer(
+        model=SimMIMForMaskedImageModeling(config),
+        args=SimMIMTrainingArguments(**values),
+        train_dataset=[{"pixel_values": torch.randn(3, 64, 64)} for _ in range(16)],
+        eval_dataset=[{"pixel_values": torch.randn(3, 64, 64), **masks(i, {})} for i in range(4)],
+        data_collator=PretrainCollator(SimMIMDataCollator(generator)),
+    )
 
 
 def test_rotation_and_best_model_tracking_work_with_staged_checkpoints(tmp_path):
     # "best" = the highest evaluation loss: an early checkpoint, which rotation must keep and the end must load
-    trainer = _trainer(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=1, save_strategy="steps",
-                       save_steps=1, save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="loss",
-                       greater_is_better=True)
+    trainer = _trainer(
+        tmp_path,
+        max_steps=6,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,
+    )
     trainer.train()
     best = trainer.state.best_model_checkpoint
     evals = {entry["step"]: entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry}

@@ -43,8 +43,9 @@ def test_grid_layout_and_values():
     image = torch.zeros(3, 3, 8, 8)
     image[:, 0] = 1.0  # red
     mask = torch.ones(3, 2, 2, dtype=torch.bool)
-    grid = make_reconstruction_grid(image, mask, torch.zeros_like(image), mean=(0, 0, 0), std=(1, 1, 1),
-                                    max_images=2, padding=2, min_cell_size=16)
+    grid = make_reconstruction_grid(
+        image, mask, torch.zeros_like(image), mean=(0, 0, 0), std=(1, 1, 1), max_images=2, padding=2, min_cell_size=16
+    )
     assert isinstance(grid, Image.Image) and grid.mode == "RGB"
     # 2 rows, 4 columns of 16 px cells (8 px upscaled x2), 2 px white padding
     assert grid.size == (4 * 16 + 5 * 2, 2 * 16 + 3 * 2)
