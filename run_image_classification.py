@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from transformers import HfArgumentParser, Trainer
+from transformers import HfArgumentParser
 
 from modeling_simmim import SimMIMConfig
 from modeling_simmim.augmentation import (
@@ -66,7 +66,7 @@ from modeling_simmim.modeling_simmim import SimMIMForImageClassification
 from modeling_simmim.randomness import seed_everything
 from modeling_simmim.step_guard import check_finite_weights
 from modeling_simmim.trainer import (
-    SimMIMTrainer,
+    SimMIMRecipeTrainer,
     SimMIMTrainingArguments,
     check_training_data_size,
     train_and_evaluate,
@@ -453,36 +453,24 @@ def build_compute_metrics(num_labels: int):
     return compute_metrics
 
 
-class ImageClassificationTrainer(SimMIMTrainer):
-    """`SimMIMTrainer` (official optimizer groups with layer decay, schedule, clipping, logging) for classification:
-    evaluation batches are never mixed (their own collator), and evaluation returns logits for the metrics."""
-
-    eval_loss_per_example = False  # predictions are ranked class ids, not reconstruction losses
+class ImageClassificationTrainer(SimMIMRecipeTrainer):
+    """`SimMIMRecipeTrainer` (official optimizer groups with layer decay, schedule, clipping, logging) for
+    classification: evaluation batches are never mixed (their own collator); evaluation returns the logits' top-k
+    class ids for the metrics (the Trainer's own prediction step)."""
 
     def __init__(self, *args: Any, eval_data_collator=None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.eval_data_collator = eval_data_collator
 
-    def _with_eval_collator(self, build, *args, **kwargs):
-        # evaluation: plain (unmixed) batches, and every image (no drop_last, which the Trainer applies to all loaders)
-        train_collator, drop_last = self.data_collator, self.args.dataloader_drop_last
+    def _evaluation_dataloader(self, build, dataset):
+        # evaluation: plain (unmixed) batches
+        train_collator = self.data_collator
         if self.eval_data_collator is not None:
             self.data_collator = self.eval_data_collator
-        self.args.dataloader_drop_last = False
         try:
-            return build(*args, **kwargs)
+            return super()._evaluation_dataloader(build, dataset)
         finally:
-            self.data_collator, self.args.dataloader_drop_last = train_collator, drop_last
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        return self._with_eval_collator(super().get_eval_dataloader, eval_dataset)
-
-    def get_test_dataloader(self, test_dataset):
-        return self._with_eval_collator(super().get_test_dataloader, test_dataset)
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        # SimMIMTrainer's step returns the reconstruction loss only; classification needs the logits.
-        return Trainer.prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+            self.data_collator = train_collator
 
     def create_model_card(
         self,

@@ -456,8 +456,9 @@ def per_example_reconstruction_loss(
     )
 
 
-class SimMIMTrainer(Trainer):
-    """`Trainer` with the official SimMIM optimization: AdamW on `param_groups_layer_decay` groups (no decay for
+class SimMIMRecipeTrainer(Trainer):
+    """`Trainer` with the official SimMIM optimization (the base of `SimMIMTrainer` for pretraining and of the
+    finetuning script's classification trainer): AdamW on `param_groups_layer_decay` groups (no decay for
     1-D params, biases, mask token, position embeddings, cls token, relative position bias tables), per-iteration
     warmup + cosine/multistep schedule with linearly scaled lrs, clipping at `max_grad_norm` (pre-clip norm logged).
 
@@ -480,13 +481,11 @@ class SimMIMTrainer(Trainer):
     """
 
     args: SimMIMTrainingArguments
-    # `prediction_step` returns per-image reconstruction losses; subclasses that return logits set this to False.
-    eval_loss_per_example: bool = True
 
     def __init__(self, *args: Any, model_card_info: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, SimMIMTrainingArguments):
-            raise TypeError("SimMIMTrainer needs SimMIMTrainingArguments (the official recipe fields).")
+            raise TypeError(f"{type(self).__name__} needs SimMIMTrainingArguments (the official recipe fields).")
         check_launch(self.accelerator)
         if self.args.torch_num_threads is not None:
             torch.set_num_threads(self.args.torch_num_threads)
@@ -744,12 +743,18 @@ class SimMIMTrainer(Trainer):
         return self.step_guard.stop_signal
 
     def get_eval_dataloader(self, eval_dataset=None):
+        return self._evaluation_dataloader(super().get_eval_dataloader, eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        return self._evaluation_dataloader(super().get_test_dataloader, test_dataset)
+
+    def _evaluation_dataloader(self, build, dataset):
         # dataloader_drop_last (official for training) also applies to evaluation in the Trainer: it would silently
         # leave out the last images (all of them when there are fewer than a batch). Evaluate on every image.
         drop_last = self.args.dataloader_drop_last
         self.args.dataloader_drop_last = False
         try:
-            dataloader = super().get_eval_dataloader(eval_dataset)
+            dataloader = build(dataset)
         finally:
             self.args.dataloader_drop_last = drop_last
         # Each new iterator draws its workers' base seed from the loader's generator, by default torch's global RNG,
@@ -759,36 +764,6 @@ class SimMIMTrainer(Trainer):
             mix_seed(self.data_seed, "eval_dataloader")
         )
         return dataloader
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        # Evaluation of masked image modeling is its loss. The stock step computes a loss only when the batch holds
-        # the model's "label" arguments, and a SimMIM model has none (the mask plays that role): no eval_loss.
-        # The loss of each image comes back as the "predictions" (see `evaluation_loop`).
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            outputs = model(**inputs)
-        config = self.accelerator.unwrap_model(model).config
-        losses = per_example_reconstruction_loss(
-            config, inputs["pixel_values"], outputs.reconstruction, inputs["bool_masked_pos"]
-        )
-        return losses.mean(), losses, None
-
-    def evaluation_loop(
-        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
-    ):
-        # With several processes, accelerate completes the last evaluation batch of a process with images from the
-        # start of the set, and the stock loop averages batch losses, so those images leak into eval_loss. The
-        # per-image losses are gathered with the padding dropped: eval_loss is the mean over the evaluation set,
-        # the same for any number of processes and any batch size.
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        if not self.eval_loss_per_example or output.predictions is None:
-            return output
-        losses = np.asarray(output.predictions, dtype=np.float64).reshape(-1)
-        losses = losses[np.isfinite(losses)]
-        metrics = dict(output.metrics)
-        if losses.size:
-            metrics[f"{metric_key_prefix}_loss"] = float(losses.mean())
-        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=output.num_samples)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "train_loss" in logs:  # the end-of-training summary: the mean over the applied steps
@@ -868,6 +843,41 @@ class SimMIMTrainer(Trainer):
         if self.model is not None:
             check_finite_weights(self.model)
         super().save_model(output_dir, _internal_call)
+
+
+class SimMIMTrainer(SimMIMRecipeTrainer):
+    """`SimMIMRecipeTrainer` for masked image modeling: evaluation reports the reconstruction loss (the mean over
+    every evaluation image, gathered across processes), and the model card shows the latest reconstructions."""
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Evaluation of masked image modeling is its loss. The stock step computes a loss only when the batch holds
+        # the model's "label" arguments, and a SimMIM model has none (the mask plays that role): no eval_loss.
+        # The loss of each image comes back as the "predictions" (see `evaluation_loop`).
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**inputs)
+        config = self.accelerator.unwrap_model(model).config
+        losses = per_example_reconstruction_loss(
+            config, inputs["pixel_values"], outputs.reconstruction, inputs["bool_masked_pos"]
+        )
+        return losses.mean(), losses, None
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        # With several processes, accelerate completes the last evaluation batch of a process with images from the
+        # start of the set, and the stock loop averages batch losses, so those images leak into eval_loss. The
+        # per-image losses are gathered with the padding dropped: eval_loss is the mean over the evaluation set,
+        # the same for any number of processes and any batch size.
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if output.predictions is None:
+            return output
+        losses = np.asarray(output.predictions, dtype=np.float64).reshape(-1)
+        losses = losses[np.isfinite(losses)]
+        metrics = dict(output.metrics)
+        if losses.size:
+            metrics[f"{metric_key_prefix}_loss"] = float(losses.mean())
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=output.num_samples)
 
     # ---- model card -----------------------------------------------------------------------------------------------
     def latest_reconstruction(self) -> str | None:
@@ -1105,6 +1115,7 @@ __all__ = [
     "ThroughputCallback",
     "ReconstructionCallback",
     "SamplerEpochCallback",
+    "SimMIMRecipeTrainer",
     "SimMIMTrainer",
     "render_model_card",
     "RECONSTRUCTIONS_DIR",
