@@ -697,9 +697,9 @@ class SimMIMRecipeTrainer(Trainer):
         """Distinct unreadable images met by this process (training and evaluation)."""
         return len(self.skipped_train_images) + len(self.skipped_eval_images) + self.num_anonymous_skips
 
-    def _prepare_inputs(self, inputs):
-        self._record_skipped(inputs, self.skipped_eval_images)  # training batches were emptied in training_step
-        return super()._prepare_inputs(inputs)
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        self._record_skipped(inputs, self.skipped_eval_images)  # (training batches: in training_step)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def compute_loss_context_manager(self):
         """The Trainer's loss context plus the CPU bf16 matmul fallback (a no-op except for bf16 on CPUs without
@@ -853,6 +853,7 @@ class SimMIMTrainer(SimMIMRecipeTrainer):
         # Evaluation of masked image modeling is its loss. The stock step computes a loss only when the batch holds
         # the model's "label" arguments, and a SimMIM model has none (the mask plays that role): no eval_loss.
         # The loss of each image comes back as the "predictions" (see `evaluation_loop`).
+        self._record_skipped(inputs, self.skipped_eval_images)
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             outputs = model(**inputs)

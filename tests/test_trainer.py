@@ -297,8 +297,11 @@ def test_skipped_images_are_counted_once_however_often_they_are_drawn(tmp_path):
     logs = _train_logs(trainer)
     assert trainer.num_skipped_images == 2 and trainer.total_skipped_images() == 2
     assert logs[-1]["num_skipped_images"] == 2
-    inputs = trainer._prepare_inputs({"pixel_values": torch.zeros(1), SKIPPED_KEY: torch.tensor([-1])})
-    assert SKIPPED_KEY not in inputs and trainer.num_skipped_images == 3  # an unknown index counts each time
+    # evaluation batches count too; an image without a known index counts each time it is met
+    batch = collator([{"pixel_values": torch.randn(3, 64, 64)} for _ in range(2)])
+    batch[SKIPPED_KEY] = torch.tensor([-1])
+    trainer.prediction_step(trainer.model, batch, prediction_loss_only=True)
+    assert SKIPPED_KEY not in batch and trainer.num_skipped_images == 3
 
 
 def test_throughput_excludes_evaluation_and_saving_time(monkeypatch):
