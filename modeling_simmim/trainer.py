@@ -458,8 +458,8 @@ def per_example_reconstruction_loss(
 
 class SimMIMRecipeTrainer(Trainer):
     """`Trainer` with the official SimMIM optimization (the base of `SimMIMTrainer` for pretraining and of the
-    finetuning script's classification trainer): AdamW on `param_groups_layer_decay` groups (no decay for
-    1-D params, biases, mask token, position embeddings, cls token, relative position bias tables), per-iteration
+    finetuning script's classification trainer): AdamW on `param_groups_layer_decay` groups (the official weight-decay
+    exclusions of the model's family and stage, plus `--no_weight_decay_keywords`), per-iteration
     warmup + cosine/multistep schedule with linearly scaled lrs, clipping at `max_grad_norm` (pre-clip norm logged).
 
     Logs, every logging step: `loss` (mean over the applied steps: NaN when all were skipped, never 0 in place of
