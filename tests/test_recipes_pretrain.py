@@ -304,6 +304,7 @@ def test_demo_recipes_build_small_valid_models(name):
     assert not args.bf16 and not args.fp16  # runs on any CPU
     if name == "demo_swin_tiny_cpu":  # digits: a mirrored digit is another shape; mask blocks = the encoder stride
         assert data_args.hflip_prob == 0.0 and data_args.demo_dataset == "digits"
+        assert args.no_weight_decay_keywords == ["relative_position_bias_table"]  # measured: see the recipe
         assert config.mask_patch_size == config.encoder_stride == 8 and tuple(config.image_size) == (32, 32)
 
 
