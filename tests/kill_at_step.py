@@ -26,16 +26,17 @@ class KillAtStep(TrainerCallback):
 
 
 def install(step: int) -> None:
-    """Every SimMIMTrainer (and subclass) created from now on in this process gets a `KillAtStep(step)` callback."""
+    """Every trainer of this package (`SimMIMRecipeTrainer` and its subclasses) created from now on in this process gets
+    a `KillAtStep(step)` callback."""
     from modeling_simmim import trainer
 
-    original = trainer.SimMIMTrainer.__init__
+    original = trainer.SimMIMRecipeTrainer.__init__
 
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
         self.add_callback(KillAtStep(step))
 
-    trainer.SimMIMTrainer.__init__ = __init__
+    trainer.SimMIMRecipeTrainer.__init__ = __init__
 
 
 if __name__ == "__main__":

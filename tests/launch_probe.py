@@ -84,10 +84,10 @@ def main() -> None:
 
     sys.path.insert(0, ROOT)
     module = importlib.import_module(os.path.splitext(os.path.basename(script))[0])
-    from modeling_simmim.trainer import SimMIMTrainer
+    from modeling_simmim.trainer import SimMIMRecipeTrainer
 
     record: dict = {}
-    train = SimMIMTrainer.train
+    train = SimMIMRecipeTrainer.train  # both scripts' trainers
 
     def recording_train(self, *args, **kwargs):
         result = train(self, *args, **kwargs)
@@ -102,7 +102,7 @@ def main() -> None:
         )
         return result
 
-    SimMIMTrainer.train = recording_train
+    SimMIMRecipeTrainer.train = recording_train
     _record_streamed_examples(record_dir)
     sys.addaudithook(audit)
     module.main(argv)
