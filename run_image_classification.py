@@ -43,6 +43,7 @@ from modeling_simmim.cli import (
     check_override_keys,
     parse_backbone_overrides,
     parse_recipe_and_flags,
+    releases_process_group,
     setup_logging,
 )
 from modeling_simmim.configuration_simmim import (
@@ -735,6 +736,7 @@ def finish(trainer, results: dict[str, Any], training_args, image_processor) -> 
         )
 
 
+@releases_process_group
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model_args, data_args, aug_args, training_args, explicit = parse_args(argv)
     setup_logging(training_args, "run_image_classification")

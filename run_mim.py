@@ -28,6 +28,7 @@ from modeling_simmim.cli import (
     check_override_keys,
     parse_backbone_overrides,
     parse_recipe_and_flags,
+    releases_process_group,
     setup_logging,
 )
 from modeling_simmim.configuration_simmim import PRESETS, SUPPORTED_BACKBONES
@@ -518,6 +519,7 @@ def build_model(
     return model
 
 
+@releases_process_group
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model_args, data_args, training_args, explicit = parse_args(argv)
     setup_logging(training_args, "run_mim")

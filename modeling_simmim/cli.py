@@ -8,13 +8,15 @@ A recipe is a flat YAML/JSON mapping of flag names (without `--`) to values; fla
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
+import torch.distributed as dist
 import transformers
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
@@ -26,6 +28,7 @@ from .training_checkpoints import checkpoint_problems, find_resumable_checkpoint
 logger = transformers.utils.logging.get_logger(__name__)
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+_Result = TypeVar("_Result")
 
 # Family defaults for --model_type: the transformers config class defaults, except BEiT, which means the official
 # BEiT-style ViT of SimMIM (shared relative position bias, layer scale 0.1, no absolute position embedding).
@@ -186,3 +189,31 @@ def check_output_dir(training_args: SimMIMTrainingArguments) -> str | None:
         )
     logger.warning("%s holds an interrupted run's files but no checkpoint: training starts from scratch.", output_dir)
     return None
+
+
+def releases_process_group(main: Callable[..., _Result]) -> Callable[..., _Result]:
+    """Destroys the default process group when a script's `main` returns or raises, in every launched process.
+
+    Left to interpreter shutdown, gloo's worker threads can outlive the objects they hold: a rank that finished
+    cleanly then aborts with "terminate called without an active exception" (pytorch/pytorch#190489) and the
+    launcher reports the whole job as failed. After a clean return the ranks meet at a barrier first; after an
+    error they do not wait (the other ranks may never arrive). Nothing to do in a single process (no group).
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> _Result:
+        def distributed() -> bool:
+            return dist.is_available() and dist.is_initialized()
+
+        try:
+            result = main(*args, **kwargs)
+        except BaseException:
+            if distributed():  # no barrier: the other ranks may never arrive
+                dist.destroy_process_group()
+            raise
+        if distributed():
+            dist.barrier()  # every rank has finished its collectives before any rank tears the group down
+            dist.destroy_process_group()
+        return result
+
+    return wrapper

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 import run_image_classification
 import run_mim
 from modeling_simmim import SimMIMConfig, SimMIMForImageClassification, SimMIMForMaskedImageModeling, simmim_lr_at
+from modeling_simmim.cli import releases_process_group
 from modeling_simmim.data import IndexSeededMasks
 from modeling_simmim.masking import SimMIMMaskGenerator
 from modeling_simmim.trainer import per_example_reconstruction_loss
@@ -317,6 +318,34 @@ def test_eval_loss_does_not_depend_on_the_evaluation_batch_size(tmp_path):
         for batch in (10, 4, 3)
     ]
     assert losses[1] == pytest.approx(losses[0], abs=1e-6) and losses[2] == pytest.approx(losses[0], abs=1e-6)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_scripts_destroy_the_process_group_when_main_returns_or_raises(tmp_path, fails):
+    """A launched rank that leaves its gloo group to interpreter shutdown can abort after a clean run ("terminate
+    called without an active exception", exit -6): both scripts' `main` tear the group down themselves."""
+    assert run_mim.main.__wrapped__ is not None and run_image_classification.main.__wrapped__ is not None
+
+    @releases_process_group
+    def main() -> str:
+        assert torch.distributed.is_initialized()
+        if fails:
+            raise RuntimeError("training failed")
+        return "done"
+
+    store = f"file://{tmp_path / 'store'}"
+    torch.distributed.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:
+        if fails:
+            with pytest.raises(RuntimeError, match="training failed"):
+                main()
+        else:
+            assert main() == "done"
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert releases_process_group(lambda: "single process")() == "single process"
 
 
 def test_launch_mistakes_fail_early_or_are_named(monkeypatch, caplog):
