@@ -17,7 +17,6 @@ With no data argument, the bundled labeled demo data is used. The output folder 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -25,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 import transformers
 from transformers import HfArgumentParser
 
@@ -61,24 +59,20 @@ from modeling_simmim.data import (
     SkipNoneCollator,
     load_image_datasets,
 )
-from modeling_simmim.evaluation import finish_linear_probe, prepare_linear_probe
-from modeling_simmim.export import build_image_processor, export_to_transformers
+from modeling_simmim.evaluation import prepare_linear_probe
+from modeling_simmim.export import build_image_processor
 from modeling_simmim.modeling_simmim import SimMIMForImageClassification
 from modeling_simmim.randomness import seed_everything
-from modeling_simmim.step_guard import check_finite_weights
 from modeling_simmim.trainer import (
-    SimMIMRecipeTrainer,
+    ImageClassificationTrainer,
     SimMIMTrainingArguments,
+    build_compute_metrics,
     check_training_data_size,
+    top_k_indices,
     train_and_evaluate,
 )
 
 logger = logging.getLogger("run_image_classification")
-
-METRIC_PATH = os.path.join(
-    os.path.dirname(os.path.abspath(__import__("modeling_simmim").__file__)), "metrics", "top_k_accuracy"
-)
-TOP_K = 5
 
 
 @dataclass
@@ -427,180 +421,6 @@ def build_model(model_args, aug_args, id2label: dict[int, str] | None) -> SimMIM
     return SimMIMForImageClassification(config)
 
 
-def top_k_indices(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """`preprocess_logits_for_metrics`: keep the ranked top-k class ids, not (N, num_labels) logits."""
-    if isinstance(logits, tuple):
-        logits = logits[0]
-    return logits.topk(min(TOP_K, logits.shape[-1]), dim=-1).indices
-
-
-def build_compute_metrics(num_labels: int):
-    """top-1 accuracy, and top-5 when there are more than 5 classes (with 5 or fewer it is 100% by construction),
-    through `evaluate`, with the metric module shipped in this package (offline)."""
-    import evaluate
-
-    metric = evaluate.load(METRIC_PATH)
-    top_k = [TOP_K] if num_labels > TOP_K else []
-
-    def compute_metrics(eval_prediction) -> dict[str, float]:
-        ranked = np.asarray(eval_prediction.predictions)
-        references = np.asarray(eval_prediction.label_ids)
-        results = metric.compute(predictions=ranked.tolist(), references=references.tolist(), top_k=top_k)
-        return {
-            "accuracy": results["accuracy"],
-            **({"top5_accuracy": results[f"top{TOP_K}_accuracy"]} if top_k else {}),
-        }
-
-    return compute_metrics
-
-
-class ImageClassificationTrainer(SimMIMRecipeTrainer):
-    """`SimMIMRecipeTrainer` (official optimizer groups with layer decay, schedule, clipping, logging) for
-    classification: evaluation batches are never mixed (their own collator); evaluation returns the logits' top-k
-    class ids for the metrics (the Trainer's own prediction step)."""
-
-    def __init__(self, *args: Any, eval_data_collator=None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.eval_data_collator = eval_data_collator
-
-    def _evaluation_dataloader(self, build, dataset):
-        # evaluation: plain (unmixed) batches
-        train_collator = self.data_collator
-        if self.eval_data_collator is not None:
-            self.data_collator = self.eval_data_collator
-        try:
-            return super()._evaluation_dataloader(build, dataset)
-        finally:
-            self.data_collator = train_collator
-
-    def create_model_card(
-        self,
-        language: str | None = None,
-        license: str | None = None,
-        tags: str | list[str] | None = None,
-        model_name: str | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> None:
-        """Our classifier card (Trainer's signature; only `model_name` is used)."""
-        if not self.is_world_process_zero():
-            return
-        card = render_model_card(
-            model_name=model_name or os.path.basename(os.path.abspath(self.args.output_dir)),
-            model=self.model,
-            log_history=self.state.log_history,
-            info=self.model_card_info,
-            schedule=self.schedule.to_dict() if self.schedule is not None else None,
-        )
-        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as handle:
-            handle.write(card)
-
-
-def render_model_card(
-    model_name: str,
-    model,
-    log_history: list[dict[str, Any]],
-    info: dict[str, Any],
-    schedule: dict[str, Any] | None = None,
-) -> str:
-    """README.md of an exported classifier: what it is, how to run it, how it was trained, its accuracy."""
-    config = model.config
-    evals = [entry for entry in log_history if "eval_accuracy" in entry]
-    best = max(evals, key=lambda entry: entry["eval_accuracy"]) if evals else None
-    backbone = config.backbone_config
-    base_model = info.get("base_model")
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: image-classification",
-        "tags:",
-        "- simmim",
-        "- image-classification",
-        f"- {config.backbone_type}",
-    ]
-    if base_model and not os.path.isdir(str(base_model)):
-        lines.append(f"base_model: {base_model}")
-    if info.get("dataset_id"):
-        lines += ["datasets:", f"- {info['dataset_id']}"]
-    lines += [
-        "---",
-        "",
-        f"# {model_name}",
-        "",
-        f"A {config.backbone_type} image classifier ({len(config.id2label)} classes, "
-        f"{config.image_size[0]} px) finetuned with the official SimMIM recipe "
-        "(layer-wise lr decay, RandAugment, Mixup/CutMix, label smoothing) using "
-        "[simmim-hf](https://github.com/) `run_image_classification.py`.",
-        "",
-        "This folder is a native transformers model: no extra package is needed.",
-        "",
-        "```python",
-        "from transformers import pipeline",
-        "",
-        f'classifier = pipeline("image-classification", model="{model_name}")',
-        'print(classifier("image.jpg"))',
-        "```",
-        "",
-        "## Results",
-        "",
-    ]
-    if best is not None:
-        lines += ["| metric | value |", "|---|---|", f"| top-1 accuracy | {100 * best['eval_accuracy']:.2f}% |"]
-        if "eval_top5_accuracy" in best:
-            lines.append(f"| top-5 accuracy | {100 * best['eval_top5_accuracy']:.2f}% |")
-        lines.append(f"| epoch of the best checkpoint | {best.get('epoch', 'n/a')} |")
-    else:
-        lines.append("Not evaluated.")
-    lines += [
-        "",
-        "## Training",
-        "",
-        f"- initialized from: {base_model or 'scratch (no pretraining)'}",
-        f"- data: {info.get('data', 'n/a')}",
-        f"- backbone: `{json.dumps({k: getattr(backbone, k) for k in ('image_size', 'patch_size', 'window_size', 'embed_dim', 'depths', 'num_heads', 'hidden_size', 'num_hidden_layers', 'drop_path_rate') if hasattr(backbone, k)})}`",
-    ]
-    recipe = info.get("recipe") or {}
-    if recipe:
-        lines += ["", "| recipe value | |", "|---|---|"]
-        lines += [
-            f"| {key} | {json.dumps(value) if not isinstance(value, str) else value} |"
-            for key, value in sorted(recipe.items())
-        ]
-    if schedule:
-        lines += ["", f"Resolved lr schedule: `{json.dumps(schedule)}`"]
-    if info.get("loading_report"):
-        lines += ["", "Weights transfer:", "", "```", info["loading_report"], "```"]
-    return "\n".join(lines) + "\n"
-
-
-def push_to_hub(
-    output_dir: str,
-    repo_id: str,
-    token: str | None = None,
-    private: bool | None = None,
-    commit_message: str = "SimMIM finetuned classifier",
-    api=None,
-) -> str:
-    """Upload the exported folder (native model, processor, README.md model card, results) to the Hub.
-    `api` defaults to `huggingface_hub.HfApi()` (tests pass a fake one)."""
-    if api is None:
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-    if not os.path.isfile(os.path.join(output_dir, "README.md")):
-        raise FileNotFoundError(f"no model card in {output_dir}: export the model before pushing")
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    ignore = ["checkpoint-*", "checkpoint-*/**", "runs/**", "*.pth"]
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=output_dir,
-        commit_message=commit_message,
-        ignore_patterns=ignore,
-        repo_type="model",
-    )
-    return repo_id
-
-
 # --------------------------------------------------------------------------------------------------------------------
 def load_data(model_args, data_args, aug_args, training_args):
     """The labeled splits (`LoadedData`) and the class names (training: the data's; evaluation only: as found)."""
@@ -705,25 +525,22 @@ def build_collators(aug_args, num_labels: int):
     return train_collator, eval_collator
 
 
-def finish(trainer, results: dict[str, Any], training_args, image_processor) -> None:
-    """Main process: export the native classifier (the best checkpoint when evaluated during training), model card,
-    push, and the printed summary."""
+def finish(trainer: ImageClassificationTrainer, results: dict[str, Any], training_args) -> None:
+    """After training: the model card of the exported classifier (uploaded with it on --push_to_hub), and the
+    printed summary."""
     if training_args.do_train:
-        finish_linear_probe(trainer.model)  # a linear probe's head folds into one linear layer (no-op otherwise)
-        check_finite_weights(trainer.model)  # a diverged model is never exported
-        export_to_transformers(trainer.model, training_args.output_dir, image_processor)
         if trainer.state.best_model_checkpoint:
             logger.info(
                 "Exported the best checkpoint (%s, top-1 %.4f)",
                 trainer.state.best_model_checkpoint,
                 trainer.state.best_metric,
             )
-        trainer.create_model_card()
-    if training_args.push_to_hub:
-        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
-        push_to_hub(
-            training_args.output_dir, repo_id, token=training_args.hub_token, private=training_args.hub_private_repo
-        )
+        if training_args.push_to_hub:  # every process: it saves (exports) again first
+            trainer.push_to_hub(commit_message="SimMIM finetuned classifier")
+        else:
+            trainer.create_model_card()
+    if not trainer.is_world_process_zero():
+        return
     if "eval_accuracy" in results:
         top5 = (
             f"top-5 accuracy: {100 * results['eval_top5_accuracy']:.2f}%  " if "eval_top5_accuracy" in results else ""
@@ -784,22 +601,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         eval_dataset=eval_dataset,
         data_collator=train_collator,
         eval_data_collator=eval_collator,
+        processing_class=image_processor,  # saved with the export (and checkpoints)
         compute_metrics=build_compute_metrics(config.num_labels),
         preprocess_logits_for_metrics=top_k_indices,
         model_card_info={
             "recipe": explicit,
             "data": f"{loaded.source}, {len(train_dataset) if train_dataset is not None else 0} training images",
-            "base_model": model_args.model_name_or_path,
+            "base_model": None if model_args.from_scratch else model_args.model_name_or_path,
             "dataset_id": data_args.dataset_name,
             "loading_report": str(report) if report is not None else None,
         },
     )
 
+    # save_model: the native classifier export (the best checkpoint's weights with load_best_model_at_end)
     results = train_and_evaluate(
-        trainer, train_dataset, eval_dataset, training_args.do_train, checkpoint, loaded.num_skipped
+        trainer, train_dataset, eval_dataset, training_args.do_train, checkpoint, loaded.num_skipped, save_model=True
     )
-    if trainer.is_world_process_zero():
-        finish(trainer, results, training_args, image_processor)
+    finish(trainer, results, training_args)
     return results
 
 

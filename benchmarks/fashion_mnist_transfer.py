@@ -378,6 +378,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "queries each; 0 = no monitor).",
     )
     parser.add_argument("--no_probes", action="store_true", help="Skip the frozen-encoder and raw-pixel probes.")
+    parser.add_argument(
+        "--no_finetune",
+        action="store_true",
+        help="Skip step 2 (only the probes; with --pretrained, then --merge with the finetuning results).",
+    )
     parser.add_argument("--max_pretrain_images", type=int, default=None, help="Tiny runs: fewer pretraining images.")
     parser.add_argument(
         "--pretrained",
@@ -472,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for shot in shots:
         name = shot_label(shot)
         subsets[name] = {seed: balanced_subset(train_labels, shot, seed) for seed in args.seeds}
-        for seed in args.seeds:
+        for seed in [] if args.no_finetune else args.seeds:
             indices = subsets[name][seed]
             train_dir = (
                 folders["train"]
@@ -505,11 +510,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def summarize_and_save(record: dict[str, Any], path: str) -> dict[str, Any]:
     """Mean and std over seeds of every finetuning and probe, the Markdown table; written to `path`, printed."""
     summary: dict[str, dict[str, dict[str, float]]] = {}
-    for name, runs_by_kind in record["runs"].items():
+    probes = record.get("probes", {})
+    shots = list(dict.fromkeys([*record["runs"], *probes]))
+    for name in shots:
+        runs_by_kind = record["runs"].get(name, {})
         summary[name] = {key: mean_std([run["top1"] for run in runs]) for key, runs in runs_by_kind.items()}
-        summary[name].update({key: mean_std(values) for key, values in record.get("probes", {}).get(name, {}).items()})
+        summary[name].update({key: mean_std(values) for key, values in probes.get(name, {}).items()})
     record["summary"] = summary
-    record["table"] = markdown_table(summary, list(record["runs"]))
+    record["table"] = markdown_table(summary, shots)
     save(record, path)
     print(record["table"])
     return record

@@ -17,14 +17,14 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import (
     PREFIX_CHECKPOINT_DIR,
     EvalLoopOutput,
@@ -38,6 +38,7 @@ from transformers.utils import ExplicitEnum, logging
 
 from .cpu_bf16 import describe_cpu_bf16_path, fallback_context
 from .data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, SKIPPED_KEY, StreamingImageDataset
+from .model_card import classifier_card, pretraining_card
 from .modeling_simmim import normalize_targets, simmim_loss
 from .optimization import create_optimizer, get_simmim_scheduler, scale_learning_rate
 from .randomness import KeyedEpochSampler, mix_seed
@@ -49,6 +50,8 @@ from .visualization import make_reconstruction_grid, reconstruct
 logger = logging.get_logger(__name__)
 
 RECONSTRUCTIONS_DIR = "reconstructions"
+TOP_K = 5  # classification reports top-1 and top-5
+TOP_K_METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "top_k_accuracy")
 
 
 class SimMIMSchedulerType(ExplicitEnum):
@@ -844,6 +847,37 @@ class SimMIMRecipeTrainer(Trainer):
             check_finite_weights(self.model)
         super().save_model(output_dir, _internal_call)
 
+    # ---- model card ------------------------------------------------------------------------------------------------
+    @property
+    def run_output_dir(self) -> str:
+        """`args.output_dir`, absolute (TrainingArguments always sets it: "trainer_output" by default)."""
+        assert self.args.output_dir is not None
+        return os.path.abspath(self.args.output_dir)
+
+    def model_card(self, model_name: str) -> str | None:
+        """The README.md of the output folder (subclasses: `modeling_simmim.model_card`); None: transformers' card."""
+        return None
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        """Write `model_card(model_name)` as README.md into `output_dir` (main process); `push_to_hub` calls this
+        before uploading. The card replaces transformers' generic one: the other arguments only reach that one."""
+        output_dir = self.run_output_dir
+        card = self.model_card(model_name or os.path.basename(output_dir))
+        if card is None:
+            super().create_model_card(language, license, tags, model_name, *args, **kwargs)
+            return
+        if self.is_world_process_zero():
+            with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as handle:
+                handle.write(card)
+
 
 class SimMIMTrainer(SimMIMRecipeTrainer):
     """`SimMIMRecipeTrainer` for masked image modeling: evaluation reports the reconstruction loss (the mean over
@@ -887,27 +921,13 @@ class SimMIMTrainer(SimMIMRecipeTrainer):
                 return callback.saved[-1]
         return None
 
-    def create_model_card(
-        self,
-        language: str | None = None,
-        license: str | None = None,
-        tags: str | list[str] | None = None,
-        model_name: str | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> None:
-        """Write README.md (recipe, data, steps, final loss, a reconstruction image) into `output_dir`; called by
-        `push_to_hub`. Our card replaces transformers' generic one: `Trainer.create_model_card`'s arguments other than
-        `model_name` are accepted and ignored."""
-        if not self.is_world_process_zero():
-            return
+    def model_card(self, model_name: str) -> str:
+        """Recipe, data, steps, final losses and the latest reconstruction grid (see `model_card.pretraining_card`)."""
         history = [entry for entry in self.state.log_history if "loss" in entry]
         evals = [entry for entry in self.state.log_history if "eval_loss" in entry]
         reconstruction = self.latest_reconstruction()
-        output_dir = self.args.output_dir
-        assert output_dir is not None  # TrainingArguments defaults it ("trainer_output")
-        card = render_model_card(
-            model_name=model_name or os.path.basename(os.path.abspath(output_dir)),
+        return pretraining_card(
+            model_name=model_name,
             config=getattr(self.model, "config", None),
             recipe=self.model_card_info.get("recipe", {}),
             data=self.model_card_info.get("data", ""),
@@ -916,13 +936,90 @@ class SimMIMTrainer(SimMIMRecipeTrainer):
             final_loss=history[-1]["loss"] if history else None,
             eval_loss=evals[-1]["eval_loss"] if evals else None,
             schedule=self.schedule,
-            reconstruction=os.path.relpath(reconstruction, output_dir) if reconstruction else None,
+            reconstruction=os.path.relpath(reconstruction, self.run_output_dir) if reconstruction else None,
             base_model=self.model_card_info.get("base_model"),
             dataset_id=self.model_card_info.get("dataset_id"),
             nonfinite_steps=self.step_guard.nonfinite_steps,
         )
-        with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as handle:
-            handle.write(card)
+
+
+def top_k_indices(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`preprocess_logits_for_metrics`: keep the ranked top-k class ids (k = `TOP_K`), not (N, num_labels) logits."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.topk(min(TOP_K, logits.shape[-1]), dim=-1).indices
+
+
+def build_compute_metrics(num_labels: int) -> Callable[[EvalPrediction], dict[str, float]]:
+    """`compute_metrics` on `top_k_indices` predictions: top-1 accuracy, and top-5 when there are more than 5 classes
+    (with 5 or fewer it is 100% by construction), through `evaluate`, with the metric module shipped in this package
+    (no network)."""
+    import evaluate
+
+    metric = evaluate.load(TOP_K_METRIC_PATH)
+    top_k = [TOP_K] if num_labels > TOP_K else []
+
+    def compute_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
+        ranked = np.asarray(eval_prediction.predictions)
+        references = np.asarray(eval_prediction.label_ids)
+        results = metric.compute(predictions=ranked.tolist(), references=references.tolist(), top_k=top_k)
+        return {
+            "accuracy": results["accuracy"],
+            **({"top5_accuracy": results[f"top{TOP_K}_accuracy"]} if top_k else {}),
+        }
+
+    return compute_metrics
+
+
+class ImageClassificationTrainer(SimMIMRecipeTrainer):
+    """`SimMIMRecipeTrainer` for finetuning a `SimMIMForImageClassification`: evaluation batches are never mixed (their
+    own collator, `eval_data_collator`); the final model (`save_model()` into `output_dir`, also on `push_to_hub`) is
+    exported as a native transformers classifier with its image processor (a linear probe's head folded first);
+    checkpoints stay in the training layout (resumable)."""
+
+    def __init__(self, *args: Any, eval_data_collator: Callable | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator
+
+    def _evaluation_dataloader(self, build, dataset):
+        train_collator = self.data_collator
+        if self.eval_data_collator is not None:
+            self.data_collator = self.eval_data_collator
+        try:
+            return super()._evaluation_dataloader(build, dataset)
+        finally:
+            self.data_collator = train_collator
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        target = os.path.abspath(output_dir) if output_dir is not None else self.run_output_dir
+        if target != self.run_output_dir:  # a checkpoint: the training layout
+            super().save_model(output_dir, _internal_call)
+            return
+        from .evaluation import finish_linear_probe
+        from .export import export_to_transformers
+
+        model = self.model
+        assert model is not None
+        finish_linear_probe(model)  # a linear probe's head folds into one linear layer (no-op otherwise)
+        check_finite_weights(model)  # a diverged model is never exported
+        if self.args.should_save:
+            export_to_transformers(model, target, self.processing_class)
+        self.accelerator.wait_for_everyone()
+
+    def model_card(self, model_name: str) -> str:
+        """Accuracy of the exported weights, recipe, data (see `model_card.classifier_card`)."""
+        return classifier_card(
+            model_name=model_name,
+            config=getattr(self.model, "config", None),
+            log_history=self.state.log_history,
+            recipe=self.model_card_info.get("recipe"),
+            data=self.model_card_info.get("data", ""),
+            base_model=self.model_card_info.get("base_model"),
+            dataset_id=self.model_card_info.get("dataset_id"),
+            schedule=self.schedule,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+            loading_report=self.model_card_info.get("loading_report"),
+        )
 
 
 def check_training_data_size(num_examples: int, args: SimMIMTrainingArguments, drop_last_fixed_by: str = "") -> None:
@@ -992,7 +1089,9 @@ def train_and_evaluate(
                 trainer.step_guard.nonfinite_steps,
             )
         if save_model:
-            trainer.save_model()
+            # No upload here (the Trainer pushes on a public save_model call): the scripts push once, after evaluation,
+            # so that the card carries the final metrics.
+            trainer.save_model(_internal_call=True)
         metrics = dict(train_result.metrics)
         if has_length(train_dataset):  # a stream has no length
             metrics["train_samples"] = len(train_dataset)
@@ -1010,101 +1109,6 @@ def train_and_evaluate(
     return results
 
 
-def _format_value(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return json.dumps(value) if isinstance(value, (list, dict, tuple)) else str(value)
-
-
-def render_model_card(
-    model_name: str,
-    config: Any = None,
-    recipe: dict[str, Any] | None = None,
-    data: str = "",
-    global_step: int = 0,
-    epoch: float | None = None,
-    final_loss: float | None = None,
-    eval_loss: float | None = None,
-    schedule: SimMIMSchedule | None = None,
-    reconstruction: str | None = None,
-    base_model: str | None = None,
-    dataset_id: str | None = None,
-    nonfinite_steps: int = 0,
-) -> str:
-    """The Hub model card (Markdown with YAML metadata) of a SimMIM pretraining run. Pure function: testable
-    without network. `reconstruction` is the grid's path relative to the repository root."""
-    recipe = dict(recipe or {})
-    lines = ["---", "library_name: transformers", "tags:", "- simmim", "- masked-image-modeling", "- vision"]
-    if dataset_id:
-        lines += ["datasets:", f"- {dataset_id}"]
-    if base_model:
-        lines += [f"base_model: {base_model}"]
-    lines += ["---", "", f"# {model_name}", ""]
-    backbone = getattr(config, "backbone_config", None)
-    description = "A SimMIM encoder (masked image modeling, Xie et al., CVPR 2022)"
-    if backbone is not None:
-        height, width = config.image_size
-        description += (
-            f" with a {backbone.model_type} backbone at {height}x{width} px, "
-            f"mask patch {config.mask_patch_size}, mask ratio {config.mask_ratio}"
-        )
-    lines += [description + ", pretrained with simmim-hf's `run_mim.py`.", ""]
-    lines += [
-        "## Use",
-        "",
-        "```python",
-        "from transformers import AutoImageProcessor, AutoModelForMaskedImageModeling",
-        "",
-        "# The repository carries the model code (auto_map); with simmim-hf installed, `import modeling_simmim`",
-        "# registers the classes and trust_remote_code is not needed.",
-        f'model = AutoModelForMaskedImageModeling.from_pretrained("{model_name}", trust_remote_code=True)',
-        f'processor = AutoImageProcessor.from_pretrained("{model_name}")',
-        "```",
-        "",
-    ]
-    lines += [
-        "## Training",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| data | {data or 'unknown'} |",
-        f"| optimizer steps | {global_step} |",
-    ]
-    if epoch is not None:
-        lines.append(f"| epochs | {epoch:.2f} |")
-    if final_loss is not None:
-        lines.append(f"| final training loss | {final_loss:.4f} |")
-    if nonfinite_steps:
-        lines.append(f"| skipped updates (non-finite loss or gradient norm) | {nonfinite_steps} |")
-    if eval_loss is not None:
-        lines.append(f"| final evaluation loss | {eval_loss:.4f} |")
-    if schedule is not None:
-        lines += [
-            f"| total batch size | {schedule.total_batch_size} |",
-            f"| peak / warmup / min lr | {schedule.learning_rate:.4g} / {schedule.warmup_learning_rate:.4g} / "
-            f"{schedule.min_learning_rate:.4g} |",
-            f"| schedule | {schedule.scheduler_type}, warmup {schedule.num_warmup_steps} of "
-            f"{schedule.num_training_steps} steps"
-            + (f", milestones {list(schedule.milestones)} x{schedule.gamma}" if schedule.milestones else "")
-            + " |",
-        ]
-    lines.append("")
-    if recipe:
-        lines += ["### Recipe (arguments that differ from the defaults)", "", "```yaml"]
-        lines += [f"{key}: {_format_value(value)}" for key, value in sorted(recipe.items())]
-        lines += ["```", ""]
-    if reconstruction:
-        lines += [
-            "## Reconstructions",
-            "",
-            "Columns: input | masked input | reconstruction | reconstruction pasted into the visible pixels.",
-            "",
-            f"![reconstructions]({reconstruction})",
-            "",
-        ]
-    return "\n".join(lines)
-
-
 __all__ = [
     "check_training_data_size",
     "check_launch",
@@ -1118,6 +1122,8 @@ __all__ = [
     "SamplerEpochCallback",
     "SimMIMRecipeTrainer",
     "SimMIMTrainer",
-    "render_model_card",
+    "ImageClassificationTrainer",
+    "build_compute_metrics",
+    "top_k_indices",
     "RECONSTRUCTIONS_DIR",
 ]

@@ -131,25 +131,33 @@ def test_eval_only_evaluates_the_given_model(finetuned, tmp_path):
     )
 
 
-def test_push_to_hub_uploads_the_export_with_its_card(finetuned):
-    output, _ = finetuned
-
-    class FakeApi:
-        def __init__(self):
-            self.calls = []
-
-        def create_repo(self, repo_id, **kwargs):
-            self.calls.append(("create_repo", repo_id, kwargs))
-
-        def upload_folder(self, **kwargs):
-            self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
-            self.files = sorted(os.listdir(kwargs["folder_path"]))
-
-    api = FakeApi()
-    assert ric.push_to_hub(output, "me/simmim-digits", api=api) == "me/simmim-digits"
-    assert [call[0] for call in api.calls] == ["create_repo", "upload_folder"]
-    assert {"README.md", "config.json", "model.safetensors", "preprocessor_config.json"} <= set(api.files)
-    assert "checkpoint-*" in api.calls[1][2]["ignore_patterns"]
+def test_push_to_hub_uploads_the_native_export_with_its_card(pretrained, tmp_path, fake_hub):
+    """--push_to_hub goes through transformers' `Trainer.push_to_hub`: the uploaded folder is the native export (not
+    the training layout the checkpoints keep), with the classifier's card."""
+    output = str(tmp_path / "ft")
+    ric.main(
+        [
+            "--model_name_or_path",
+            pretrained,
+            *TINY,
+            "--num_train_epochs",
+            "1",
+            "--output_dir",
+            output,
+            "--push_to_hub",
+            "true",
+            "--hub_model_id",
+            "me/simmim-digits",
+        ]
+    )
+    assert fake_hub.created == ["me/simmim-digits"]
+    final = fake_hub.uploads[-1]  # the Trainer also pushes at every checkpoint
+    assert final["repo_id"] == "me/simmim-digits" and final["commit_message"] == "SimMIM finetuned classifier"
+    assert {"README.md", "config.json", "model.safetensors", "preprocessor_config.json"} <= set(final["files"])
+    assert not any(path.startswith("checkpoint-") for path in final["files"])
+    assert json.loads(final["config"])["architectures"] == ["SwinForImageClassification"]
+    assert 'pipeline("image-classification", model="simmim-digits")' in final["readme"]
+    assert "top-1 accuracy" in final["readme"]
 
 
 def test_bad_arguments_fail_early(pretrained, tmp_path):

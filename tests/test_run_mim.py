@@ -276,7 +276,7 @@ def test_swin_end_to_end_writes_every_output(tmp_path):
     assert tuple(model(**inputs).reconstruction.shape) == (1, 3, 64, 64)
 
 
-def test_beit_end_to_end(tmp_path):
+def test_beit_end_to_end_and_pushed_with_transformers_push_to_hub(tmp_path, fake_hub):
     output_dir, results = _run(
         tmp_path,
         "--model_preset",
@@ -289,6 +289,10 @@ def test_beit_end_to_end(tmp_path):
         "16",
         "--max_eval_samples",
         "8",
+        "--push_to_hub",
+        "true",
+        "--hub_model_id",
+        "me/simmim-beit",
     )
     config = _json(os.path.join(output_dir, "config.json"))
     assert config["model_type"] == "beit" and config["auto_map"]["AutoModelForMaskedImageModeling"].endswith(
@@ -296,6 +300,15 @@ def test_beit_end_to_end(tmp_path):
     )  # transformers has no pixel-regression BEiT MIM class
     assert np.isfinite(results["train_loss"]) and np.isfinite(results["eval_loss"])
     assert os.listdir(os.path.join(output_dir, "reconstructions")) == ["step_00002.png"]
+    # Trainer.push_to_hub: the repository is created at start, the output folder (our card) uploaded at the end
+    assert fake_hub.created == ["me/simmim-beit"] and len(fake_hub.uploads) == 1
+    upload = fake_hub.uploads[0]
+    assert upload["repo_id"] == "me/simmim-beit"
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "modeling_simmim.py"} <= set(
+        upload["files"]
+    )
+    assert "reconstructions/step_00002.png" in upload["files"]
+    assert 'from_pretrained("simmim-beit", trust_remote_code=True)' in upload["readme"]  # BEiT MIM: remote code
 
 
 def _truncated_jpeg(path):

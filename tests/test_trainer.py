@@ -18,7 +18,6 @@ from modeling_simmim.trainer import (
     SimMIMTrainer,
     SimMIMTrainingArguments,
     ThroughputCallback,
-    render_model_card,
 )
 
 IMAGES, BATCH = 16, 4  # 4 optimizer steps per epoch
@@ -316,36 +315,3 @@ def test_throughput_excludes_evaluation_and_saving_time(monkeypatch):
     meter.on_evaluate(None, None, None)
     assert meter.images_per_second() == pytest.approx(50 * 2 / 0.05)  # 100 images (2 processes) in 0.05 s
     assert meter.images_per_second() is None  # restarted
-
-
-def test_model_card_lists_recipe_data_steps_loss_and_reconstruction():
-    config = SimMIMConfig.from_preset("swin_test", mask_patch_size=16)
-    schedule = SimMIMSchedule("cosine", 64, 22, 132, 22, 2.5e-4, 1.25e-6, 1.25e-5)
-    card = render_model_card(
-        "me/simmim-demo",
-        config=config,
-        recipe={"base_learning_rate": 2e-3, "depths": [2, 2]},
-        data="bundled demo dataset 'digits'",
-        global_step=132,
-        epoch=6.0,
-        final_loss=0.41234,
-        eval_loss=0.4,
-        schedule=schedule,
-        reconstruction="reconstructions/step_00132.png",
-        dataset_id="digits",
-    )
-    assert card.startswith("---\nlibrary_name: transformers\n")
-    for text in (
-        "- simmim",
-        "# me/simmim-demo",
-        "swin backbone at 64x64 px",
-        "| optimizer steps | 132 |",
-        "| final training loss | 0.4123 |",
-        "bundled demo dataset 'digits'",
-        "base_learning_rate: 0.002",
-        "depths: [2, 2]",
-        "![reconstructions](reconstructions/step_00132.png)",
-        "cosine, warmup 22 of 132 steps",
-        'from_pretrained("me/simmim-demo"',
-    ):
-        assert text in card, text
