@@ -46,6 +46,7 @@ from modeling_simmim.data import (
     load_image_datasets,
 )
 from modeling_simmim.evaluation import KNNMonitorCallback, knn_datasets_from_folder
+from modeling_simmim.export import build_image_processor
 from modeling_simmim.randomness import seed_everything
 from modeling_simmim.trainer import (
     RECONSTRUCTIONS_DIR,
@@ -303,26 +304,6 @@ def build_config(model_args: ModelArguments) -> SimMIMConfig:
     return SimMIMConfig(backbone_config=backbone, **masking)
 
 
-def build_image_processor(config: SimMIMConfig, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
-    """An image processor that reproduces the evaluation transform (shorter side to the crop size, center crop,
-    normalize), saved as preprocessor_config.json so that `AutoImageProcessor.from_pretrained` works."""
-    from PIL import Image
-    from transformers import BitImageProcessor
-
-    height, width = config.image_size
-    return BitImageProcessor(
-        do_resize=True,
-        size={"shortest_edge": max(height, width)},
-        resample=Image.BILINEAR,
-        do_center_crop=True,
-        crop_size={"height": height, "width": width},
-        do_normalize=True,
-        image_mean=list(mean),
-        image_std=list(std),
-        do_convert_rgb=True,
-    )
-
-
 def materialize_streamed_splits(loaded: Any, data_args: DataArguments, training_args: SimMIMTrainingArguments) -> None:
     """With --streaming, evaluation reads a fixed list: the first --max_eval_samples examples of the stream's
     validation split (kept in memory, undecoded), so that its loss is comparable across evaluations and processes."""
@@ -549,7 +530,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         train_dataset=train_dataset if training_args.do_train else None,
         eval_dataset=eval_dataset,
         data_collator=PretrainCollator(SimMIMDataCollator(mask_generator)),
-        processing_class=build_image_processor(config, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        # the evaluation transform of pretraining: shorter side to the crop size, centre crop
+        processing_class=build_image_processor(
+            config.image_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "bilinear", max(config.image_size)
+        ),
         callbacks=callbacks,
         model_card_info={
             "recipe": explicit,

@@ -35,28 +35,30 @@ NATIVE_CLASSIFIERS = {
 
 
 def build_image_processor(
-    image_size: int,
+    image_size: int | Sequence[int],
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     interpolation: str = "bicubic",
     resize_size: int | None = None,
 ):
-    """The evaluation preprocessing as a transformers image processor: shorter side resized to `resize_size`
-    (default int(image_size * 256 / 224), the finetuning's evaluation), centre crop to image_size, ImageNet mean/std
-    (`BitImageProcessor`, which plain transformers loads by name)."""
+    """An evaluation preprocessing as a transformers image processor (`BitImageProcessor`, which plain transformers
+    loads by name): shorter side resized to `resize_size`, centre crop to `image_size` (an int or (height, width)),
+    ImageNet mean/std by default. `resize_size` defaults to the finetuning's evaluation, int(size * 256 / 224); the
+    pretraining's evaluation resizes to the crop size itself (`resize_size=max(image_size)`)."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from transformers import BitImageProcessor
     from transformers.image_utils import PILImageResampling
 
     from .augmentation import eval_resize_size
 
+    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     resample = {"bicubic": PILImageResampling.BICUBIC, "bilinear": PILImageResampling.BILINEAR}[interpolation]
     return BitImageProcessor(
         do_resize=True,
-        size={"shortest_edge": resize_size or eval_resize_size(image_size)},
+        size={"shortest_edge": resize_size or eval_resize_size(max(height, width))},
         resample=resample,
         do_center_crop=True,
-        crop_size={"height": image_size, "width": image_size},
+        crop_size={"height": height, "width": width},
         do_rescale=True,
         do_normalize=True,
         image_mean=list(mean or IMAGENET_DEFAULT_MEAN),
