@@ -24,6 +24,7 @@ import os
 import shlex
 import statistics
 import sys
+import time
 from typing import Any
 
 import torch
@@ -87,7 +88,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--finetune_args", default="", help="Extra run_image_classification.py flags (one string).")
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "outputs", "position_bias_study"))
     parser.add_argument("--results_dir", default=os.path.join(ROOT, "benchmarks", "results", "position_bias"))
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="Only combine the runs of results files (e.g. seeds run in parallel processes) into --name's file.",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, os.path.join(args.results_dir, f"{args.name}.json"))
 
     import run_image_classification
 
@@ -102,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for seed in args.seeds:
         for method in args.methods:
             use_method(method)
+            started = time.perf_counter()
             output_dir = os.path.join(args.work_dir, args.name, f"{method}_seed{seed}")
             results = run_image_classification.main(
                 [
@@ -123,18 +134,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "true",
                 ]
             )
-            run = {"seed": seed, "method": method, "top1": round(results["eval_accuracy"], 4)}
+            run = {
+                "seed": seed,
+                "method": method,
+                "top1": round(results["eval_accuracy"], 4),
+                "wall_s": round(time.perf_counter() - started, 1),
+            }
             record["runs"].append(run)
             print(json.dumps(run), flush=True)
             with open(path, "w") as handle:
                 json.dump(record, handle, indent=1)
+    return summarize(record, path)
+
+
+def summarize(record: dict[str, Any], path: str) -> dict[str, Any]:
+    """Mean and std of top-1 per method over the seeds; written to `path` and printed."""
+    methods = list(dict.fromkeys(run["method"] for run in record["runs"]))
     record["summary"] = {
-        method: summary([run["top1"] for run in record["runs"] if run["method"] == method]) for method in args.methods
+        method: summary([run["top1"] for run in record["runs"] if run["method"] == method]) for method in methods
     }
     with open(path, "w") as handle:
         json.dump(record, handle, indent=1)
     print(json.dumps(record["summary"], indent=1))
     return record
+
+
+def merge(paths: list[str], path: str) -> dict[str, Any]:
+    records = []
+    for source in paths:
+        with open(source) as handle:
+            records.append(json.load(handle))
+    merged: dict[str, Any] = {
+        "commands": [record["command"] for record in records],
+        "merged_from": [os.path.relpath(source, ROOT) for source in paths],
+        "runs": sorted((run for record in records for run in record["runs"]), key=lambda r: (r["seed"], r["method"])),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return summarize(merged, path)
 
 
 if __name__ == "__main__":

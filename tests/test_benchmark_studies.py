@@ -1,7 +1,9 @@
 """The measurements of the demo's studies: benchmarks/decoder_kernel_study.py (block-edge artifact measure) and
 benchmarks/position_bias_study.py (the three ways of moving bias tables)."""
 
+import json
 import os
+import statistics
 import sys
 
 import pytest
@@ -64,3 +66,17 @@ def test_use_method_patches_the_weight_transfer_and_restores_the_official_resize
         assert transfer.resize_relative_position_bias_table is official
     finally:
         transfer.resize_relative_position_bias_table = official
+
+
+def test_merge_combines_seeds_run_in_separate_processes(tmp_path):
+    parts = []
+    for seed, values in ((0, (0.9, 0.8)), (1, (0.7, 0.6))):
+        path = tmp_path / f"seed{seed}.json"
+        runs = [{"seed": seed, "method": m, "top1": v} for m, v in zip(("geometric", "reinit"), values)]
+        path.write_text(json.dumps({"command": f"seed {seed}", "runs": runs}))
+        parts.append(str(path))
+    merged = position_bias_study.main(["--pretrained", "x", "--results_dir", str(tmp_path), "--merge", *parts])
+    assert merged["commands"] == ["seed 0", "seed 1"]
+    assert merged["summary"]["geometric"] == {"mean": 0.8, "std": round(statistics.stdev([0.9, 0.7]), 4), "n": 2}
+    assert merged["summary"]["reinit"]["mean"] == 0.7
+    assert json.loads((tmp_path / "digits_32w4_to_64w8.json").read_text())["summary"] == merged["summary"]
