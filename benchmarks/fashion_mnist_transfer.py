@@ -232,8 +232,9 @@ def run_finetune(
     return {"top1": round(100 * results["eval_accuracy"], 2), "steps": steps, **times}
 
 
-def encoder_features(model, images: np.ndarray, image_size: int, batch_size: int = 512):
-    """Pooled features of uint8 gray images through the finetuning's evaluation transform."""
+def encoder_features(model, images: np.ndarray, image_size: int, batch_size: int = 512, kind: str = "pooled"):
+    """Features of uint8 gray images through the finetuning's evaluation transform: "pooled" (the encoder's pooled
+    final features, what a classifier head sees) or "map" (the final feature map, flattened: channels x tokens)."""
     import torch
     from PIL import Image
 
@@ -242,16 +243,25 @@ def encoder_features(model, images: np.ndarray, image_size: int, batch_size: int
 
     transform = build_classification_transform(image_size, train=False)
     features = []
+    model.eval()
     for start in range(0, len(images), batch_size):
         batch = torch.stack(
             [transform(Image.fromarray(image, mode="L")) for image in images[start : start + batch_size]]
         )
-        features.append(extract_features(model, batch, batch_size=batch_size))
+        if kind == "pooled":
+            features.append(extract_features(model, batch, batch_size=batch_size))
+        else:
+            with torch.no_grad():
+                feature_map, _ = model.backbone_adapter.feature_map(model.backbone, batch)
+            features.append(feature_map.flatten(1).float())
     return torch.cat(features)
 
 
-def run_probes(pretrained: str, data: dict, subsets: dict, seeds: Sequence[int], pretrain_seed: int) -> dict:
-    """kNN and linear probes of the frozen pretrained / random encoder and of raw pixels, per shot and seed."""
+def run_probes(
+    pretrained: str, data: dict, subsets: dict, seeds: Sequence[int], pretrain_seed: int, kind: str = "pooled"
+) -> dict:
+    """kNN and linear probes of the frozen pretrained / random encoder and of raw pixels, per shot and seed. `kind`
+    "map" probes the flattened final feature maps instead of the pooled features (rows `*_map`; no pixel rows)."""
     import torch
     import transformers
 
@@ -263,16 +273,19 @@ def run_probes(pretrained: str, data: dict, subsets: dict, seeds: Sequence[int],
     image_size = model.config.image_size[0]
     transformers.set_seed(pretrain_seed)
     encoders = {"pretrained": model, "random": SimMIMForMaskedImageModeling(model.config)}
+    suffix = "" if kind == "pooled" else f"_{kind}"
     features = {}
     for name, encoder in encoders.items():
-        features[name] = (
-            encoder_features(encoder, train_images, image_size),
-            encoder_features(encoder, test_images, image_size),
+        features[name + suffix] = (
+            encoder_features(encoder, train_images, image_size, kind=kind),
+            encoder_features(encoder, test_images, image_size, kind=kind),
         )
-    features["pixels"] = (
+    pixels = (
         torch.from_numpy(train_images.reshape(len(train_images), -1) / 255.0).float(),
         torch.from_numpy(test_images.reshape(len(test_images), -1) / 255.0).float(),
     )
+    if kind == "pooled":
+        features["pixels"] = pixels
     y_train, y_test = torch.from_numpy(train_labels), torch.from_numpy(test_labels)
     results: dict[str, dict[str, list[float]]] = {}
     for shot_name, per_seed in subsets.items():
@@ -286,13 +299,12 @@ def run_probes(pretrained: str, data: dict, subsets: dict, seeds: Sequence[int],
                 table.setdefault(f"linear_probe_{name}", []).append(
                     round(100 * linear_probe_accuracy(f_train[index], y_train[index], f_test, y_test, seed=seed), 2)
                 )
-            if len(index) <= 20000:  # scikit-learn's solver on 60,000 x 784 takes minutes; the probe above is there
+            if (
+                kind == "pooled" and len(index) <= 20000
+            ):  # scikit-learn's solver on 60,000 x 784 takes minutes; the probe above is there
                 table.setdefault("logreg_pixels", []).append(
                     round(
-                        100
-                        * logistic_regression_accuracy(
-                            features["pixels"][0][index], y_train[index], features["pixels"][1], y_test
-                        ),
+                        100 * logistic_regression_accuracy(pixels[0][index], y_train[index], pixels[1], y_test),
                         2,
                     )
                 )
@@ -317,6 +329,10 @@ ROWS = [
     ("knn_pretrained", "kNN, frozen pretrained encoder"),
     ("knn_random", "kNN, frozen random encoder"),
     ("knn_pixels", "kNN, raw pixels"),
+    ("linear_probe_pretrained_map", "linear probe, frozen pretrained encoder, final feature map"),
+    ("linear_probe_random_map", "linear probe, frozen random encoder, final feature map"),
+    ("knn_pretrained_map", "kNN, frozen pretrained encoder, final feature map"),
+    ("knn_random_map", "kNN, frozen random encoder, final feature map"),
 ]
 
 
@@ -378,6 +394,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "queries each; 0 = no monitor).",
     )
     parser.add_argument("--no_probes", action="store_true", help="Skip the frozen-encoder and raw-pixel probes.")
+    parser.add_argument(
+        "--probe_features",
+        choices=["pooled", "map"],
+        default="pooled",
+        help="Frozen-encoder features of the probes: pooled (as the classifier head) or the flattened final map.",
+    )
     parser.add_argument(
         "--no_finetune",
         action="store_true",
@@ -501,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     probe_results = {}
     if not args.no_probes:
         probe_results, record["probe_times"] = timed(
-            run_probes, pretrained, data, subsets, args.seeds, args.pretrain_seed
+            run_probes, pretrained, data, subsets, args.seeds, args.pretrain_seed, args.probe_features
         )
     record["probes"] = probe_results
     return summarize_and_save(record, args.results)

@@ -166,6 +166,40 @@ def test_the_whole_protocol_at_tiny_scale(tmp_path):
     assert len(merged["summary"]["2"]["knn_pixels"]["values"]) == 2
     assert len(merged["summary"]["all"]["finetune_pretrained"]["values"]) == 1  # only the first run had "all"
 
+    # Probes only, on the flattened final feature maps (reusing the pretraining), merged with the finetunings.
+    maps = str(tmp_path / "maps.json")
+    probed = fmt.main(
+        [
+            "--data_dir",
+            data_dir,
+            "--work_dir",
+            str(tmp_path / "work"),
+            "--results",
+            maps,
+            "--seeds",
+            "1",
+            "--shots",
+            "2",
+            "--pretrained",
+            str(tmp_path / "work" / "pretrain"),
+            "--no_finetune",
+            "--probe_features",
+            "map",
+        ]
+    )
+    assert probed["runs"] == {} and not os.path.exists(tmp_path / "work" / "finetune" / "k2_seed1_pretrained_map")
+    assert set(probed["summary"]["2"]) == {
+        "linear_probe_pretrained_map",
+        "linear_probe_random_map",
+        "knn_pretrained_map",
+        "knn_random_map",
+    }
+    both = fmt.main(["--merge", results, maps, "--results", str(tmp_path / "both.json")])
+    assert {"finetune_pretrained", "linear_probe_pretrained", "linear_probe_pretrained_map"} <= set(
+        both["summary"]["2"]
+    )
+    assert "final feature map" in both["table"]
+
 
 def test_summary_table():
     summary = {
