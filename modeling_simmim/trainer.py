@@ -217,6 +217,12 @@ class SimMIMTrainingArguments(TrainingArguments):
         for flag, value in non_negative.items():
             if value < 0:
                 raise ValueError(f"{flag} must be >= 0, got {value}.")
+        if any(not keyword.strip() for keyword in self.no_weight_decay_keywords):
+            # an empty substring is in every name: it would silently turn weight decay off for the whole model
+            raise ValueError(
+                f"--no_weight_decay_keywords takes parts of parameter names, got an empty one: "
+                f"{self.no_weight_decay_keywords}."
+            )
         if self.max_steps < -1:
             raise ValueError(f"--max_steps must be > 0 (or -1: use --num_train_epochs), got {self.max_steps}.")
         if self.do_train and self.max_steps <= 0 and self.num_train_epochs == 0:

@@ -109,6 +109,7 @@ def test_arguments_reject_what_cannot_work(tmp_path):
         ("min_learning_rate", -1e-6, "--min_learning_rate must be >= 0"),
         ("lr_gamma", 0.0, "--lr_gamma must be > 0"),
         ("dataloader_num_workers", -1, "--dataloader_num_workers must be >= 0"),
+        ("no_weight_decay_keywords", ["norm", " "], "--no_weight_decay_keywords takes parts of parameter names"),
     ],
 )
 def test_arguments_that_cannot_train_fail_at_parse_time(tmp_path, flag, value, message):
