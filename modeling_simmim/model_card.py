@@ -167,9 +167,8 @@ def classifier_card(
         f"# {model_name}",
         "",
         f"A {config.backbone_type} image classifier ({len(config.id2label)} classes, "
-        f"{config.image_size[0]} px) finetuned with the SimMIM recipe "
-        "(layer-wise lr decay, RandAugment, Mixup/CutMix, label smoothing) using simmim-hf's "
-        "`run_image_classification.py`.",
+        f"{config.image_size[0]} px) finetuned with simmim-hf's `run_image_classification.py` (the SimMIM "
+        "finetuning recipe; the values that differ from its defaults are listed under Training).",
         "",
         "This folder is a native transformers model: no extra package is needed.",
         "",

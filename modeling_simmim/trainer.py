@@ -188,6 +188,10 @@ class SimMIMTrainingArguments(TrainingArguments):
             raise ValueError(f"--torch_num_threads must be >= 1, got {self.torch_num_threads}.")
         if self.visualize_steps < 0:
             raise ValueError(f"--visualize_steps must be >= 0, got {self.visualize_steps}.")
+        if self.dataloader_persistent_workers and self.dataloader_num_workers == 0:
+            # Meaningless without workers, and torch's DataLoader (ours and the Trainer's) refuses the pair: a recipe
+            # that keeps its workers alive still runs with --dataloader_num_workers 0.
+            self.dataloader_persistent_workers = False
         self._check_training_arguments()
 
     def _check_training_arguments(self) -> None:
@@ -251,6 +255,14 @@ class SimMIMTrainingArguments(TrainingArguments):
         else:
             # Official: int(WARMUP_EPOCHS * iterations per epoch).
             num_warmup_steps = int(self.warmup_epochs * num_update_steps_per_epoch)
+        if num_warmup_steps >= num_training_steps > 0:
+            # Legal, but the peak lr is never reached (e.g. a short --max_steps trial of an epoch-based recipe).
+            logger.warning(
+                "Warmup (%d steps) is as long as the run (%d steps): the lr never reaches its peak and the cosine "
+                "decay never starts. Lower --warmup_epochs (or set --warmup_steps) for a short run.",
+                num_warmup_steps,
+                num_training_steps,
+            )
         milestones: tuple[int, ...] = ()
         if self.lr_scheduler_type == SimMIMSchedulerType.MULTISTEP:
             milestones = tuple(int(m * num_update_steps_per_epoch) for m in self.lr_milestones)

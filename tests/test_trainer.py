@@ -117,6 +117,13 @@ def test_arguments_that_cannot_train_fail_at_parse_time(tmp_path, flag, value, m
         _args(tmp_path, **{flag: value})
 
 
+def test_persistent_workers_without_workers_are_dropped_not_refused_by_torch(tmp_path):
+    # a recipe with persistent workers, run with --dataloader_num_workers 0 (torch's DataLoader refuses that pair)
+    args = _args(tmp_path, dataloader_num_workers=0, dataloader_persistent_workers=True)
+    assert args.dataloader_persistent_workers is False
+    assert _args(tmp_path, dataloader_num_workers=1, dataloader_persistent_workers=True).dataloader_persistent_workers
+
+
 def test_save_steps_zero_fails_at_parse_time_not_at_the_first_save(tmp_path):
     with pytest.raises(ValueError, match="--save_steps must be > 0"):
         _args(tmp_path, save_strategy="steps", save_steps=0)
@@ -180,6 +187,17 @@ def test_schedule_resolution_scales_lrs_by_total_batch_and_counts_epochs_in_step
     # no scaling when asked
     unscaled = _args(tmp_path, scale_learning_rate=False, base_learning_rate=3e-3).resolve_schedule(64, 10)
     assert unscaled.learning_rate == 3e-3
+
+
+def test_a_run_shorter_than_its_warmup_is_named(tmp_path, caplog):
+    # a short --max_steps trial of an epoch-based recipe: 2 warmup epochs of 22 steps, 10 steps in all
+    with caplog.at_level("WARNING"):
+        schedule = _args(tmp_path, warmup_epochs=2.0, max_steps=10).resolve_schedule(64, 22)
+    assert schedule.num_warmup_steps == 44 and "Warmup (44 steps) is as long as the run (10 steps)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _args(tmp_path, warmup_epochs=2.0, max_steps=100).resolve_schedule(64, 22)
+    assert "Warmup" not in caplog.text
 
 
 # ---- training loop -------------------------------------------------------------------------------------------------
