@@ -565,8 +565,13 @@ def merge_results(paths: Sequence[str], output: str) -> dict[str, Any]:
         with open(path) as handle:
             records.append(json.load(handle))
     merged = {key: value for key, value in records[0].items() if key not in ("summary", "table", "runs", "probes")}
-    merged["merged_from"] = [os.path.relpath(path, ROOT) for path in paths]
-    merged["commands"] = [record["command"] for record in records]
+    # a record that is itself a merge contributes its own sources and commands
+    merged["merged_from"] = [
+        source
+        for path, record in zip(paths, records)
+        for source in record.get("merged_from", [os.path.relpath(path, ROOT)])
+    ]
+    merged["commands"] = [command for record in records for command in record.get("commands", [record["command"]])]
     merged["runs"], merged["probes"] = {}, {}
     for record in records:
         for field in ("runs", "probes"):
