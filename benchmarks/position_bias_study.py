@@ -14,6 +14,12 @@ Each run is `run_image_classification.py configs/finetune/demo_swin_tiny_cpu.yam
 --seed S` from the seed's pretraining (make it with `make demo DEMO_PRETRAIN_ARGS="--seed S" ...` or run_mim.py),
 in this process with the table resize patched; top-1 is the last epoch's (the recipe selects nothing on the
 validation images). Results: benchmarks/results/position_bias/NAME.json, mean and std per method.
+
+    python benchmarks/position_bias_study.py --misclassified OUTPUT_DIR [OUTPUT_DIR ...]
+
+lists which validation digits each finetuned folder gets wrong (the study's own evaluation, rebuilt: the demo split
+stored at --image_size, the recipe's resize + centre crop), e.g. to see whether equal top-1 values of two runs are
+the same model.
 """
 
 from __future__ import annotations
@@ -69,6 +75,28 @@ def use_method(method: str) -> None:
     }[method]
 
 
+def misclassified(output_dirs: list[str], image_size: int) -> dict[str, list[int]]:
+    """Indices of the validation digits each finetuned folder (a transformers folder) classifies wrongly."""
+    from transformers import AutoModelForImageClassification
+
+    from modeling_simmim.augmentation import build_classification_transform
+    from modeling_simmim.demo_data import load_demo_dataset
+
+    split = load_demo_dataset("digits", image_size=image_size)["validation"]  # what the script evaluates on
+    transform = build_classification_transform(image_size, train=False)
+    pixel_values = torch.stack([transform(image) for image in split["image"]])
+    labels = torch.as_tensor(split["label"])
+    wrong = {}
+    for output_dir in output_dirs:
+        model = AutoModelForImageClassification.from_pretrained(output_dir).eval()
+        with torch.no_grad():
+            predictions = model(pixel_values=pixel_values).logits.argmax(-1)
+        wrong[output_dir] = (predictions != labels).nonzero().flatten().tolist()
+        top1 = 1 - len(wrong[output_dir]) / len(labels)
+        print(f"{output_dir}: top-1 {top1:.4f}, wrong: {wrong[output_dir]}", flush=True)
+    return wrong
+
+
 def summary(values: list[float]) -> dict[str, float]:
     return {
         "mean": round(statistics.mean(values), 4),
@@ -79,7 +107,7 @@ def summary(values: list[float]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained", required=True, help="Pretraining folder; '{seed}' is replaced by the seed.")
+    parser.add_argument("--pretrained", help="Pretraining folder; '{seed}' is replaced by the seed.")
     parser.add_argument("--name", default="digits_32w4_to_64w8")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -95,10 +123,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metavar="JSON",
         help="Only combine the runs of results files (e.g. seeds run in parallel processes) into --name's file.",
     )
+    parser.add_argument(
+        "--misclassified",
+        nargs="+",
+        default=None,
+        metavar="OUTPUT_DIR",
+        help="Only list the validation digits that finetuned folders get wrong (at --image_size).",
+    )
     args = parser.parse_args(argv)
+    if args.misclassified:
+        return {"misclassified": misclassified(args.misclassified, args.image_size)}
     if args.merge:
         return merge(args.merge, os.path.join(args.results_dir, f"{args.name}.json"))
 
+    if not args.pretrained:
+        parser.error("--pretrained is required to run the study")
     import run_image_classification
 
     record: dict[str, Any] = {

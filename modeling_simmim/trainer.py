@@ -530,7 +530,6 @@ class SimMIMRecipeTrainer(Trainer):
         self._staging_checkpoint = False
         self.schedule: SimMIMSchedule | None = None
         self._num_update_steps_per_epoch: int | None = None
-        self._last_lr_min: float | None = None
         self._stream_loader: StreamDataLoader | None = None  # the training loader of a stream, for its position
         self._resume_checkpoint: str | None = None  # set while train() resumes: where the stream position is
 
@@ -594,13 +593,13 @@ class SimMIMRecipeTrainer(Trainer):
             logger.info("SimMIM lr schedule: %s", json.dumps(schedule.to_dict()))
         return self.lr_scheduler
 
-    def _get_learning_rate(self) -> float:
-        # The Trainer reports group 0; under layer decay that is the most decayed group. Report the highest lr
-        # (the head's, scale 1) and remember the lowest.
-        assert self.lr_scheduler is not None  # the Trainer logs once training (and so the scheduler) started
-        lrs = [float(lr) for lr in self.lr_scheduler.get_last_lr()]
-        self._last_lr_min = min(lrs)
-        return max(lrs)
+    def _learning_rate_scales(self) -> tuple[float, float] | None:
+        """(highest, lowest) group lr relative to group 0's: constant over the run, since every group follows the
+        same schedule factor times its own initial lr (`get_simmim_scheduler`). None for another scheduler."""
+        base_lrs = getattr(self.lr_scheduler, "base_lrs", None)
+        if not base_lrs or not base_lrs[0]:
+            return None
+        return max(base_lrs) / base_lrs[0], min(base_lrs) / base_lrs[0]
 
     # ---- training data --------------------------------------------------------------------------------------------
     @property
@@ -796,8 +795,14 @@ class SimMIMRecipeTrainer(Trainer):
             rate = self.throughput.images_per_second()
             if rate is not None:
                 logs["images_per_second"] = round(rate, 3)
-            if self.args.layer_decay != 1.0 and self._last_lr_min is not None:
-                logs["learning_rate_min"] = self._last_lr_min
+            scales = self._learning_rate_scales()
+            if scales is not None and "learning_rate" in logs:
+                # The Trainer logs group 0's lr (of the step just taken); under layer decay that is the most decayed
+                # group. Report the highest (the head's, scale 1) and the lowest beside it.
+                group0_lr = logs["learning_rate"]
+                logs["learning_rate"] = group0_lr * scales[0]
+                if self.args.layer_decay != 1.0:
+                    logs["learning_rate_min"] = group0_lr * scales[1]
             if self.num_skipped_images:
                 logs["num_skipped_images"] = self.num_skipped_images
         super().log(logs, start_time)

@@ -80,3 +80,20 @@ def test_merge_combines_seeds_run_in_separate_processes(tmp_path):
     assert merged["summary"]["geometric"] == {"mean": 0.8, "std": round(statistics.stdev([0.9, 0.7]), 4), "n": 2}
     assert merged["summary"]["reinit"]["mean"] == 0.7
     assert json.loads((tmp_path / "digits_32w4_to_64w8.json").read_text())["summary"] == merged["summary"]
+
+
+def test_misclassified_lists_the_validation_digits_a_folder_gets_wrong(tmp_path):
+    from transformers import SwinConfig, SwinForImageClassification
+
+    from modeling_simmim.demo_data import load_demo_dataset
+
+    config = SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1], num_heads=[1], window_size=4)
+    config.num_labels = 10
+    model = SwinForImageClassification(config)
+    with torch.no_grad():  # a head that always answers "3": wrong exactly where the label is not 3
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.arange(10) == 3)
+    model.save_pretrained(tmp_path / "always3")
+    wrong = position_bias_study.main(["--misclassified", str(tmp_path / "always3"), "--image_size", "32"])
+    labels = load_demo_dataset("digits", image_size=32)["validation"]["label"]
+    assert wrong["misclassified"][str(tmp_path / "always3")] == [i for i, label in enumerate(labels) if label != 3]
