@@ -676,7 +676,7 @@ class SimMIMRecipeTrainer(Trainer):
             drop_last=args.dataloader_drop_last,
             num_workers=num_workers,
             pin_memory=args.dataloader_pin_memory,
-            multiprocessing_context=args.dataloader_multiprocessing_context,
+            multiprocessing_context=getattr(args, "dataloader_multiprocessing_context", None),  # not in 5.9
             prefetch_factor=args.dataloader_prefetch_factor,
             worker_init_fn=partial(seed_worker, num_workers=num_workers, rank=args.process_index),
             generator=torch.Generator().manual_seed(mix_seed(self.data_seed, "dataloader")),
