@@ -276,10 +276,11 @@ def label_names(loaded) -> list[str]:
     return [str(value) for value in sorted(set(split[loaded.label_column]))]
 
 
-def training_classes(loaded, drop_empty_classes: bool = False) -> list[str]:
+def training_classes(loaded, drop_empty_classes: bool = False, max_train_samples: int | None = None) -> list[str]:
     """The classes to train a head for: those of the training split. A class without any (readable) training image
-    is an error naming it, or, with `drop_empty_classes`, is left out, its evaluation images too (`loaded` is
-    filtered in place). Fewer than 2 classes is an error: a classifier would learn nothing."""
+    is an error naming it (and `--max_train_samples` when that subset may be the cause), or, with
+    `drop_empty_classes`, is left out, its evaluation images too (`loaded` is filtered in place). Fewer than 2
+    classes is an error: a classifier would learn nothing."""
     import datasets
 
     split = loaded.datasets["train"]
@@ -290,9 +291,14 @@ def training_classes(loaded, drop_empty_classes: bool = False) -> list[str]:
         counts = np.bincount(np.asarray(split[loaded.label_column], dtype=np.int64), minlength=feature.num_classes)
         empty = [name for name, count in zip(names, counts) if count == 0]
     if empty and not drop_empty_classes:
+        subset = ""
+        if max_train_samples is not None and len(split) == max_train_samples:
+            subset = (
+                f"; --max_train_samples {max_train_samples} keeps a random subset of the training images: raise it"
+            )
         raise ValueError(
             f"Class(es) {empty} have no readable training image (unreadable files are dropped, see the "
-            "warnings naming them): add images, or pass --drop_empty_classes to train without them."
+            f"warnings naming them{subset}): add images, or pass --drop_empty_classes to train without them."
         )
     if empty:
         logger.warning("Dropping %d class(es) without training images from the classifier: %s", len(empty), empty)
@@ -449,7 +455,7 @@ def load_data(model_args, data_args, aug_args, training_args):
     if training_args.do_train:
         mixup = mixup_active(aug_args.mixup, aug_args.cutmix, aug_args.cutmix_minmax)
         check_training_data_size(len(loaded.datasets["train"]), training_args, "Mixup/CutMix" if mixup else "")
-        names = training_classes(loaded, data_args.drop_empty_classes)
+        names = training_classes(loaded, data_args.drop_empty_classes, data_args.max_train_samples)
     else:
         names = label_names(loaded)
     logger.info(

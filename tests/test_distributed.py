@@ -702,7 +702,7 @@ def test_processes_that_do_not_form_one_run_fail_at_start(tmp_path):
 def test_fsdp2_on_cpu_processes_trains_like_one_process_and_saves_plain_checkpoints(tmp_path, preset, layers):
     """configs/accelerate/fsdp.yaml's FSDP2 wrapping, by accelerate's own `fsdp2_prepare_model`, on 2 gloo processes
     (tests/fsdp_probe.py hands the plugin to accelerate, which does not on CPUs): every parameter sharded, units =
-    the model's `_no_split_modules` blocks + the patch embedding; 2 AdamW steps on 2 x 2 images end within 1e-5 of
+    the model's `_no_split_modules` blocks + the patch embedding; 2 AdamW steps on 2 x 2 images end within 1e-4 of
     one process on the 4 images; the gathered full state dict, saved with `save_pretrained`, loads into the plain
     model. Plain ViT needs `--fsdp_transformer_layer_cls_to_wrap ViTLayer` (README)."""
     env = {
@@ -734,7 +734,9 @@ def test_fsdp2_on_cpu_processes_trains_like_one_process_and_saves_plain_checkpoi
     family = SimMIMConfig.from_preset(preset).backbone_type
     assert {f"{family}.embeddings.patch_embeddings", "<root>"} <= set(record["units"])
     assert sum(".0" in unit or ".1" in unit for unit in record["units"]) == 2, record["units"]  # 2 blocks/stages
-    assert record["max_difference_to_one_process"] <= 1e-5
+    # 2 AdamW steps at lr 1e-2: a rank training on its own 2 images alone ends 4e-2 away from one process on all 4;
+    # another summation order ends about 1e-5 away (1.005e-5 seen on an AVX512 CPU). 1e-4 separates the two.
+    assert record["max_difference_to_one_process"] <= 1e-4
     state = load_file(os.path.join(tmp_path, "model", "model.safetensors"))
     plain = SimMIMForMaskedImageModeling.from_pretrained(os.path.join(tmp_path, "model"))
     assert set(state) == set(plain.state_dict()) == set(record["state_dict_keys"])

@@ -309,7 +309,7 @@ def test_run_image_classification_shows_the_transfer_table(tmp_path, mim_folder)
         "--per_device_train_batch_size",
         "8",
         "--max_train_samples",
-        "16",
+        "64",
         "--max_eval_samples",
         "8",
         "--save_strategy",

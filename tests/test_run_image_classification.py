@@ -223,6 +223,15 @@ def _class_folders(root, readable, unreadable=()):
     return str(root)
 
 
+def test_a_training_subset_that_misses_classes_names_max_train_samples(pretrained, tmp_path):
+    """10 classes, --max_train_samples 4: most classes have no training image, and the error says why."""
+    folders = _class_folders(tmp_path / "ten", [f"class{i}" for i in range(10)])
+    args = [*TINY, "--model_name_or_path", pretrained, "--train_dir", folders, "--train_val_split", "0.25"]
+    args += ["--max_train_samples", "4", "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(ValueError, match=r"have no readable training image.*--max_train_samples 4 keeps a random"):
+        ric.main(args)
+
+
 def test_finetunes_that_cannot_learn_fail_before_training(pretrained, tmp_path):
     common = [
         *TINY,

@@ -239,7 +239,8 @@ def test_two_processes_stream_tar_shards_each_example_once_per_epoch(tmp_path):
         assert len(part) == len(set(part)) == 12, sorted(part)
     assert set(first[0]).isdisjoint(first[1]) and set(first[0]) | set(first[1]) == set(names)
     assert seen[0, 1] or seen[1, 1]  # the second epoch started
-    all_results = run_mim.json.load(open(os.path.join(out, "all_results.json"), encoding="utf-8"))
+    with open(os.path.join(out, "all_results.json"), encoding="utf-8") as handle:
+        all_results = json.load(handle)
     assert all_results["num_skipped_images"] == 1
 
 
